@@ -1,0 +1,252 @@
+"""Typed configs: defaults live here and only here.
+
+A theory run is described by one ``TheoryConfig``. YAML presets in
+``configs/`` and ``--set a.b=c`` overrides are validated against it: unknown
+keys and out-of-range values fail with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mrplab.errors import MrplabError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """The multi-view data model (theory/data.py)."""
+
+    k: int = Field(10, ge=2, description="number of classes")
+    L: int = Field(2, ge=2, description="discriminative features per class")
+    d: int = Field(300, ge=2, description="patch dimension")
+    P: int = Field(20, ge=2, description="patches per sample")
+    C_p: int = Field(2, ge=1, description="patches that carry one feature")
+    features: Literal["orthonormal", "random"] = Field(
+        "orthonormal", description="orthonormal bank (QR) or incoherent random unit vectors"
+    )
+    c_hi: float = Field(1.5, ge=1.0, description="a strong feature's weights sum to U[1, c_hi]")
+    rho: float = Field(0.05, ge=0.0, lt=1.0, description="single-view: weight sum of the non-dominant own features")
+    s: float = Field(2.0, ge=0.0, description="each other class's features appear with probability s/k")
+    c_lo: float = Field(0.1, ge=0.0, description="multi-view: off-class feature weight sum in U[c_lo, off_class_max]")
+    off_class_max: float = Field(0.4, gt=0.0, lt=1.0, description="upper end of the multi-view off-class weight")
+    Gamma: float = Field(0.2, ge=0.0, lt=1.0, description="single-view: off-class feature weight sum")
+    gamma: float = Field(0.02, ge=0.0, lt=1.0, description="feature noise: U[0, gamma] along every feature on every patch")
+    sigma_p: float | None = Field(None, ge=0.0, description="Gaussian patch noise std; null = 1/sqrt(d)")
+    n_pretrain: int = Field(1000, ge=1, description="unlabelled pretraining samples")
+    n_train: int = Field(1000, ge=1, description="labelled samples (SL from scratch and fine-tuning)")
+    n_test: int = Field(2000, ge=2, description="test samples")
+    mu_pretrain: float = Field(0.0, ge=0.0, le=1.0, description="single-view fraction of the pretraining data")
+    mu_train: float = Field(0.0, ge=0.0, le=1.0, description="single-view fraction of the labelled data")
+    mu_test: float = Field(0.5, ge=0.0, le=1.0, description="single-view fraction of the test data")
+    coverage: float = Field(
+        1.0, ge=0.0, le=1.0, description="fraction of the downstream features that the pretraining data shows"
+    )
+    extra_pretrain_classes: int = Field(
+        0, ge=0, description="classes that appear only in the pretraining data (features downstream never uses)"
+    )
+    share_across_runs: bool = Field(
+        False, description="all runs (seeds) share one data set; otherwise each seed samples its own"
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> "DataConfig":
+        n_feat = (self.k + self.extra_pretrain_classes) * self.L
+        if self.features == "orthonormal" and n_feat > self.d:
+            raise ValueError(
+                f"(k + extra_pretrain_classes) * L = {n_feat} orthonormal features do not fit in d = {self.d}; "
+                "raise data.d or use data.features=random"
+            )
+        if self.L * self.C_p > self.P:
+            raise ValueError(
+                f"a multi-view sample needs L * C_p = {self.L * self.C_p} feature patches but P = {self.P}; "
+                "raise data.P or lower data.C_p"
+            )
+        if self.c_lo > self.off_class_max:
+            raise ValueError("data.c_lo must not exceed data.off_class_max")
+        return self
+
+    @property
+    def noise_std(self) -> float:
+        return self.sigma_p if self.sigma_p is not None else 1.0 / math.sqrt(self.d)
+
+
+class NetConfig(_Strict):
+    """The two-layer conv encoder and the heads (theory/net.py)."""
+
+    m: int = Field(4, ge=1, description="kernels per class: K = k * m")
+    q: int = Field(3, ge=2, description="power of the smoothed ReLU's polynomial part")
+    threshold: float = Field(1.0, gt=0.0, description="rho_t: where the smoothed ReLU turns linear")
+    sigma_0: float = Field(0.023, gt=0.0, description="init std of every kernel coordinate")
+    decoder: Literal["full", "diag"] = Field("full", description="linear decoder: full K x K or diagonal")
+
+
+class SLConfig(_Strict):
+    """Supervised learning from scratch with the analysed head F_i = sum of class i's kernels."""
+
+    steps: int = Field(1500, ge=1)
+    lr: float = Field(5.0, gt=0.0)
+    batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
+
+
+class MRPConfig(_Strict):
+    """Mask-reconstruction pretraining (theory/objectives.py)."""
+
+    steps: int = Field(1500, ge=1)
+    lr: float = Field(5.0, gt=0.0)
+    decoder_lr: float | None = Field(None, gt=0.0, description="null = same as lr")
+    batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
+    mask_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="probability that a patch is masked")
+    target: Literal["teacher", "pixels"] = Field(
+        "teacher", description="teacher: data2vec-style features of the full input; pixels: MAE-style masked content"
+    )
+    teacher_momentum: float = Field(
+        0.0, ge=0.0, lt=1.0, description="EMA momentum of the teacher; 0 = stop-gradient copy of the student"
+    )
+    loss_norm: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="divide the squared error by (target mean square)^loss_norm: 0 = plain, 1 = scale-free, "
+        "null = (q-1)/q (constant relative step in the polynomial phase)",
+    )
+
+    loss_norm_per_kernel: bool = Field(
+        True, description="normalise each kernel's error by its own target mean square (data2vec's per-channel "
+        "target normalisation); false = one divisor per run"
+    )
+
+    def norm_power(self, q: int) -> float:
+        return self.loss_norm if self.loss_norm is not None else (q - 1) / q
+
+
+class FinetuneConfig(_Strict):
+    """Fine-tuning the pretrained encoder with a linear head on the labelled data."""
+
+    mode: Literal["lp_ft", "ft", "lp"] = Field(
+        "lp_ft", description="lp_ft: linear probe, then whole network; ft: whole network from a fresh head; lp: head only"
+    )
+    standardize: bool = Field(True, description="standardise encoder outputs with statistics frozen at the start")
+    lp_steps: int = Field(500, ge=0)
+    lp_lr: float = Field(1.0, gt=0.0)
+    ft_steps: int = Field(300, ge=0)
+    ft_lr: float = Field(0.05, gt=0.0, description="encoder lr during full fine-tuning")
+    ft_head_lr: float = Field(0.5, gt=0.0, description="head lr during full fine-tuning")
+    batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
+
+
+class ProbeConfig(_Strict):
+    log_every: int = Field(50, ge=1, description="probe and log every this many steps")
+    capture_threshold: float | None = Field(
+        None, gt=0.0, description="Phi above this counts as captured; null = net.threshold (rho_t)"
+    )
+
+
+class TheoryConfig(_Strict):
+    name: str = Field("theory", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = leave as is")
+    data: DataConfig = Field(default_factory=DataConfig)
+    net: NetConfig = Field(default_factory=NetConfig)
+    sl: SLConfig = Field(default_factory=SLConfig)
+    mrp: MRPConfig = Field(default_factory=MRPConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    probes: ProbeConfig = Field(default_factory=ProbeConfig)
+
+    @model_validator(mode="after")
+    def _seeds_unique(self) -> "TheoryConfig":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        return self
+
+    @property
+    def capture_threshold(self) -> float:
+        t = self.probes.capture_threshold
+        return t if t is not None else self.net.threshold
+
+    def hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if key == "config":
+        return msg
+    return f"config key '{key}': {msg} (got {first.get('input')!r})"
+
+
+def validate(raw: dict[str, Any]) -> TheoryConfig:
+    try:
+        return TheoryConfig.model_validate(raw)
+    except ValidationError as err:
+        raise MrplabError(_format_validation(err), "see configs/theory-default.yaml for the keys and ranges") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise MrplabError(f"cannot read config file {p}: {err.strerror or err}", "check the path") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise MrplabError(f"config file {p} is not valid YAML{where}", "fix the YAML syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MrplabError(f"config file {p} must hold a mapping of keys", "see configs/theory-default.yaml")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides; values are parsed as YAML scalars/lists."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise MrplabError(f"override '{item}' is not of the form key=value", "e.g. --set mrp.mask_ratio=0.6")
+        key, _, value = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise MrplabError(f"override '{item}' has an empty key", "e.g. --set mrp.mask_ratio=0.6")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise MrplabError(f"override '{item}': '{part}' is not a section", "check the key path")
+            node = nxt
+        node[parts[-1]] = parsed
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> TheoryConfig:
+    raw = read_yaml(path) if path is not None else {}
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

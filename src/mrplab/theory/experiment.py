@@ -1,0 +1,193 @@
+"""One theory experiment: SL from scratch vs MRP -> fine-tuning, R seeds at once.
+
+``run(cfg)`` trains and measures and returns a ``TheoryResult`` (no files);
+the run folder is written by ``mrplab.report.run_folder``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mrplab.config import TheoryConfig
+from mrplab.errors import MrplabError
+from mrplab.rng import generator
+from mrplab.theory import claims, net, probes
+from mrplab.theory.data import MultiViewData, TheoryData, make_data
+from mrplab.theory.train import RunGens, finetune, pretrain_mrp, total_steps, train_sl
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MrplabError("device 'cuda' was asked for but no CUDA device is available", "use device=cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _tolist(t: torch.Tensor) -> list:
+    return t.detach().float().cpu().tolist()
+
+
+class Recorder:
+    """The train loops' hooks: probes every logged step and forwards progress."""
+
+    def __init__(self, cfg: TheoryConfig, data: TheoryData, emit: Callable[[dict], None], advance: Callable[[int], None]):
+        self.cfg, self.data, self.emit, self._advance = cfg, data, emit, advance
+        self.thr = cfg.capture_threshold
+        self.history: dict[str, list[dict]] = {"sl": [], "mrp": [], "lp": [], "ft": []}
+
+    def advance(self, n: int = 1) -> None:
+        self._advance(n)
+
+    def log(self, phase: str, step: int, state: dict) -> None:
+        cfg, bank = self.cfg, self.data.bank
+        q, thr_act = cfg.net.q, cfg.net.threshold
+        W = state["W"]
+        C = probes.capture_matrix(W, bank)  # [R, K, k_total, L]
+        ph = probes.phi(C)  # [R, k_total, L]
+        rec: dict = {"phase": phase, "step": step, "loss": _tolist(state["loss"])}
+        rec["phi"] = _tolist(ph)
+        rec["n_captured"] = _tolist(probes.captured(C, self.thr).flatten(1).sum(-1))
+        rec["max_features_per_kernel"] = _tolist(probes.kernel_purity(C, self.thr).amax(-1))
+        train_set = self.data.pretrain if phase == "mrp" else self.data.train
+        with torch.no_grad():
+            Z = net.preact(train_set.X, W)
+            rec["noise_memorisation"] = _tolist(probes.noise_memorisation(Z, train_set, C))
+            if phase in ("sl", "lp", "ft"):
+                h = net.encode(self.data.test.X, W, q, thr_act)
+                logits = net.sl_logits(h, bank.k, cfg.net.m) if phase == "sl" else state["head"](h)
+                for key, v in probes.accuracy_by_view(logits, self.data.test).items():
+                    rec[f"test_{key}"] = _tolist(v)
+        for key in ("target_var", "pred_var"):
+            if key in state:
+                rec[key] = _tolist(state[key])
+        self.history[phase].append(rec)
+        self.emit(rec)
+
+
+@dataclass
+class TheoryResult:
+    cfg: TheoryConfig
+    data: TheoryData
+    W_init: torch.Tensor
+    W_sl: torch.Tensor
+    W_mrp: torch.Tensor
+    D_mrp: torch.Tensor
+    W_ft: torch.Tensor
+    head: net.LinearHead
+    per_seed: list[dict]
+    verdicts: list[dict]
+    history: dict[str, list[dict]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _eval_view_errors(logits: torch.Tensor, test: MultiViewData) -> dict[str, torch.Tensor]:
+    acc = probes.accuracy_by_view(logits, test)
+    return {"err": 1 - acc["acc"], "err_multi": 1 - acc["acc_multi"], "err_single": 1 - acc["acc_single"]}
+
+
+def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head) -> list[dict]:
+    """Per-seed metrics that the claims read, from the final weights."""
+    bank, thr = data.bank, cfg.capture_threshold
+    q, thr_act, k, m, L = cfg.net.q, cfg.net.threshold, bank.k, cfg.net.m, bank.L
+    with torch.no_grad():
+        C0, C_sl, C_mrp, C_ft = (probes.capture_matrix(W, bank) for W in (W_init, W_sl, W_mrp, W_ft))
+        lot = probes.sl_lottery(C0, C_sl, k, m, thr)
+        sl_err = _eval_view_errors(net.sl_logits(net.encode(data.test.X, W_sl, q, thr_act), k, m), data.test)
+        ft_err = _eval_view_errors(head(net.encode(data.test.X, W_ft, q, thr_act)), data.test)
+        shown = bank.covered  # [k_total, L] features the pretraining data shows
+        cap_mrp = probes.captured(C_mrp, thr)  # [R, k_total, L]
+        cap_ft = probes.captured(C_ft, thr)
+        cap_sl = probes.captured(C_sl, thr)
+        down = torch.zeros_like(shown)
+        down[:k] = True
+    out = []
+    for r, seed in enumerate(cfg.seeds):
+        n_shown = int(shown.sum())
+        mrp_cap_shown = int((cap_mrp[r] & shown).sum())
+        kept_base = cap_mrp[r] & down
+        retained = float((cap_ft[r] & kept_base).sum()) / max(int(kept_base.sum()), 1) if kept_base.any() else float("nan")
+        out.append({
+            "seed": seed,
+            "mrp_captured": int(cap_mrp[r].sum()),
+            "mrp_captured_shown": mrp_cap_shown,
+            "n_features_shown": n_shown,
+            "mrp_captured_share": mrp_cap_shown / max(n_shown, 1),
+            "mrp_captured_hidden": int((cap_mrp[r] & ~shown).sum()),
+            "mrp_max_features_per_kernel": int(probes.kernel_purity(C_mrp[r : r + 1], thr).max()),
+            "mrp_kernels_capturing": int((probes.kernel_purity(C_mrp[r : r + 1], thr) > 0).sum()),
+            "sl_captured": int(cap_sl[r, :k].sum()),
+            "sl_captured_per_class_mean": float(lot["captured_per_class"][r].float().mean()),
+            "sl_share_classes_one_feature": float((lot["captured_per_class"][r] == 1).float().mean()),
+            "sl_lottery_hit_rate": float(lot["lottery_hit_rate"][r]),
+            "ft_captured": int(cap_ft[r, :k].sum()),
+            "ft_retained_share": retained,
+            "sl_err": float(sl_err["err"][r]),
+            "sl_err_multi": float(sl_err["err_multi"][r]),
+            "sl_err_single": float(sl_err["err_single"][r]),
+            "ft_err": float(ft_err["err"][r]),
+            "ft_err_multi": float(ft_err["err_multi"][r]),
+            "ft_err_single": float(ft_err["err_single"][r]),
+            "single_view_gap": float(sl_err["err_single"][r] - ft_err["err_single"][r]),
+            "noise_memorisation_sl": None,
+        })
+    return out
+
+
+def run(
+    cfg: TheoryConfig,
+    emit: Callable[[dict], None] = lambda rec: None,
+    advance: Callable[[int], None] = lambda n: None,
+) -> TheoryResult:
+    """Train SL, MRP and fine-tuning for every seed and measure the claims."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    data = make_data(cfg.data, cfg.seeds)
+    data = TheoryData(bank=data.bank, pretrain=data.pretrain.to(device), train=data.train.to(device),
+                      test=data.test.to(device))
+    data.bank.V = data.bank.V.to(device)
+    data.bank.covered = data.bank.covered.to(device)
+    t_data = time.perf_counter()
+
+    k_total = data.bank.k_total
+    K = cfg.data.k * cfg.net.m
+    seeds = cfg.seeds
+    W_init = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, K, cfg.net.sigma_0).to(device)
+    rec = Recorder(cfg, data, emit, advance)
+    log_every = cfg.probes.log_every
+
+    def gens(phase: str) -> RunGens:
+        return RunGens(
+            mask=[generator(s, f"{phase}:mask", device) for s in seeds],
+            batch=[generator(s, f"{phase}:batch") for s in seeds],
+            head=[generator(s, f"{phase}:head") for s in seeds],
+        )
+
+    W_sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every)
+    t_sl = time.perf_counter()
+    mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every)
+    t_mrp = time.perf_counter()
+    ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every)
+    t_ft = time.perf_counter()
+    del k_total
+
+    per_seed = measure(cfg, data, W_init, W_sl, mrp.W, ft.W, ft.head)
+    with torch.no_grad():
+        for r, m in enumerate(per_seed):
+            m["noise_memorisation_sl"] = rec.history["sl"][-1]["noise_memorisation"][r]
+            m["noise_memorisation_mrp"] = rec.history["mrp"][-1]["noise_memorisation"][r]
+    verdicts = claims.evaluate(per_seed, cfg.data.L, cfg.data.mu_test)
+    timings = {"data_s": t_data - t0, "sl_s": t_sl - t_data, "mrp_s": t_mrp - t_sl, "finetune_s": t_ft - t_mrp,
+               "total_s": time.perf_counter() - t0}
+    return TheoryResult(cfg=cfg, data=data, W_init=W_init, W_sl=W_sl, W_mrp=mrp.W, D_mrp=mrp.D, W_ft=ft.W,
+                        head=ft.head, per_seed=per_seed, verdicts=verdicts, history=rec.history, timings=timings)
+
+
+def planned_steps(cfg: TheoryConfig) -> int:
+    return total_steps(cfg.sl, cfg.mrp, cfg.finetune)

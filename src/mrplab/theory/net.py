@@ -1,0 +1,145 @@
+"""The analysed network: smoothed ReLU, two-layer conv encoder, linear decoder, heads.
+
+Every weight carries a leading run axis R: R independent runs (seeds) train at
+once. Kernel r = i*m + j is "class i's j-th kernel" for the supervised head;
+mask reconstruction ignores that grouping.
+
+Encoder (a conv layer whose kernels slide over the P patches, then sum-pooling):
+
+    h_r(X) = sum_p act(<w_r, x_p>)              # [R, N, K]
+
+A masked forward is ``keep * act(X W)`` summed over patches: a zeroed patch
+has act(<w, 0>) = 0, so masked copies of X are never built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+# --------------------------------------------------------------------------- smoothed ReLU
+
+
+def smoothed_relu(z: torch.Tensor, q: int, thr: float) -> torch.Tensor:
+    """0 for z <= 0; z^q / (q thr^(q-1)) for 0 < z <= thr; z - (1 - 1/q) thr above."""
+    zp = z.clamp(min=0.0)
+    poly = zp.clamp(max=thr) ** q / (q * thr ** (q - 1))
+    lin = (zp - thr).clamp(min=0.0)
+    return poly + lin  # continuous at thr: thr/q + 0 = thr - (1-1/q) thr
+
+
+def smoothed_relu_grad(z: torch.Tensor, q: int, thr: float) -> torch.Tensor:
+    """Exact derivative: 0, (z/thr)^(q-1), 1 on the three pieces."""
+    zp = z.clamp(min=0.0)
+    return torch.where(z > thr, torch.ones_like(z), (zp / thr) ** (q - 1))
+
+
+class _SmoothedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, q: int, thr: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.q, ctx.thr = q, thr
+        return smoothed_relu(z, q, thr)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return grad_out * smoothed_relu_grad(z, ctx.q, ctx.thr), None, None
+
+
+def act(z: torch.Tensor, q: int, thr: float) -> torch.Tensor:
+    """Smoothed ReLU with the exact hand-written derivative in backward."""
+    return _SmoothedReLU.apply(z, q, thr)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def init_kernels(seeds_gens: list[torch.Generator], d: int, K: int, sigma_0: float) -> torch.Tensor:
+    """Gaussian kernels, one generator per run so a run's init does not depend on R."""
+    return torch.stack([sigma_0 * torch.randn(d, K, generator=g) for g in seeds_gens])  # [R, d, K]
+
+
+def preact(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Z[r, n, p, k] = <w_{r,k}, x_{n,p}>.
+
+    X: [Rd, N, P, d] with Rd = 1 (data shared by all runs) or Rd = R.
+    W: [R, d, K]. Shared data uses one matmul X[N*P, d] @ W[d, R*K].
+    """
+    Rd, N, P, d = X.shape
+    R, _, K = W.shape
+    if Rd == 1:
+        Wf = W.permute(1, 0, 2).reshape(d, R * K)  # [d, R*K]
+        Z = X.reshape(N * P, d) @ Wf  # [N*P, R*K]
+        return Z.view(N, P, R, K).permute(2, 0, 1, 3)  # [R, N, P, K]
+    return torch.matmul(X.reshape(R, N * P, d), W).view(R, N, P, K)  # [R, N, P, K]
+
+
+def encode(
+    X: torch.Tensor, W: torch.Tensor, q: int, thr: float, keep: torch.Tensor | None = None, per_patch: bool = False
+) -> torch.Tensor:
+    """h = sum over (kept) patches of act(X W): [R, N, K]; per_patch returns [R, N, P, K]."""
+    A = act(preact(X, W), q, thr)  # [R, N, P, K]
+    if keep is not None:
+        A = A * keep.unsqueeze(-1).to(A.dtype)  # keep: [R, N, P] bool, True = visible
+    return A if per_patch else A.sum(dim=2)
+
+
+# --------------------------------------------------------------------------- decoder and heads
+
+
+def init_decoder(R: int, K: int, kind: str) -> torch.Tensor:
+    """Identity start: the decoder first copies each kernel's code, then learns to mix."""
+    if kind == "full":
+        return torch.eye(K).expand(R, K, K).clone()  # [R, K, K]
+    return torch.ones(R, K)  # [R, K]
+
+
+def decode(h: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Linear decoder: h [R, N, K] -> [R, N, K] (full D [R, K, K] or diagonal D [R, K])."""
+    if D.dim() == 3:
+        return torch.bmm(h, D)
+    return h * D.unsqueeze(1)
+
+
+def sl_logits(h: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """The analysed supervised head F_i(X) = sum of class i's m kernel outputs: [R, N, k]."""
+    R, N, K = h.shape
+    return h.view(R, N, k, m).sum(-1)
+
+
+@dataclass
+class LinearHead:
+    H: torch.Tensor  # [R, K, k]
+    b: torch.Tensor  # [R, k]
+    center: torch.Tensor  # [R, 1, K] frozen per-kernel mean of the encoder output
+    scale: torch.Tensor  # [R, 1, 1] frozen overall std of the run's encoder output
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.bmm((h - self.center) / self.scale, self.H) + self.b.unsqueeze(1)  # [R, N, k]
+
+
+def init_linear_head(
+    h_train: torch.Tensor, k: int, standardize: bool, gens: list[torch.Generator] | None = None
+) -> LinearHead:
+    """A linear head on encoder outputs h_train [R, N, K].
+
+    Standardisation centres each kernel and divides by the run's overall std
+    (one scalar per run), so kernels that captured nothing stay small instead of
+    being blown up to unit variance. ``gens`` = random init N(0, 1/K), else zeros.
+    """
+    R, N, K = h_train.shape
+    if standardize:
+        center = h_train.mean(dim=1, keepdim=True)  # [R, 1, K]
+        scale = (h_train - center).pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp(min=1e-12)  # [R, 1, 1]
+    else:
+        center = torch.zeros(R, 1, K, dtype=h_train.dtype, device=h_train.device)
+        scale = torch.ones(R, 1, 1, dtype=h_train.dtype, device=h_train.device)
+    if gens is None:
+        H = torch.zeros(R, K, k, dtype=h_train.dtype, device=h_train.device)
+    else:
+        H = torch.stack([torch.randn(K, k, generator=g) / K**0.5 for g in gens]).to(h_train.device)
+    b = torch.zeros(R, k, dtype=h_train.dtype, device=h_train.device)
+    return LinearHead(H=H, b=b, center=center, scale=scale)

@@ -1,0 +1,237 @@
+"""Training loops: supervised from scratch, mask-reconstruction pretraining, fine-tuning.
+
+Plain (full-batch or mini-batch) gradient descent, R runs at once. Each run's
+loss is its own mean, and the runs' losses are summed before backward, so runs
+never mix gradients. The loops know nothing of probes: at every logged step
+they call ``hooks.log(phase, step, state)`` and the caller measures what it wants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from mrplab.config import FinetuneConfig, MRPConfig, NetConfig, SLConfig
+from mrplab.errors import MrplabError
+from mrplab.theory import net
+from mrplab.theory.data import MultiViewData
+from mrplab.theory.objectives import cross_entropy, make_run_masks, mae_pixel_loss, mrp_teacher_loss
+
+
+class Hooks(Protocol):
+    def log(self, phase: str, step: int, state: dict[str, torch.Tensor]) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+
+
+class NoHooks:
+    def log(self, phase: str, step: int, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+@dataclass
+class RunGens:
+    """Per-run generators for the stochastic parts of training (masks, batches, heads)."""
+
+    mask: list[torch.Generator]
+    batch: list[torch.Generator]
+    head: list[torch.Generator] = field(default_factory=list)
+
+
+def _is_log_step(t: int, steps: int, every: int) -> bool:
+    return t % every == 0 or t == steps
+
+
+def _check_finite(loss: torch.Tensor, phase: str, step: int, lr_key: str) -> None:
+    if not torch.isfinite(loss).all():
+        raise MrplabError(f"{phase} diverged at step {step} (loss {loss.tolist()})", f"lower {lr_key}")
+
+
+def _select(data: MultiViewData, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches and labels of a batch: idx [R, B] per-run sample indices, or None for the full set."""
+    if idx is None:
+        return data.X, data.y
+    R = idx.shape[0]
+    rows = torch.arange(R, device=idx.device).unsqueeze(1)
+    X = data.X.expand(R, *data.X.shape[1:])[rows, idx]  # [R, B, P, d]
+    y = data.y.expand(R, -1)[rows, idx]  # [R, B]
+    return X, y
+
+
+def _batch_idx(gens: list[torch.Generator], n: int, bs: int | None, device: torch.device) -> torch.Tensor | None:
+    if bs is None or bs >= n:
+        return None
+    return torch.stack([torch.randperm(n, generator=g)[:bs] for g in gens]).to(device)  # [R, B]
+
+
+def _sgd(params: list[tuple[torch.Tensor, float]]) -> None:
+    with torch.no_grad():
+        for p, lr in params:
+            p -= lr * p.grad
+            p.grad = None
+
+
+# --------------------------------------------------------------------------- supervised from scratch
+
+
+def train_sl(
+    W0: torch.Tensor, data: MultiViewData, cfg: SLConfig, netc: NetConfig, k: int, gens: RunGens,
+    hooks: Hooks, log_every: int,
+) -> torch.Tensor:
+    """Cross-entropy on F_i = sum of class i's kernels. Returns the trained kernels [R, d, K]."""
+    W = W0.clone().requires_grad_(True)
+    q, thr = netc.q, netc.threshold
+    for t in range(cfg.steps + 1):
+        idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
+        X, y = _select(data, idx)
+        logits = net.sl_logits(net.encode(X, W, q, thr), k, netc.m)
+        loss = cross_entropy(logits, y)  # [R]
+        _check_finite(loss, "supervised training", t, "sl.lr")
+        if _is_log_step(t, cfg.steps, log_every):
+            hooks.log("sl", t, {"W": W.detach(), "loss": loss.detach()})
+        if t == cfg.steps:
+            break
+        loss.sum().backward()
+        _sgd([(W, cfg.lr)])
+        hooks.advance()
+    return W.detach()
+
+
+# --------------------------------------------------------------------------- mask-reconstruction pretraining
+
+
+@dataclass
+class MRPResult:
+    W: torch.Tensor  # [R, d, K] encoder
+    D: torch.Tensor  # decoder: [R, K, K] or [R, K] (teacher target), [R, K, d] (pixels)
+
+
+def pretrain_mrp(
+    W0: torch.Tensor, data: MultiViewData, cfg: MRPConfig, netc: NetConfig, gens: RunGens,
+    hooks: Hooks, log_every: int,
+) -> MRPResult:
+    """Teacher-student mask reconstruction (or its MAE pixel variant).
+
+    Student: masked input -> encoder -> linear decoder. Teacher target: the
+    encoder with EMA weights on the full input (momentum 0: the student's own
+    weights under stop-gradient, so one Z = X W serves both).
+    """
+    R, d, K = W0.shape
+    q, thr = netc.q, netc.threshold
+    W = W0.clone().requires_grad_(True)
+    if cfg.target == "teacher":
+        D = net.init_decoder(R, K, netc.decoder).to(W0.device).requires_grad_(True)
+    else:
+        D = torch.zeros(R, K, d, device=W0.device, requires_grad=True)
+    W_t = W0.clone() if cfg.teacher_momentum > 0 else None
+    dec_lr = cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr
+    P = data.X.shape[-2]
+    for t in range(cfg.steps + 1):
+        idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
+        X, _ = _select(data, idx)
+        n = X.shape[1]
+        mask = make_run_masks(gens.mask, n, P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
+        keep = ~mask
+        A = net.act(net.preact(X, W), q, thr)  # [R, N, P, K]
+        h_s = (A * keep.unsqueeze(-1).to(A.dtype)).sum(2)  # [R, N, K] student: visible patches only
+        if cfg.target == "teacher":
+            if W_t is None:
+                target = A.detach().sum(2)  # [R, N, K] teacher = stop-gradient student on the full input
+            else:
+                with torch.no_grad():
+                    target = net.encode(X, W_t, q, thr)
+            pred = net.decode(h_s, D)
+            loss = mrp_teacher_loss(pred, target, cfg.norm_power(q), cfg.loss_norm_per_kernel)  # [R]
+            state = {"target_var": target.var(dim=1).mean(-1).detach(), "pred_var": pred.var(dim=1).mean(-1).detach()}
+        else:
+            pred = torch.bmm(h_s, D)  # [R, N, d]
+            loss = mae_pixel_loss(pred, X, mask, cfg.norm_power(q))
+            state = {"pred_var": pred.var(dim=1).mean(-1).detach()}
+        _check_finite(loss, "mask-reconstruction pretraining", t, "mrp.lr")
+        if _is_log_step(t, cfg.steps, log_every):
+            hooks.log("mrp", t, {"W": W.detach(), "D": D.detach(), "loss": loss.detach(), **state})
+        if t == cfg.steps:
+            break
+        loss.sum().backward()
+        _sgd([(W, cfg.lr), (D, dec_lr)])
+        if W_t is not None:
+            with torch.no_grad():
+                W_t.mul_(cfg.teacher_momentum).add_(W.detach(), alpha=1.0 - cfg.teacher_momentum)
+        hooks.advance()
+    return MRPResult(W=W.detach(), D=D.detach())
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass
+class FinetuneResult:
+    W: torch.Tensor  # [R, d, K]
+    head: net.LinearHead
+
+
+def finetune(
+    W0: torch.Tensor, data: MultiViewData, cfg: FinetuneConfig, netc: NetConfig, k: int, gens: RunGens,
+    hooks: Hooks, log_every: int,
+) -> FinetuneResult:
+    """Pretrained encoder + linear head on the labelled data.
+
+    lp_ft: train the head on the frozen encoder (linear probe), then everything
+    with a small encoder lr; ft: everything from a random head; lp: head only.
+    """
+    q, thr = netc.q, netc.threshold
+    with torch.no_grad():
+        h_full = net.encode(data.X, W0, q, thr)  # [R, N, K]
+    head = net.init_linear_head(h_full, k, cfg.standardize, gens.head if cfg.mode == "ft" else None)
+    head.H.requires_grad_(True)
+    head.b.requires_grad_(True)
+    W = W0.clone()
+
+    if cfg.mode in ("lp", "lp_ft"):
+        for t in range(cfg.lp_steps + 1):
+            idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
+            if idx is None:
+                h, y = h_full, data.y
+            else:
+                rows = torch.arange(idx.shape[0]).unsqueeze(1)
+                h, y = h_full[rows, idx], data.y.expand(idx.shape[0], -1)[rows, idx]
+            loss = cross_entropy(head(h), y)
+            _check_finite(loss, "linear probing", t, "finetune.lp_lr")
+            if _is_log_step(t, cfg.lp_steps, log_every):
+                hooks.log("lp", t, {"W": W, "loss": loss.detach(), "head": head})
+            if t == cfg.lp_steps:
+                break
+            loss.sum().backward()
+            _sgd([(head.H, cfg.lp_lr), (head.b, cfg.lp_lr)])
+            hooks.advance()
+
+    if cfg.mode in ("ft", "lp_ft"):
+        W.requires_grad_(True)
+        for t in range(cfg.ft_steps + 1):
+            idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
+            X, y = _select(data, idx)
+            loss = cross_entropy(head(net.encode(X, W, q, thr)), y)
+            _check_finite(loss, "fine-tuning", t, "finetune.ft_lr")
+            if _is_log_step(t, cfg.ft_steps, log_every):
+                hooks.log("ft", t, {"W": W.detach(), "loss": loss.detach(), "head": head})
+            if t == cfg.ft_steps:
+                break
+            loss.sum().backward()
+            _sgd([(W, cfg.ft_lr), (head.H, cfg.ft_head_lr), (head.b, cfg.ft_head_lr)])
+            hooks.advance()
+
+    H = net.LinearHead(H=head.H.detach(), b=head.b.detach(), center=head.center, scale=head.scale)
+    return FinetuneResult(W=W.detach(), head=H)
+
+
+def total_steps(sl: SLConfig, mrp: MRPConfig, ft: FinetuneConfig) -> int:
+    lp = ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0
+    f = ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0
+    return sl.steps + mrp.steps + lp + f
+
+
+Callback = Callable[[str, int, dict], None]
