@@ -71,17 +71,22 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}
 
 
+# Rates are ratios of counts (e.g. 650/1000); compare with a tolerance far below
+# one count so that float rounding never flips a verdict at an exact boundary.
+_EPS = 1e-9
+
+
 def verdict(claim: Claim, per_seed: list[float]) -> dict:
     stats = _stats(per_seed)
     value = stats[claim.agg]
-    if math.isnan(value):
-        passed = False
+    if math.isnan(value) or any(math.isnan(v) for v in per_seed):
+        passed = False  # a seed that could not be measured fails the claim; it is never dropped
     elif claim.op == ">=":
-        passed = value >= claim.threshold
+        passed = value >= claim.threshold - _EPS
     elif claim.op == "<=":
-        passed = value <= claim.threshold
+        passed = value <= claim.threshold + _EPS
     else:
-        passed = abs(value - float(claim.target)) <= claim.threshold
+        passed = abs(value - float(claim.target)) <= claim.threshold + _EPS
     return {
         "id": claim.id,
         "statement": claim.statement,

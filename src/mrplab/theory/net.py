@@ -140,6 +140,6 @@ def init_linear_head(
     if gens is None:
         H = torch.zeros(R, K, k, dtype=h_train.dtype, device=h_train.device)
     else:
-        H = torch.stack([torch.randn(K, k, generator=g) / K**0.5 for g in gens]).to(h_train.device)
+        H = torch.stack([torch.randn(K, k, generator=g) / K**0.5 for g in gens]).to(h_train.device, h_train.dtype)
     b = torch.zeros(R, k, dtype=h_train.dtype, device=h_train.device)
     return LinearHead(H=H, b=b, center=center, scale=scale)

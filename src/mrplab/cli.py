@@ -1,0 +1,211 @@
+"""The ``mrplab`` command: parse, call, print.
+
+    mrplab theory [--config FILE] [--set key=value ...] [--out DIR] [--quiet]
+
+A user mistake (``MrplabError``) prints ``error: <what> (<how to fix>)`` on
+stderr and exits 2; usage errors also exit 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mrplab import config as config_mod
+from mrplab.config import TheoryConfig
+from mrplab.errors import MrplabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="mrplab: why mask-reconstruction pretraining helps, made runnable and measurable.",
+)
+
+EXIT_USER_ERROR = 2
+
+
+@app.callback()
+def _main() -> None:
+    """mrplab: why mask-reconstruction pretraining helps, made runnable and measurable."""
+
+
+def _fail(err: MrplabError) -> None:
+    typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class _Progress:
+    """Progress of one run: a rich bar on a terminal, plain lines every ~10% otherwise, nothing when quiet."""
+
+    def __init__(self, cfg: TheoryConfig, total: int, quiet: bool, console: Console):
+        ft = cfg.finetune
+        self.phase_total = {
+            "sl": cfg.sl.steps,
+            "mrp": cfg.mrp.steps,
+            "lp": ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0,
+            "ft": ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0,
+        }
+        self.total = max(total, 1)
+        self.quiet = quiet
+        self.console = console
+        self.tty = console.is_terminal
+        self.done = 0
+        self.phase = "data"
+        self.phase_done = 0
+        self.last: dict = {}
+        self.next_line = 1
+        self.t0 = time.perf_counter()
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> "_Progress":
+        if not self.quiet and self.tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("[data] sampling", total=self.total)
+        elif not self.quiet:
+            self.console.print(f"theory run: {self.total} steps planned", markup=False)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False
+
+    def _status(self) -> str:
+        text = f"[{self.phase}] step {self.phase_done}/{self.phase_total.get(self.phase, '?')}"
+        loss = self.last.get("loss")
+        if loss:
+            text += f"  loss {sum(loss) / len(loss):.4g}"
+        n_cap = self.last.get("n_captured")
+        phi = self.last.get("phi")
+        if n_cap and phi:
+            n_feat = len(phi[0]) * len(phi[0][0])
+            text += f"  captured {sum(n_cap) / len(n_cap):.1f}/{n_feat}"
+        return text
+
+    def record(self, rec: dict) -> None:
+        if rec.get("phase") != self.phase:
+            self.phase, self.phase_done = rec.get("phase", "?"), 0
+        self.last = rec
+        if self._bar is not None:
+            self._bar.update(self._task, description=self._status())
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self.phase_done += n
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, description=self._status())
+            return
+        if self.done * 10 >= self.next_line * self.total or self.done == self.total:
+            self.next_line = self.done * 10 // self.total + 1
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed * (self.total - self.done) / max(self.done, 1)
+            self.console.print(
+                f"{self._status()}  overall {self.done}/{self.total} ({100 * self.done // self.total}%)"
+                f"  elapsed {_fmt_secs(elapsed)}  eta {_fmt_secs(eta)}",
+                markup=False, soft_wrap=True,
+            )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _num(x) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "n/a"
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _verdict_table(verdicts: list[dict]) -> Table:
+    table = Table(title="claims", title_justify="left")
+    for col in ("id", "statement", "mean ± std", "min", "rule", "verdict"):
+        table.add_column(col, overflow="fold")
+    for v in verdicts:
+        style = "green" if v["verdict"] == "PASS" else "red"
+        table.add_row(Text(v["id"]), Text(v["statement"]), Text(f"{_num(v['mean'])} ± {_num(v['std'])}"),
+                      Text(_num(v["min"])), Text(v["rule"]), Text(v["verdict"], style=style))
+    return table
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _console() -> Console:
+    """Stdout console; wider than rich's 80-column default when output goes to a file or pipe."""
+    probe = Console()
+    if probe.is_terminal or "COLUMNS" in os.environ:
+        return Console(highlight=False)
+    return Console(highlight=False, width=120)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Turn SIGTERM into SystemExit while a run is in progress, so its partial folder is removed."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+def theory(
+    config: Optional[Path] = typer.Option(
+        None, "--config", metavar="FILE", help="YAML config; without it the defaults (configs/theory-default.yaml)"
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="override one key, e.g. --set mrp.mask_ratio=0.6 (repeatable)"
+    ),
+    out: Path = typer.Option(Path("runs"), "--out", metavar="DIR", help="parent folder of the run folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no table; print only the run folder"),
+) -> None:
+    """Train SL from scratch and MRP -> fine-tuning on multi-view data, measure the claims, write a run folder."""
+    console = _console()
+    try:
+        cfg = config_mod.load(config, set_)
+        # imported after the config is valid, so that a config mistake is reported without loading torch
+        from mrplab.report import run_folder
+        from mrplab.theory import experiment
+
+        with _sigterm_as_exit(), _Progress(cfg, experiment.planned_steps(cfg), quiet, console) as progress:
+            result, path = run_folder.run_theory(cfg, out, on_record=progress.record, advance=progress.advance)
+    except MrplabError as err:
+        _fail(err)
+        return
+    if quiet:
+        typer.echo(str(path))
+        return
+    console.print(_verdict_table(result.verdicts))
+    n_pass = sum(v["verdict"] == "PASS" for v in result.verdicts)
+    console.print(f"{n_pass}/{len(result.verdicts)} claims PASS")
+    console.print(f"run folder: {path}", soft_wrap=True, markup=False)

@@ -1,0 +1,461 @@
+"""The run folder: everything one theory run leaves behind, written atomically.
+
+    runs/<name>-<YYYYmmdd-HHMMSS>/
+      config.yaml            the exact resolved config (config.dump_yaml)
+      metrics.jsonl          one JSON object per logged record, in the order they arrived
+      summary.json           config hash, seeds, capture threshold, per-seed metrics,
+                             every verdict with its numbers, timings, wall time
+      figures/*.png          capture heatmaps, Phi over training, per-view accuracy, losses
+      report.md              verdicts, per-seed metrics, figures, timings, config
+      checkpoints/
+        sl.safetensors       W (SL from scratch)                   + sl.json
+        mrp.safetensors      W, D (full MRP checkpoint)            + mrp.json
+        ft.safetensors       W, H, b, center, scale (MRP -> FT)    + ft.json
+
+The folder is built under a hidden name in the same parent
+(``.<name>-<ts>.<pid>.partial``) and renamed to its final name only when every
+file is written; on any exception the partial folder is removed. Each file
+inside is written to a temp file and moved into place with ``os.replace``.
+A hidden ``.partial`` folder can only be left by a process that was killed
+outright (SIGKILL, power loss); it is safe to delete.
+
+Every tensor's leading axis is the run axis: index r belongs to ``seeds[r]``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import mrplab
+from mrplab import config as config_mod
+from mrplab.config import TheoryConfig
+from mrplab.errors import MrplabError
+from mrplab.report import figures
+from mrplab.theory import experiment
+from mrplab.theory.experiment import TheoryResult
+
+PHASES = ("sl", "mrp", "lp", "ft")  # the order experiment.run trains and logs them
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def timestamp(now: _dt.datetime | None = None) -> str:
+    return (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+def jsonable(obj: Any) -> Any:
+    """Strict-JSON-safe copy: NaN/inf become null, tensors and tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return jsonable(obj.item())
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays
+        return jsonable(obj.tolist())
+    return str(obj)
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` and move the result to ``path``."""
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the source tree mrplab is imported from; None if not a git checkout."""
+    where = cwd or Path(mrplab.__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that started this process, as one shell-quoted line."""
+    args = list(sys.argv if argv is None else argv)
+    if not args:
+        return ""
+    head = Path(args[0]).name
+    if head == "__main__.py":
+        head = "python -m mrplab"
+        return " ".join([head, shlex.join(args[1:])]).strip()
+    return shlex.join([head, *args[1:]])
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.4g}"
+    return str(x)
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: pipes escaped, no newlines."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _phase_steps(cfg: TheoryConfig) -> dict[str, int]:
+    ft = cfg.finetune
+    return {
+        "sl": cfg.sl.steps,
+        "mrp": cfg.mrp.steps,
+        "lp": ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0,
+        "ft": ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0,
+    }
+
+
+def write_checkpoints(result: TheoryResult, ckpt_dir: Path, provenance: dict[str, Any]) -> list[str]:
+    """Three safetensors checkpoints, each with a JSON sidecar. Returns the file names."""
+    from safetensors.torch import save_file
+
+    cfg = result.cfg
+    steps = _phase_steps(cfg)
+    head = result.head
+    kinds: dict[str, tuple[str, dict[str, torch.Tensor], dict[str, int]]] = {
+        "sl": ("supervised learning from scratch: encoder kernels", {"W": result.W_sl}, {"sl": steps["sl"]}),
+        "mrp": (
+            "mask-reconstruction pretraining, full checkpoint: encoder kernels W and linear decoder D",
+            {"W": result.W_mrp, "D": result.D_mrp},
+            {"mrp": steps["mrp"]},
+        ),
+        "ft": (
+            "MRP -> fine-tuning: encoder kernels W and linear head (logits = ((h - center) / scale) H + b)",
+            {"W": result.W_ft, "H": head.H, "b": head.b, "center": head.center, "scale": head.scale},
+            {"mrp": steps["mrp"], "lp": steps["lp"], "ft": steps["ft"]},
+        ),
+    }
+    names = []
+    for kind, (what, tensors, kind_steps) in kinds.items():
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        meta = {"kind": kind, "config_hash": provenance["config_hash"], "seeds": json.dumps(cfg.seeds)}
+        atomic_write_with(ckpt_dir / f"{kind}.safetensors", lambda p, t=tensors, m=meta: save_file(t, str(p), metadata=m))
+        sidecar = {
+            "kind": kind,
+            "what": what,
+            "tensors": {k: list(v.shape) for k, v in tensors.items()},
+            "run_axis": "leading axis of every tensor; index r is seeds[r]",
+            "seeds": cfg.seeds,
+            "step": sum(kind_steps.values()),
+            "steps": kind_steps,
+            **provenance,
+        }
+        atomic_write_text(ckpt_dir / f"{kind}.json", dumps(sidecar, indent=2) + "\n")
+        names += [f"{kind}.safetensors", f"{kind}.json"]
+    return names
+
+
+# --------------------------------------------------------------------------- summary and report
+
+
+def build_summary(
+    result: TheoryResult, folder_name: str, wall_s: float | None, provenance: dict[str, Any]
+) -> dict[str, Any]:
+    cfg = result.cfg
+    n_pass = sum(v["verdict"] == "PASS" for v in result.verdicts)
+    return {
+        "name": cfg.name,
+        "run_folder": folder_name,
+        **provenance,
+        "mrplab_version": mrplab.__version__,
+        "torch_version": torch.__version__,
+        "device": str(result.W_sl.device),
+        "seeds": cfg.seeds,
+        "capture_threshold": cfg.capture_threshold,
+        "steps": _phase_steps(cfg),
+        "claims_passed": n_pass,
+        "claims_total": len(result.verdicts),
+        "verdicts": result.verdicts,
+        "per_seed": result.per_seed,
+        "timings": result.timings,
+        "wall_s": wall_s,
+    }
+
+
+def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list[str]) -> str:
+    s = summary
+    lines = [
+        f"# mrplab theory run `{s['run_folder']}`",
+        "",
+        "Mask-reconstruction pretraining (MRP) followed by fine-tuning versus supervised learning (SL) from "
+        "scratch on multi-view data.",
+        "",
+        f"- config hash: `{s['config_hash']}`",
+        f"- seeds: {', '.join(str(x) for x in s['seeds'])}",
+        f"- capture threshold (Phi counts as captured at or above): {_fmt(s['capture_threshold'])}",
+        f"- created: {s['created']}",
+        f"- git commit: `{s['git_commit'] or 'n/a'}`",
+        f"- command: `{s['command']}`",
+        "",
+        f"## Verdicts: {s['claims_passed']} of {s['claims_total']} claims PASS",
+        "",
+        "Each claim reads one metric per seed and aggregates it over seeds as its rule says.",
+        "",
+        "| id | claim | metric | rule | mean ± std | min | per seed | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in s["verdicts"]:
+        per_seed = ", ".join(_fmt(x) for x in v["per_seed"])
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(c)
+                for c in (
+                    v["id"],
+                    v["statement"],
+                    f"`{v['metric']}`",
+                    v["rule"],
+                    f"{_fmt(v['mean'])} ± {_fmt(v['std'])}",
+                    _fmt(v["min"]),
+                    per_seed,
+                    f"**{v['verdict']}**",
+                )
+            )
+            + " |"
+        )
+
+    per_seed = s["per_seed"]
+    keys = [k for k in per_seed[0] if k != "seed"] if per_seed else []
+    lines += [
+        "",
+        "## Per-seed metrics",
+        "",
+        "| metric | " + " | ".join(f"seed {m['seed']}" for m in per_seed) + " |",
+        "|---|" + "---|" * len(per_seed),
+    ]
+    for k in keys:
+        lines.append(f"| `{k}` | " + " | ".join(_cell(_fmt(m.get(k))) for m in per_seed) + " |")
+
+    captions = {
+        "capture.png": "Capture matrix C[r, (i, l)] = <w_r, v_{i,l}> of the final kernels (seed 0); "
+        "squares mark C at or above the capture threshold.",
+        "phi.png": "Phi_{i,l} = max_r <w_r, v_{i,l}> over training (seed 0), one line per feature; "
+        "dashed: capture threshold.",
+        "accuracy.png": "Test accuracy per view, mean ± std over seeds.",
+        "loss.png": "Training loss per phase, mean over seeds.",
+    }
+    lines += ["", "## Figures", ""]
+    for name in figure_files:
+        lines += [f"![{name}](figures/{name})", "", captions.get(name, ""), ""]
+
+    lines += ["## Timings", "", "| phase | seconds |", "|---|---|"]
+    for k, v in s["timings"].items():
+        lines.append(f"| {k} | {_fmt(v)} |")
+    if s.get("wall_s") is not None:
+        lines.append(f"| wall, start to end of training | {_fmt(s['wall_s'])} |")
+    if s.get("wall_with_report_s") is not None:
+        lines.append(f"| wall, including checkpoints and figures | {_fmt(s['wall_with_report_s'])} |")
+
+    lines += [
+        "",
+        "## Config",
+        "",
+        "The exact resolved config (also in `config.yaml`):",
+        "",
+        "```yaml",
+        config_mod.dump_yaml(cfg).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+class RunFolder:
+    """A run folder under construction; a context manager that cleans up on failure.
+
+    >>> with RunFolder("runs", cfg) as rf:
+    ...     result = experiment.run(cfg, emit=rf.emit)
+    ...     path = rf.finish(result)
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        cfg: TheoryConfig,
+        command: str | None = None,
+        now: _dt.datetime | None = None,
+    ):
+        self.cfg = cfg
+        self.parent = Path(out_dir)
+        self.started = now or _dt.datetime.now()
+        self.name = f"{cfg.name}-{timestamp(self.started)}"
+        self.partial = self.parent / f".{self.name}.{os.getpid()}.partial"
+        self.final: Path | None = None
+        self.command = command if command is not None else command_line()
+        self._metrics = None
+        self._t0 = time.perf_counter()
+        self.provenance = {
+            "config_hash": cfg.hash(),
+            "git_commit": git_commit(),
+            "command": self.command,
+            "created": self.started.isoformat(timespec="seconds"),
+        }
+
+    # -- lifecycle
+
+    def __enter__(self) -> "RunFolder":
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir()
+        except OSError as err:
+            raise MrplabError(
+                f"cannot create a run folder under {self.parent}: {err.strerror or err}", "choose a writable --out"
+            ) from None
+        try:
+            (self.partial / "figures").mkdir()
+            (self.partial / "checkpoints").mkdir()
+            atomic_write_text(self.partial / "config.yaml", config_mod.dump_yaml(self.cfg))
+            self._metrics = open(self.partial / "metrics.jsonl.tmp", "w", encoding="utf-8")
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None or self.final is None:
+            self._discard()
+        return False
+
+    def _close_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def _discard(self) -> None:
+        self._close_metrics()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    # -- streaming
+
+    def emit(self, record: dict) -> None:
+        """Append one logged record to metrics.jsonl (the experiment's ``emit`` callback)."""
+        if self._metrics is None:
+            raise RuntimeError("RunFolder.emit called outside its with-block")
+        self._metrics.write(dumps(record) + "\n")
+        self._metrics.flush()
+
+    # -- finishing
+
+    def finish(self, result: TheoryResult, wall_s: float | None = None) -> Path:
+        """Write summary, checkpoints, figures and report, then move the folder into place."""
+        if wall_s is None:
+            wall_s = time.perf_counter() - self._t0
+        self._close_metrics()
+        os.replace(self.partial / "metrics.jsonl.tmp", self.partial / "metrics.jsonl")
+        write_checkpoints(result, self.partial / "checkpoints", self.provenance)
+        figure_files = figures.write_all(result, self.partial / "figures")
+        t_written = time.perf_counter() - self._t0
+        summary = build_summary(result, self.name, wall_s, self.provenance)
+        summary["wall_with_report_s"] = t_written
+        atomic_write_text(self.partial / "report.md", render_report(summary, result.cfg, figure_files))
+        atomic_write_text(self.partial / "summary.json", dumps(summary, indent=2) + "\n")
+        self.final = self._rename_into_place()
+        return self.final
+
+    def _rename_into_place(self) -> Path:
+        for i in range(1000):
+            target = self.parent / (self.name if i == 0 else f"{self.name}-{i}")
+            if target.exists():
+                continue
+            try:
+                os.rename(self.partial, target)
+            except OSError:
+                if target.exists():  # lost a race with another run of the same name and second
+                    continue
+                raise
+            return target
+        raise MrplabError(f"too many run folders named {self.name} in {self.parent}", "use another --out or name")
+
+
+def run_theory(
+    cfg: TheoryConfig,
+    out_dir: str | Path = "runs",
+    on_record: Callable[[dict], None] | None = None,
+    advance: Callable[[int], None] | None = None,
+    command: str | None = None,
+) -> tuple[TheoryResult, Path]:
+    """Run one theory experiment and write its run folder; what ``mrplab theory`` calls.
+
+    ``on_record`` sees every logged record after it is written to metrics.jsonl;
+    ``advance(n)`` is called for every n optimisation steps done.
+    """
+    t0 = time.perf_counter()
+    with RunFolder(out_dir, cfg, command=command) as rf:
+
+        def emit(rec: dict) -> None:
+            rf.emit(rec)
+            if on_record is not None:
+                on_record(rec)
+
+        result = experiment.run(cfg, emit, advance or (lambda n: None))
+        path = rf.finish(result, wall_s=time.perf_counter() - t0)
+    return result, path
+
+
+def write_run(
+    result: TheoryResult, out_dir: str | Path = "runs", wall_s: float | None = None, command: str | None = None
+) -> Path:
+    """Write the run folder of a result computed elsewhere (metrics come from ``result.history``)."""
+    with RunFolder(out_dir, result.cfg, command=command) as rf:
+        for phase in [*PHASES, *(p for p in result.history if p not in PHASES)]:
+            for rec in result.history.get(phase, []):
+                rf.emit(rec)
+        return rf.finish(result, wall_s=wall_s if wall_s is not None else result.timings.get("total_s"))
