@@ -222,3 +222,15 @@ def test_mrplab_error_line():
     err = MrplabError("what went wrong", "how to fix")
     assert str(err) == "what went wrong (how to fix)"
     assert MrplabError("only what").line() == "only what"
+
+
+def test_default_preset_file_is_the_defaults():
+    """configs/theory-default.yaml holds exactly TheoryConfig()'s defaults (regenerate with write_default_preset)."""
+    from pathlib import Path
+
+    from mrplab import config as cfgmod
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs" / "theory-default.yaml").read_text()
+    assert text == cfgmod.commented_defaults()
+    assert cfgmod.load(root / "configs" / "theory-default.yaml") == cfgmod.TheoryConfig()

@@ -29,7 +29,7 @@ class DataConfig(_Strict):
     k: int = Field(10, ge=2, description="number of classes")
     L: int = Field(2, ge=2, description="discriminative features per class")
     d: int = Field(300, ge=2, description="patch dimension")
-    P: int = Field(20, ge=2, description="patches per sample")
+    P: int = Field(16, ge=2, description="patches per sample")
     C_p: int = Field(2, ge=1, description="patches that carry one feature")
     features: Literal["orthonormal", "random"] = Field(
         "orthonormal", description="orthonormal bank (QR) or incoherent random unit vectors"
@@ -83,27 +83,27 @@ class DataConfig(_Strict):
 class NetConfig(_Strict):
     """The two-layer conv encoder and the heads (theory/net.py)."""
 
-    m: int = Field(4, ge=1, description="kernels per class: K = k * m")
-    q: int = Field(3, ge=2, description="power of the smoothed ReLU's polynomial part")
+    m: int = Field(6, ge=1, description="kernels per class: K = k * m")
+    q: int = Field(4, ge=2, description="power of the smoothed ReLU's polynomial part")
     threshold: float = Field(1.0, gt=0.0, description="rho_t: where the smoothed ReLU turns linear")
     sigma_0: float = Field(0.023, gt=0.0, description="init std of every kernel coordinate")
-    decoder: Literal["full", "diag"] = Field("full", description="linear decoder: full K x K or diagonal")
+    decoder: Literal["full", "diag"] = Field("diag", description="linear decoder: full K x K or diagonal (see docs/regime.md)")
 
 
 class SLConfig(_Strict):
     """Supervised learning from scratch with the analysed head F_i = sum of class i's kernels."""
 
-    steps: int = Field(1500, ge=1)
-    lr: float = Field(5.0, gt=0.0)
+    steps: int = Field(1200, ge=1)
+    lr: float = Field(20.0, gt=0.0)
     batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
 
 
 class MRPConfig(_Strict):
     """Mask-reconstruction pretraining (theory/objectives.py)."""
 
-    steps: int = Field(1500, ge=1)
-    lr: float = Field(5.0, gt=0.0)
-    decoder_lr: float | None = Field(None, gt=0.0, description="null = same as lr")
+    steps: int = Field(1200, ge=1)
+    lr: float = Field(0.08, gt=0.0)
+    decoder_lr: float | None = Field(0.01, gt=0.0, description="null = same as lr")
     batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
     mask_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="probability that a patch is masked")
     target: Literal["teacher", "pixels"] = Field(
@@ -250,3 +250,53 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 
 def dump_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- the default preset file
+
+_TOP_COMMENTS = {
+    "name": "run folder prefix: runs/<name>-<YYYYmmdd-HHMMSS>/",
+    "seeds": "independent runs trained at once (leading run axis); verdicts aggregate over them",
+    "device": "cpu, cuda or auto",
+    "threads": "torch intra-op threads; null = leave as is",
+}
+
+
+def _scalar(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def commented_defaults() -> str:
+    """configs/theory-default.yaml: every key with its default and description (a test keeps them equal)."""
+    cfg = TheoryConfig()
+    out = [
+        "# The default theory run: every key of TheoryConfig (src/mrplab/config.py) with its default value.",
+        "# `mrplab theory` without --config uses exactly these values. Copy this file to make a preset,",
+        "# or change single keys with --set, e.g. --set mrp.mask_ratio=0.6 --set 'seeds=[0,1,2,3]'.",
+        "# Unknown keys and out-of-range values are rejected with a message that names the key.",
+        "# Why these values: docs/regime.md. Regenerate: python -c 'from mrplab.config import write_default_preset as w; w()'",
+        "",
+    ]
+    for name, field in TheoryConfig.model_fields.items():
+        val = getattr(cfg, name)
+        if isinstance(val, BaseModel):
+            doc = (type(val).__doc__ or "").strip().splitlines()
+            out.append("")
+            out.append(f"# --- {name}: {doc[0]}" if doc else f"# --- {name}")
+            out.append(f"{name}:")
+            for sub, sf in type(val).model_fields.items():
+                line = f"  {sub}: {_scalar(getattr(val, sub))}"
+                if sf.description:
+                    line = f"{line:<34} # {sf.description}"
+                out.append(line)
+        else:
+            line = f"{name}: {_scalar(val)}"
+            c = field.description or _TOP_COMMENTS.get(name)
+            if c:
+                line = f"{line:<34} # {c}"
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def write_default_preset(path: str | Path = "configs/theory-default.yaml") -> None:
+    Path(path).write_text(commented_defaults())
