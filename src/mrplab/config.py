@@ -54,6 +54,10 @@ class DataConfig(_Strict):
     extra_pretrain_classes: int = Field(
         0, ge=0, description="classes that appear only in the pretraining data (features downstream never uses)"
     )
+    bank_seed: int = Field(
+        0, description="seed of the feature bank; every run (seed) shares the bank, so a run's numbers do not "
+        "depend on which other seeds are batched with it"
+    )
     share_across_runs: bool = Field(
         False, description="all runs (seeds) share one data set; otherwise each seed samples its own"
     )

@@ -180,8 +180,8 @@ class TheoryData:
 
 
 def make_data(cfg: DataConfig, seeds: list[int]) -> TheoryData:
-    """Data for every run. The feature bank is shared by all runs (drawn from seeds[0])."""
-    bank = make_feature_bank(cfg, generator(seeds[0], "feature_bank"))
+    """Data for every run. The feature bank (from ``cfg.bank_seed``) is shared by all runs."""
+    bank = make_feature_bank(cfg, generator(cfg.bank_seed, "feature_bank"))
     data_seeds = seeds[:1] if cfg.share_across_runs else seeds
     sets: dict[str, list[MultiViewData]] = {"pretrain": [], "train": [], "test": []}
     for s in data_seeds:
