@@ -62,6 +62,10 @@ def assert_user_error(result, out: Path) -> None:
     [
         (["--set", "nope=1"], "nope"),
         (["--set", "mrp.mask_ratio=1.5"], "mrp.mask_ratio"),
+        (["--set", "mrp.mask_ratio=-0.2"], "mrp.mask_ratio"),
+        (["--set", "data.k=200"], "do not fit in d"),
+        (["--set", "data.C_p=9"], "feature patches"),
+        (["--set", "seeds=[1,1]"], "distinct"),
         (["--set", "data.k=abc"], "data.k"),
         (["--set", "novalue"], "key=value"),
         (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),

@@ -322,7 +322,11 @@ def test_make_data_shapes_and_determinism(share):
     assert torch.equal(td.pretrain.X, again.pretrain.X) and torch.equal(td.test.y, again.test.y)
     assert torch.equal(td.bank.V, again.bank.V)
     other = make_data(c, [4, 5, 7])
-    assert not torch.equal(td.bank.V, other.bank.V)  # the bank comes from seeds[0]
+    assert torch.equal(td.bank.V, other.bank.V)  # the bank comes from bank_seed, not from the run seeds
+    assert not torch.equal(td.bank.V, make_data(c.model_copy(update={"bank_seed": 1}), seeds).bank.V)
+    if not share:
+        # a run's samples do not depend on which other seeds are batched with it
+        assert torch.equal(td.train.X[1], other.train.X[1])
     if not share:
         assert not torch.equal(td.train.X[0], td.train.X[1])  # runs get their own samples
         # run r's data is its own seed's stream, whatever the other seeds are

@@ -124,6 +124,10 @@ def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head
             "sl_captured_per_class_mean": float(lot["captured_per_class"][r].float().mean()),
             "sl_share_classes_one_feature": float((lot["captured_per_class"][r] == 1).float().mean()),
             "sl_lottery_hit_rate": float(lot["lottery_hit_rate"][r]),
+            # per class: the feature l that won SL, and the one the initial correlations predicted
+            "sl_winner_per_class": [int(x) if c > 0 else -1 for x, c in
+                                    zip(lot["winner"][r].tolist(), lot["captured_per_class"][r].tolist())],
+            "sl_predicted_winner_per_class": lot["predicted"][r].tolist(),
             "ft_captured": int(cap_ft[r, :k].sum()),
             "ft_retained_share": retained,
             "sl_err": float(sl_err["err"][r]),
@@ -133,7 +137,6 @@ def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head
             "ft_err_multi": float(ft_err["err_multi"][r]),
             "ft_err_single": float(ft_err["err_single"][r]),
             "single_view_gap": float(sl_err["err_single"][r] - ft_err["err_single"][r]),
-            "noise_memorisation_sl": None,
         })
     return out
 
@@ -155,7 +158,6 @@ def run(
     data.bank.covered = data.bank.covered.to(device)
     t_data = time.perf_counter()
 
-    k_total = data.bank.k_total
     K = cfg.data.k * cfg.net.m
     seeds = cfg.seeds
     W_init = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, K, cfg.net.sigma_0).to(device)
@@ -175,7 +177,6 @@ def run(
     t_mrp = time.perf_counter()
     ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every)
     t_ft = time.perf_counter()
-    del k_total
 
     per_seed = measure(cfg, data, W_init, W_sl, mrp.W, ft.W, ft.head)
     with torch.no_grad():

@@ -9,7 +9,7 @@ they call ``hooks.log(phase, step, state)`` and the caller measures what it want
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -233,5 +233,3 @@ def total_steps(sl: SLConfig, mrp: MRPConfig, ft: FinetuneConfig) -> int:
     f = ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0
     return sl.steps + mrp.steps + lp + f
 
-
-Callback = Callable[[str, int, dict], None]
