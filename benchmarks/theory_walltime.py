@@ -30,7 +30,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "theory_walltime.json"
 
 def main(extra: list[str]) -> int:
     cmd = [sys.executable, "-m", "mrplab", "theory", "--quiet", *extra]
+    keep = os.environ.get("MRPLAB_BENCH_KEEP")  # a folder to keep the run folder in, for inspection
     with tempfile.TemporaryDirectory(prefix="mrplab-bench-") as tmp:
+        tmp = keep or tmp
         t0 = time.perf_counter()
         proc = subprocess.run([*cmd, "--out", tmp], capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -53,6 +55,10 @@ def main(extra: list[str]) -> int:
         "seeds": summary["seeds"],
         "steps": summary.get("steps"),
         "claims_passed": summary.get("claims_passed"),
+        "verdicts": [
+            {k: v[k] for k in ("id", "metric", "rule", "mean", "std", "min", "max", "per_seed", "verdict")}
+            for v in summary["verdicts"]
+        ],
         "claims_total": summary.get("claims_total"),
         "git_commit": summary.get("git_commit"),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
