@@ -93,7 +93,7 @@ def _eval_view_errors(logits: torch.Tensor, test: MultiViewData) -> dict[str, to
 def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head) -> list[dict]:
     """Per-seed metrics that the claims read, from the final weights."""
     bank, thr = data.bank, cfg.capture_threshold
-    q, thr_act, k, m, L = cfg.net.q, cfg.net.threshold, bank.k, cfg.net.m, bank.L
+    q, thr_act, k, m = cfg.net.q, cfg.net.threshold, bank.k, cfg.net.m
     with torch.no_grad():
         C0, C_sl, C_mrp, C_ft = (probes.capture_matrix(W, bank) for W in (W_init, W_sl, W_mrp, W_ft))
         lot = probes.sl_lottery(C0, C_sl, k, m, thr)

@@ -70,11 +70,12 @@ def preact(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """
     Rd, N, P, d = X.shape
     R, _, K = W.shape
+    Wc = W.to(X.dtype)  # bf16 data: bf16 matmul inputs, Z returned in W's precision
     if Rd == 1:
-        Wf = W.permute(1, 0, 2).reshape(d, R * K)  # [d, R*K]
+        Wf = Wc.permute(1, 0, 2).reshape(d, R * K)  # [d, R*K]
         Z = X.reshape(N * P, d) @ Wf  # [N*P, R*K]
-        return Z.view(N, P, R, K).permute(2, 0, 1, 3)  # [R, N, P, K]
-    return torch.matmul(X.reshape(R, N * P, d), W).view(R, N, P, K)  # [R, N, P, K]
+        return Z.view(N, P, R, K).permute(2, 0, 1, 3).to(W.dtype)  # [R, N, P, K]
+    return torch.matmul(X.reshape(R, N * P, d), Wc).view(R, N, P, K).to(W.dtype)  # [R, N, P, K]
 
 
 def encode(
@@ -143,3 +144,33 @@ def init_linear_head(
         H = torch.stack([torch.randn(K, k, generator=g) / K**0.5 for g in gens]).to(h_train.device, h_train.dtype)
     b = torch.zeros(R, k, dtype=h_train.dtype, device=h_train.device)
     return LinearHead(H=H, b=b, center=center, scale=scale)
+
+
+# --------------------------------------------------------------------------- hand-derived backward
+#
+# The engine's steps avoid autograd: one matmul for the forward (Z = X W), one
+# for the weight gradient (dW = X^T dZ), and the smoothed ReLU's value and
+# derivative computed together. The autograd path above stays as the reference
+# (tests compare the two).
+
+
+def act_and_grad(z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed ReLU and its derivative from one pass over z: (act(z), act'(z))."""
+    u = (z.clamp(min=0.0) / thr).clamp(max=1.0)  # z/thr on the polynomial piece, 1 above, 0 below
+    g = u ** (q - 1)  # (z/thr)^(q-1) inside, 1 above, 0 below: exactly act'(z)
+    a = g * u * (thr / q) + (z - thr).clamp(min=0.0)  # z^q/(q thr^(q-1)) + linear part above thr
+    return a, g
+
+
+def weight_grad(X: torch.Tensor, dZ: torch.Tensor) -> torch.Tensor:
+    """dW = X^T dZ for Z = preact(X, W): X [Rd, N, P, d], dZ [R, N, P, K] -> [R, d, K].
+
+    Shared data (Rd = 1) uses one matmul X[N*P, d]^T @ dZ[N*P, R*K].
+    """
+    Rd, N, P, d = X.shape
+    R, K = dZ.shape[0], dZ.shape[-1]
+    if Rd == 1:
+        dZf = dZ.permute(1, 2, 0, 3).reshape(N * P, R * K)  # [N*P, R*K]
+        dW = X.reshape(N * P, d).t() @ dZf.to(X.dtype)  # [d, R*K]
+        return dW.view(d, R, K).permute(1, 0, 2).to(dZ.dtype)
+    return torch.bmm(X.reshape(R, N * P, d).transpose(1, 2), dZ.reshape(R, N * P, K).to(X.dtype)).to(dZ.dtype)

@@ -1,8 +1,8 @@
 """Training loops: supervised from scratch, mask-reconstruction pretraining, fine-tuning.
 
-Plain (full-batch or mini-batch) gradient descent, R runs at once. Each run's
-loss is its own mean, and the runs' losses are summed before backward, so runs
-never mix gradients. The loops know nothing of probes: at every logged step
+Plain (full-batch or mini-batch) gradient descent, R runs at once, with the
+hand-derived gradients of steps.py (no autograd graph). Each run's loss is its
+own mean and its gradient touches only its own weights, so runs never mix. The loops know nothing of probes: at every logged step
 they call ``hooks.log(phase, step, state)`` and the caller measures what it wants.
 """
 
@@ -15,9 +15,9 @@ import torch
 
 from mrplab.config import FinetuneConfig, MRPConfig, NetConfig, SLConfig
 from mrplab.errors import MrplabError
-from mrplab.theory import net
+from mrplab.theory import net, steps
 from mrplab.theory.data import MultiViewData
-from mrplab.theory.objectives import cross_entropy, make_run_masks, mae_pixel_loss, mrp_teacher_loss
+from mrplab.theory.objectives import make_run_masks
 
 
 class Hooks(Protocol):
@@ -68,13 +68,6 @@ def _batch_idx(gens: list[torch.Generator], n: int, bs: int | None, device: torc
     return torch.stack([torch.randperm(n, generator=g)[:bs] for g in gens]).to(device)  # [R, B]
 
 
-def _sgd(params: list[tuple[torch.Tensor, float]]) -> None:
-    with torch.no_grad():
-        for p, lr in params:
-            p -= lr * p.grad
-            p.grad = None
-
-
 # --------------------------------------------------------------------------- supervised from scratch
 
 
@@ -83,22 +76,20 @@ def train_sl(
     hooks: Hooks, log_every: int,
 ) -> torch.Tensor:
     """Cross-entropy on F_i = sum of class i's kernels. Returns the trained kernels [R, d, K]."""
-    W = W0.clone().requires_grad_(True)
+    W = W0.clone()
     q, thr = netc.q, netc.threshold
     for t in range(cfg.steps + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, y = _select(data, idx)
-        logits = net.sl_logits(net.encode(X, W, q, thr), k, netc.m)
-        loss = cross_entropy(logits, y)  # [R]
+        loss, dW = steps.sl(X, y, W, q, thr, k, netc.m)  # [R], [R, d, K]
         _check_finite(loss, "supervised training", t, "sl.lr")
         if _is_log_step(t, cfg.steps, log_every):
-            hooks.log("sl", t, {"W": W.detach(), "loss": loss.detach()})
+            hooks.log("sl", t, {"W": W, "loss": loss})
         if t == cfg.steps:
             break
-        loss.sum().backward()
-        _sgd([(W, cfg.lr)])
+        W.sub_(dW, alpha=cfg.lr)
         hooks.advance()
-    return W.detach()
+    return W
 
 
 # --------------------------------------------------------------------------- mask-reconstruction pretraining
@@ -122,47 +113,34 @@ def pretrain_mrp(
     """
     R, d, K = W0.shape
     q, thr = netc.q, netc.threshold
-    W = W0.clone().requires_grad_(True)
+    W = W0.clone()
     if cfg.target == "teacher":
-        D = net.init_decoder(R, K, netc.decoder).to(W0.device).requires_grad_(True)
+        D = net.init_decoder(R, K, netc.decoder).to(W0.device)
     else:
-        D = torch.zeros(R, K, d, device=W0.device, requires_grad=True)
+        D = torch.zeros(R, K, d, device=W0.device)
     W_t = W0.clone() if cfg.teacher_momentum > 0 else None
     dec_lr = cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr
+    power = cfg.norm_power(q)
     P = data.X.shape[-2]
     for t in range(cfg.steps + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, _ = _select(data, idx)
-        n = X.shape[1]
-        mask = make_run_masks(gens.mask, n, P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
-        keep = ~mask
-        A = net.act(net.preact(X, W), q, thr)  # [R, N, P, K]
-        h_s = (A * keep.unsqueeze(-1).to(A.dtype)).sum(2)  # [R, N, K] student: visible patches only
-        if cfg.target == "teacher":
-            if W_t is None:
-                target = A.detach().sum(2)  # [R, N, K] teacher = stop-gradient student on the full input
-            else:
-                with torch.no_grad():
-                    target = net.encode(X, W_t, q, thr)
-            pred = net.decode(h_s, D)
-            loss = mrp_teacher_loss(pred, target, cfg.norm_power(q), cfg.loss_norm_per_kernel)  # [R]
-            state = {"target_var": target.var(dim=1).mean(-1).detach(), "pred_var": pred.var(dim=1).mean(-1).detach()}
-        else:
-            pred = torch.bmm(h_s, D)  # [R, N, d]
-            loss = mae_pixel_loss(pred, X, mask, cfg.norm_power(q))
-            state = {"pred_var": pred.var(dim=1).mean(-1).detach()}
-        _check_finite(loss, "mask-reconstruction pretraining", t, "mrp.lr")
+        mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
+        out = steps.mrp(X, W, D, mask, q, thr, cfg.target, power, cfg.loss_norm_per_kernel, W_t)
+        _check_finite(out.loss, "mask-reconstruction pretraining", t, "mrp.lr")
         if _is_log_step(t, cfg.steps, log_every):
-            hooks.log("mrp", t, {"W": W.detach(), "D": D.detach(), "loss": loss.detach(), **state})
+            state = {"W": W, "D": D, "loss": out.loss, "pred_var": out.pred_var}
+            if out.target_var is not None:
+                state["target_var"] = out.target_var
+            hooks.log("mrp", t, state)
         if t == cfg.steps:
             break
-        loss.sum().backward()
-        _sgd([(W, cfg.lr), (D, dec_lr)])
+        W.sub_(out.dW, alpha=cfg.lr)
+        D.sub_(out.dD, alpha=dec_lr)
         if W_t is not None:
-            with torch.no_grad():
-                W_t.mul_(cfg.teacher_momentum).add_(W.detach(), alpha=1.0 - cfg.teacher_momentum)
+            W_t.mul_(cfg.teacher_momentum).add_(W, alpha=1.0 - cfg.teacher_momentum)
         hooks.advance()
-    return MRPResult(W=W.detach(), D=D.detach())
+    return MRPResult(W=W, D=D)
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -187,8 +165,6 @@ def finetune(
     with torch.no_grad():
         h_full = net.encode(data.X, W0, q, thr)  # [R, N, K]
     head = net.init_linear_head(h_full, k, cfg.standardize, gens.head if cfg.mode == "ft" else None)
-    head.H.requires_grad_(True)
-    head.b.requires_grad_(True)
     W = W0.clone()
 
     if cfg.mode in ("lp", "lp_ft"):
@@ -199,33 +175,32 @@ def finetune(
             else:
                 rows = torch.arange(idx.shape[0]).unsqueeze(1)
                 h, y = h_full[rows, idx], data.y.expand(idx.shape[0], -1)[rows, idx]
-            loss = cross_entropy(head(h), y)
+            loss, dH, db = steps.head(h, y, head)
             _check_finite(loss, "linear probing", t, "finetune.lp_lr")
             if _is_log_step(t, cfg.lp_steps, log_every):
-                hooks.log("lp", t, {"W": W, "loss": loss.detach(), "head": head})
+                hooks.log("lp", t, {"W": W, "loss": loss, "head": head})
             if t == cfg.lp_steps:
                 break
-            loss.sum().backward()
-            _sgd([(head.H, cfg.lp_lr), (head.b, cfg.lp_lr)])
+            head.H.sub_(dH, alpha=cfg.lp_lr)
+            head.b.sub_(db, alpha=cfg.lp_lr)
             hooks.advance()
 
     if cfg.mode in ("ft", "lp_ft"):
-        W.requires_grad_(True)
         for t in range(cfg.ft_steps + 1):
             idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
             X, y = _select(data, idx)
-            loss = cross_entropy(head(net.encode(X, W, q, thr)), y)
+            loss, dW, dH, db = steps.finetune(X, y, W, head, q, thr)
             _check_finite(loss, "fine-tuning", t, "finetune.ft_lr")
             if _is_log_step(t, cfg.ft_steps, log_every):
-                hooks.log("ft", t, {"W": W.detach(), "loss": loss.detach(), "head": head})
+                hooks.log("ft", t, {"W": W, "loss": loss, "head": head})
             if t == cfg.ft_steps:
                 break
-            loss.sum().backward()
-            _sgd([(W, cfg.ft_lr), (head.H, cfg.ft_head_lr), (head.b, cfg.ft_head_lr)])
+            W.sub_(dW, alpha=cfg.ft_lr)
+            head.H.sub_(dH, alpha=cfg.ft_head_lr)
+            head.b.sub_(db, alpha=cfg.ft_head_lr)
             hooks.advance()
 
-    H = net.LinearHead(H=head.H.detach(), b=head.b.detach(), center=head.center, scale=head.scale)
-    return FinetuneResult(W=W.detach(), head=H)
+    return FinetuneResult(W=W, head=head)
 
 
 def total_steps(sl: SLConfig, mrp: MRPConfig, ft: FinetuneConfig) -> int:
