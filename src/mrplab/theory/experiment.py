@@ -154,6 +154,9 @@ def run(
     data = make_data(cfg.data, cfg.seeds)
     data = TheoryData(bank=data.bank, pretrain=data.pretrain.to(device), train=data.train.to(device),
                       test=data.test.to(device))
+    if cfg.precision == "bf16":
+        for ds in (data.pretrain, data.train, data.test):
+            ds.X = ds.X.to(torch.bfloat16)  # matmul inputs in bf16; everything computed from Z stays fp32
     data.bank.V = data.bank.V.to(device)
     data.bank.covered = data.bank.covered.to(device)
     t_data = time.perf_counter()

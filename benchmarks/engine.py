@@ -1,0 +1,189 @@
+"""The theory engine side by side with this machine's matmul limit and a naive autograd baseline.
+
+One process, one table, written to benchmarks/results/engine.json:
+
+- limit: fp32 and bf16 matmul GFLOP/s at the engine's own shapes (forward
+  X[N*P, d] @ W[d, K] per run, and the weight gradient X^T dZ);
+- naive: benchmarks/naive_reference.py (nn.Module + autograd, one run at a time);
+- engine: mrplab's steps (theory/steps.py) with all R runs batched, fp32 and bf16:
+  steps/s, achieved GFLOP/s (4 N P d K R flops a step: the forward and the
+  weight-gradient matmuls; the stop-gradient teacher shares the forward),
+  fraction of the limit, and the peak resident memory during the steps
+  against the size of the data tensors;
+- batching: R = 8 seeds in one batched step vs 8 sequential single-run steps.
+
+    .venv/bin/python benchmarks/engine.py            # default and large configs
+    .venv/bin/python benchmarks/engine.py --quick    # default config only
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import naive_reference  # noqa: E402
+
+from mrplab import config  # noqa: E402
+from mrplab.rng import generator  # noqa: E402
+from mrplab.theory import net, steps  # noqa: E402
+from mrplab.theory.data import make_data  # noqa: E402
+from mrplab.theory.objectives import make_run_masks  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
+CONFIGS = {
+    "default": [],
+    "large": ["data.k=20", "data.d=1024", "data.n_pretrain=8192", "data.n_train=8192", "data.n_test=2",
+              "data.P=32", "seeds=[0]"],
+}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), False
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+        return self
+
+    def _watch(self):
+        while not self._stop:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def matmul_limit(NP: int, d: int, K: int, dtype: torch.dtype, reps: int) -> float:
+    X = torch.randn(NP, d).to(dtype)
+    W = torch.randn(d, K).to(dtype)
+    dZ = torch.randn(NP, K).to(dtype)
+    t = timeit(lambda: X @ W, reps) + timeit(lambda: X.t() @ dZ, reps)
+    return 4 * NP * d * K / t / 1e9
+
+
+def bench_config(name: str, overrides: list[str], reps: int) -> dict:
+    cfg = config.load(None, overrides)
+    dc = cfg.data
+    R, K = len(cfg.seeds), dc.k * cfg.net.m
+    q, thr = cfg.net.q, cfg.net.threshold
+    data = make_data(dc, cfg.seeds)
+    X, y = data.train.X, data.train.y  # [R, N, P, d]
+    N, P, d = X.shape[1:]
+    data_bytes = sum(ds.X.numel() * ds.X.element_size() + ds.coef.numel() * 4 for ds in (data.pretrain, data.train, data.test))
+    flops = 4 * N * P * d * K * R
+    W0 = net.init_kernels([generator(s, "init") for s in cfg.seeds], d, K, cfg.net.sigma_0) * 10
+    masks = make_run_masks([generator(s, "mask") for s in cfg.seeds], N, P, cfg.mrp.mask_ratio)
+    D = net.init_decoder(R, K, cfg.net.decoder)
+    out: dict = {"config": name, "overrides": overrides, "R": R, "N": N, "P": P, "d": d, "K": K,
+                 "flops_per_step": flops, "data_bytes": data_bytes}
+
+    out["limit_fp32_gflops"] = matmul_limit(N * P, d, K, torch.float32, reps)
+    out["limit_bf16_gflops"] = matmul_limit(N * P, d, K, torch.bfloat16, reps)
+
+    # naive baseline: one run at a time, autograd
+    g = torch.Generator().manual_seed(0)
+    models = [naive_reference.SmoothedReLUConvNet(d, K, q, thr, cfg.net.sigma_0 * 10, g) for _ in range(R)]
+    t_sl = timeit(lambda: [naive_reference.sl_step(mdl, X[r], y[r], dc.k, cfg.net.m, 1e-3) for r, mdl in enumerate(models)], reps)
+    t_mrp = timeit(lambda: [naive_reference.mrp_step(mdl, X[r], 0.5, 1e-3, g) for r, mdl in enumerate(models)], reps)
+    out["naive"] = {"sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,
+                    "sl_gflops": flops / t_sl / 1e9, "mrp_gflops": flops / t_mrp / 1e9}
+
+    for prec, Xp in (("fp32", X), ("bf16", X.to(torch.bfloat16))):
+        W = W0.clone()
+        base = _rss()
+        with PeakRSS() as mem:
+            t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m), reps)
+            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, "teacher", 0.75, True), reps)
+        limit = out[f"limit_{prec}_gflops"]
+        out[f"engine_{prec}"] = {
+            "sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,
+            "sl_gflops": flops / t_sl / 1e9, "mrp_gflops": flops / t_mrp / 1e9,
+            "sl_fraction_of_limit": flops / t_sl / 1e9 / limit, "mrp_fraction_of_limit": flops / t_mrp / 1e9 / limit,
+            "peak_rss_bytes": mem.peak, "rss_before_steps_bytes": base,
+            "step_extra_bytes": mem.peak - base,
+        }
+    e, n = out["engine_fp32"], out["naive"]
+    out["speedup_vs_naive_fp32"] = {"sl": e["sl_steps_per_s"] / n["sl_steps_per_s"],
+                                    "mrp": e["mrp_steps_per_s"] / n["mrp_steps_per_s"]}
+    out["bf16_over_fp32"] = {k: out["engine_bf16"][f"{k}_steps_per_s"] / e[f"{k}_steps_per_s"] for k in ("sl", "mrp")}
+    return out
+
+
+def bench_batching(reps: int) -> dict:
+    """R = 8 seeds batched in one step vs 8 sequential single-seed steps (default config)."""
+    seeds = list(range(8))
+    cfg = config.load(None, [f"seeds={seeds}"])
+    data = make_data(cfg.data, seeds)
+    X, y = data.train.X, data.train.y
+    K, q, thr = cfg.data.k * cfg.net.m, cfg.net.q, cfg.net.threshold
+    W = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, K, cfg.net.sigma_0) * 10
+    t_batched = timeit(lambda: steps.sl(X, y, W, q, thr, cfg.data.k, cfg.net.m), reps)
+    t_seq = timeit(lambda: [steps.sl(X[r:r + 1], y[r:r + 1], W[r:r + 1], q, thr, cfg.data.k, cfg.net.m)
+                            for r in range(8)], reps)
+    return {"R": 8, "batched_s_per_step": t_batched, "sequential_s_per_step": t_seq, "speedup": t_seq / t_batched}
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(int(os.environ.get("MRPLAB_THREADS", os.cpu_count() or 1)))
+    quick = "--quick" in argv
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+              "cpu": torch.backends.cpu.get_cpu_capability(), "configs": []}
+    for name, ov in CONFIGS.items():
+        if quick and name != "default":
+            continue
+        result["configs"].append(bench_config(name, ov, reps=3 if name == "large" else 10))
+    result["batching"] = bench_batching(reps=5)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, RESULTS)
+
+    print(f"threads {result['threads']}, torch {result['torch']}, cpu capability {result['cpu']}")
+    hdr = f"{'config':8} {'path':12} {'SL st/s':>8} {'MRP st/s':>9} {'SL GF/s':>8} {'MRP GF/s':>9} {'of limit':>9}"
+    print(hdr)
+    for c in result["configs"]:
+        print(f"{c['config']:8} {'limit fp32':12} {'':8} {'':9} {c['limit_fp32_gflops']:8.1f}")
+        print(f"{c['config']:8} {'limit bf16':12} {'':8} {'':9} {c['limit_bf16_gflops']:8.1f}")
+        for path in ("naive", "engine_fp32", "engine_bf16"):
+            p = c[path]
+            frac = p.get("mrp_fraction_of_limit")
+            print(f"{c['config']:8} {path:12} {p['sl_steps_per_s']:8.2f} {p['mrp_steps_per_s']:9.2f} "
+                  f"{p['sl_gflops']:8.1f} {p['mrp_gflops']:9.1f} {'' if frac is None else f'{frac:9.2f}'}")
+        print(f"{c['config']:8} speed-up vs naive (fp32): SL {c['speedup_vs_naive_fp32']['sl']:.2f}x, "
+              f"MRP {c['speedup_vs_naive_fp32']['mrp']:.2f}x; bf16/fp32: SL {c['bf16_over_fp32']['sl']:.2f}x, "
+              f"MRP {c['bf16_over_fp32']['mrp']:.2f}x; data {c['data_bytes'] / 2**20:.0f} MiB, "
+              f"step temporaries (fp32) {c['engine_fp32']['step_extra_bytes'] / 2**20:.0f} MiB")
+    b = result["batching"]
+    print(f"batching: R=8 batched {b['batched_s_per_step'] * 1e3:.1f} ms/step vs 8 sequential "
+          f"{b['sequential_s_per_step'] * 1e3:.1f} ms: {b['speedup']:.2f}x")
+    print(f"written {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
