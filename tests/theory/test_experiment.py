@@ -97,3 +97,15 @@ def test_shared_data_uses_one_data_set_for_all_runs():
     assert res.data.train.X.shape[0] == 1
     # different inits on the same data still train to different kernels
     assert not torch.equal(res.W_mrp[0], res.W_mrp[1])
+
+
+def test_bf16_matches_fp32_verdicts_and_captures(small_result):
+    """precision=bf16 (bf16 patches and matmul inputs) reproduces fp32's outcome on the small config."""
+    bf = experiment.run(config.load(None, SMALL + ["precision=bf16"]))
+    assert bf.data.train.X.dtype == torch.bfloat16
+    assert [v["verdict"] for v in bf.verdicts] == [v["verdict"] for v in small_result.verdicts]
+    for m32, m16 in zip(small_result.per_seed, bf.per_seed):
+        for key in ("mrp_captured", "sl_captured", "ft_captured"):
+            assert abs(m32[key] - m16[key]) <= 1, (key, m32[key], m16[key])
+        assert abs(m32["ft_err_single"] - m16["ft_err_single"]) <= 0.03
+        assert abs(m32["sl_err_single"] - m16["sl_err_single"]) <= 0.1
