@@ -87,7 +87,7 @@ class DataConfig(_Strict):
 class NetConfig(_Strict):
     """The two-layer conv encoder and the heads (theory/net.py)."""
 
-    m: int = Field(6, ge=1, description="kernels per class: K = k * m")
+    m: int = Field(8, ge=1, description="kernels per class: K = k * m")
     q: int = Field(4, ge=2, description="power of the smoothed ReLU's polynomial part")
     threshold: float = Field(1.0, gt=0.0, description="rho_t: where the smoothed ReLU turns linear")
     sigma_0: float = Field(0.023, gt=0.0, description="init std of every kernel coordinate")

@@ -16,7 +16,7 @@ from mrplab.theory import experiment
 SMALL = [
     "data.k=5", "data.d=300", "data.n_pretrain=800", "data.n_train=500", "data.n_test=600",
     "sl.steps=1000", "mrp.steps=1000", "finetune.lp_steps=200", "finetune.ft_steps=100",
-    "seeds=[0,1]", "threads=2",
+    "net.m=6", "net.q=4", "seeds=[0,1]", "threads=2",
 ]
 
 # a tiny config for properties that do not need the regime
