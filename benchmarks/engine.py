@@ -145,7 +145,13 @@ def bench_batching(reps: int) -> dict:
     t_batched = timeit(lambda: steps.sl(X, y, W, q, thr, cfg.data.k, cfg.net.m), reps)
     t_seq = timeit(lambda: [steps.sl(X[r:r + 1], y[r:r + 1], W[r:r + 1], q, thr, cfg.data.k, cfg.net.m)
                             for r in range(8)], reps)
-    return {"R": 8, "batched_s_per_step": t_batched, "sequential_s_per_step": t_seq, "speedup": t_seq / t_batched}
+    # shared data (data.share_across_runs): the 8 runs' kernels form one wide matmul X[N*P, d] @ W[d, 8K]
+    Xs, ys = X[:1], y[:1]
+    t_shared = timeit(lambda: steps.sl(Xs, ys, W, q, thr, cfg.data.k, cfg.net.m), reps)
+    t_shared_seq = timeit(lambda: [steps.sl(Xs, ys, W[r:r + 1], q, thr, cfg.data.k, cfg.net.m) for r in range(8)], reps)
+    return {"R": 8, "batched_s_per_step": t_batched, "sequential_s_per_step": t_seq, "speedup": t_seq / t_batched,
+            "shared_data_batched_s_per_step": t_shared, "shared_data_sequential_s_per_step": t_shared_seq,
+            "shared_data_speedup": t_shared_seq / t_shared}
 
 
 def main(argv: list[str]) -> int:
@@ -180,7 +186,9 @@ def main(argv: list[str]) -> int:
               f"step temporaries (fp32) {c['engine_fp32']['step_extra_bytes'] / 2**20:.0f} MiB")
     b = result["batching"]
     print(f"batching: R=8 batched {b['batched_s_per_step'] * 1e3:.1f} ms/step vs 8 sequential "
-          f"{b['sequential_s_per_step'] * 1e3:.1f} ms: {b['speedup']:.2f}x")
+          f"{b['sequential_s_per_step'] * 1e3:.1f} ms: {b['speedup']:.2f}x; shared data: "
+          f"{b['shared_data_batched_s_per_step'] * 1e3:.1f} vs {b['shared_data_sequential_s_per_step'] * 1e3:.1f} ms: "
+          f"{b['shared_data_speedup']:.2f}x")
     print(f"written {RESULTS}")
     return 0
 
