@@ -109,3 +109,13 @@ def test_bf16_matches_fp32_verdicts_and_captures(small_result):
             assert abs(m32[key] - m16[key]) <= 1, (key, m32[key], m16[key])
         assert abs(m32["ft_err_single"] - m16["ft_err_single"]) <= 0.03
         assert abs(m32["sl_err_single"] - m16["sl_err_single"]) <= 0.1
+
+
+def test_compiled_activation_gives_the_same_run():
+    """compile=true fuses the smoothed ReLU with torch.compile; the numbers must not change."""
+    same_n = ["data.n_pretrain=150", "data.n_train=150"]  # one training shape: one compilation
+    eager = experiment.run(config.load(None, TINY + same_n + ["seeds=[0]"]))
+    fused = experiment.run(config.load(None, TINY + same_n + ["seeds=[0]", "compile=true"]))
+    for name in ("W_sl", "W_mrp", "W_ft"):
+        torch.testing.assert_close(getattr(fused, name), getattr(eager, name), rtol=1e-5, atol=1e-7)
+    assert json.dumps(fused.verdicts) == json.dumps(eager.verdicts)

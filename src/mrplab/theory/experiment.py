@@ -15,7 +15,7 @@ import torch
 from mrplab.config import TheoryConfig
 from mrplab.errors import MrplabError
 from mrplab.rng import generator
-from mrplab.theory import claims, net, probes
+from mrplab.theory import claims, net, probes, steps
 from mrplab.theory.data import MultiViewData, TheoryData, make_data
 from mrplab.theory.train import RunGens, finetune, pretrain_mrp, total_steps, train_sl
 
@@ -174,11 +174,12 @@ def run(
             head=[generator(s, f"{phase}:head") for s in seeds],
         )
 
-    W_sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every)
+    act = steps.activation(cfg.compile)
+    W_sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every, act)
     t_sl = time.perf_counter()
-    mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every)
+    mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, act)
     t_mrp = time.perf_counter()
-    ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every)
+    ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every, act)
     t_ft = time.perf_counter()
 
     per_seed = measure(cfg, data, W_init, W_sl, mrp.W, ft.W, ft.head)

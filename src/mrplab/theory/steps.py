@@ -11,11 +11,21 @@ in one pass, and one matmul dW = X^T dZ.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from mrplab.theory import net
+
+Act = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+@functools.cache
+def activation(compiled: bool) -> Act:
+    """The smoothed ReLU with its derivative: eager, or fused into one kernel by torch.compile."""
+    return torch.compile(net.act_and_grad, dynamic=False) if compiled else net.act_and_grad
 
 
 def _softmax_ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +39,10 @@ def _softmax_ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     return loss, dlogits / N
 
 
-def sl(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, q: int, thr: float, k: int, m: int):
+def sl(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, q: int, thr: float, k: int, m: int,
+       act: Act = net.act_and_grad):
     """Cross-entropy on F_i = sum of class i's kernels. Returns (loss [R], dW [R, d, K])."""
-    A, G = net.act_and_grad(net.preact(X, W), q, thr)  # [R, N, P, K]
+    A, G = act(net.preact(X, W), q, thr)  # [R, N, P, K]
     h = A.sum(2)  # [R, N, K]
     loss, dlogits = _softmax_ce(net.sl_logits(h, k, m), y)  # [R, N, k]
     dh = dlogits.repeat_interleave(m, dim=-1)  # [R, N, K]: every kernel of class i gets dF_i
@@ -65,12 +76,13 @@ def _sq_error_grad(pred: torch.Tensor, target: torch.Tensor, power: float, per_c
 def mrp(
     X: torch.Tensor, W: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, q: int, thr: float,
     target: str, power: float, per_kernel: bool, W_teacher: torch.Tensor | None = None,
+    act: Act = net.act_and_grad,
 ) -> MRPGrads:
     """Mask reconstruction: student on the visible patches, teacher (or pixels) as the target.
 
     mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
     """
-    A, G = net.act_and_grad(net.preact(X, W), q, thr)  # [R, N, P, K]
+    A, G = act(net.preact(X, W), q, thr)  # [R, N, P, K]
     keep = (~mask).unsqueeze(-1).to(A.dtype)  # [R, N, P, 1]
     h_s = (A * keep).sum(2)  # [R, N, K] student sees visible patches only
     target_var = None
@@ -78,7 +90,7 @@ def mrp(
         if W_teacher is None:
             t = A.sum(2)  # [R, N, K] teacher = the student on the full input, no gradient
         else:
-            t = net.act_and_grad(net.preact(X, W_teacher), q, thr)[0].sum(2)
+            t = act(net.preact(X, W_teacher), q, thr)[0].sum(2)
         pred = net.decode(h_s, D)
         loss, dpred = _sq_error_grad(pred, t, power, per_kernel)
         if D.dim() == 3:
@@ -107,9 +119,10 @@ def head(h: torch.Tensor, y: torch.Tensor, hd: net.LinearHead):
     return loss, torch.bmm(hs.transpose(1, 2), dlogits), dlogits.sum(1)
 
 
-def finetune(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, hd: net.LinearHead, q: int, thr: float):
+def finetune(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, hd: net.LinearHead, q: int, thr: float,
+             act: Act = net.act_and_grad):
     """Encoder + linear head: (loss, dW, dH, db)."""
-    A, G = net.act_and_grad(net.preact(X, W), q, thr)
+    A, G = act(net.preact(X, W), q, thr)
     h = A.sum(2)
     hs = (h - hd.center) / hd.scale
     loss, dlogits = _softmax_ce(torch.bmm(hs, hd.H) + hd.b.unsqueeze(1), y)

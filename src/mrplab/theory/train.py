@@ -73,7 +73,7 @@ def _batch_idx(gens: list[torch.Generator], n: int, bs: int | None, device: torc
 
 def train_sl(
     W0: torch.Tensor, data: MultiViewData, cfg: SLConfig, netc: NetConfig, k: int, gens: RunGens,
-    hooks: Hooks, log_every: int,
+    hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad,
 ) -> torch.Tensor:
     """Cross-entropy on F_i = sum of class i's kernels. Returns the trained kernels [R, d, K]."""
     W = W0.clone()
@@ -81,7 +81,7 @@ def train_sl(
     for t in range(cfg.steps + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, y = _select(data, idx)
-        loss, dW = steps.sl(X, y, W, q, thr, k, netc.m)  # [R], [R, d, K]
+        loss, dW = steps.sl(X, y, W, q, thr, k, netc.m, act)  # [R], [R, d, K]
         _check_finite(loss, "supervised training", t, "sl.lr")
         if _is_log_step(t, cfg.steps, log_every):
             hooks.log("sl", t, {"W": W, "loss": loss})
@@ -103,7 +103,7 @@ class MRPResult:
 
 def pretrain_mrp(
     W0: torch.Tensor, data: MultiViewData, cfg: MRPConfig, netc: NetConfig, gens: RunGens,
-    hooks: Hooks, log_every: int,
+    hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad,
 ) -> MRPResult:
     """Teacher-student mask reconstruction (or its MAE pixel variant).
 
@@ -126,7 +126,7 @@ def pretrain_mrp(
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, _ = _select(data, idx)
         mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
-        out = steps.mrp(X, W, D, mask, q, thr, cfg.target, power, cfg.loss_norm_per_kernel, W_t)
+        out = steps.mrp(X, W, D, mask, q, thr, cfg.target, power, cfg.loss_norm_per_kernel, W_t, act)
         _check_finite(out.loss, "mask-reconstruction pretraining", t, "mrp.lr")
         if _is_log_step(t, cfg.steps, log_every):
             state = {"W": W, "D": D, "loss": out.loss, "pred_var": out.pred_var}
@@ -154,7 +154,7 @@ class FinetuneResult:
 
 def finetune(
     W0: torch.Tensor, data: MultiViewData, cfg: FinetuneConfig, netc: NetConfig, k: int, gens: RunGens,
-    hooks: Hooks, log_every: int,
+    hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad,
 ) -> FinetuneResult:
     """Pretrained encoder + linear head on the labelled data.
 
@@ -189,7 +189,7 @@ def finetune(
         for t in range(cfg.ft_steps + 1):
             idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
             X, y = _select(data, idx)
-            loss, dW, dH, db = steps.finetune(X, y, W, head, q, thr)
+            loss, dW, dH, db = steps.finetune(X, y, W, head, q, thr, act)
             _check_finite(loss, "fine-tuning", t, "finetune.ft_lr")
             if _is_log_step(t, cfg.ft_steps, log_every):
                 hooks.log("ft", t, {"W": W, "loss": loss, "head": head})
