@@ -2,6 +2,10 @@
 
 Mask polarity, everywhere in mrplab: ``mask`` is a BoolTensor, True = masked
 (hidden from the student). ``make_mask`` is the one function that makes masks.
+
+The losses here are the reference definitions, written for autograd. The
+training loops use steps.py, which computes the same losses with hand-derived
+gradients; tests/theory/test_steps.py holds the two together.
 """
 
 from __future__ import annotations

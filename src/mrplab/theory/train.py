@@ -25,14 +25,6 @@ class Hooks(Protocol):
     def advance(self, n: int = 1) -> None: ...
 
 
-class NoHooks:
-    def log(self, phase: str, step: int, state: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-
 @dataclass
 class RunGens:
     """Per-run generators for the stochastic parts of training (masks, batches, heads)."""
