@@ -91,6 +91,7 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
     dc = cfg.data
     R, K = len(cfg.seeds), dc.k * cfg.net.m
     q, thr = cfg.net.q, cfg.net.threshold
+    rss_before_data = _rss()  # the interpreter, torch and anything earlier: not the run's memory
     data = make_data(dc, cfg.seeds)
     X, y = data.train.X, data.train.y  # [R, N, P, d]
     N, P, d = X.shape[1:]
@@ -113,45 +114,75 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
     out["naive"] = {"sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,
                     "sl_gflops": flops / t_sl / 1e9, "mrp_gflops": flops / t_mrp / 1e9}
 
-    for prec, Xp in (("fp32", X), ("bf16", X.to(torch.bfloat16))):
+    fused = steps.activation(True)
+    paths = (("engine_fp32", X, net.act_and_grad), ("engine_fp32_compiled", X, fused),
+             ("engine_bf16", X.to(torch.bfloat16), net.act_and_grad),
+             ("engine_bf16_compiled", X.to(torch.bfloat16), fused))
+    for path, Xp, act in paths:
         W = W0.clone()
+        # compile (once per shape) outside the timed and memory-watched region
+        steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, act=act)
+        steps.mrp(Xp, W, D, masks, q, thr, "teacher", 0.75, True, act=act)
         base = _rss()
         with PeakRSS() as mem:
-            t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m), reps)
-            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, "teacher", 0.75, True), reps)
-        limit = out[f"limit_{prec}_gflops"]
-        out[f"engine_{prec}"] = {
+            t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, act=act), reps)
+            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, "teacher", 0.75, True, act=act), reps)
+        limit = out["limit_bf16_gflops" if "bf16" in path else "limit_fp32_gflops"]
+        out[path] = {
             "sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,
             "sl_gflops": flops / t_sl / 1e9, "mrp_gflops": flops / t_mrp / 1e9,
             "sl_fraction_of_limit": flops / t_sl / 1e9 / limit, "mrp_fraction_of_limit": flops / t_mrp / 1e9 / limit,
             "peak_rss_bytes": mem.peak, "rss_before_steps_bytes": base,
             "step_extra_bytes": mem.peak - base,
         }
-    e, n = out["engine_fp32"], out["naive"]
-    out["speedup_vs_naive_fp32"] = {"sl": e["sl_steps_per_s"] / n["sl_steps_per_s"],
-                                    "mrp": e["mrp_steps_per_s"] / n["mrp_steps_per_s"]}
-    out["bf16_over_fp32"] = {k: out["engine_bf16"][f"{k}_steps_per_s"] / e[f"{k}_steps_per_s"] for k in ("sl", "mrp")}
+    n = out["naive"]
+    for path in ("engine_fp32", "engine_fp32_compiled"):
+        e = out[path]
+        out[f"speedup_vs_naive_{path[7:]}"] = {"sl": e["sl_steps_per_s"] / n["sl_steps_per_s"],
+                                               "mrp": e["mrp_steps_per_s"] / n["mrp_steps_per_s"]}
+    for num, den in (("engine_bf16", "engine_fp32"), ("engine_bf16_compiled", "engine_fp32_compiled")):
+        out[f"{num[7:]}_over_{den[7:]}"] = {
+            k: out[num][f"{k}_steps_per_s"] / out[den][f"{k}_steps_per_s"] for k in ("sl", "mrp")}
+    # the run's own memory at its peak (data + weights + step temporaries), against its data tensors;
+    # measured on the large config first, where the interpreter's baseline does not dominate
+    out["rss_before_data_bytes"] = rss_before_data
+    out["peak_rss_over_data"] = (out["engine_fp32_compiled"]["peak_rss_bytes"] - rss_before_data) / data_bytes
     return out
 
 
 def bench_batching(reps: int) -> dict:
-    """R = 8 seeds batched in one step vs 8 sequential single-seed steps (default config)."""
+    """R = 8 seeds batched in one step vs 8 sequential single-seed steps (default config), eager and compiled."""
     seeds = list(range(8))
     cfg = config.load(None, [f"seeds={seeds}"])
     data = make_data(cfg.data, seeds)
     X, y = data.train.X, data.train.y
     K, q, thr = cfg.data.k * cfg.net.m, cfg.net.q, cfg.net.threshold
     W = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, K, cfg.net.sigma_0) * 10
-    t_batched = timeit(lambda: steps.sl(X, y, W, q, thr, cfg.data.k, cfg.net.m), reps)
-    t_seq = timeit(lambda: [steps.sl(X[r:r + 1], y[r:r + 1], W[r:r + 1], q, thr, cfg.data.k, cfg.net.m)
-                            for r in range(8)], reps)
-    # shared data (data.share_across_runs): the 8 runs' kernels form one wide matmul X[N*P, d] @ W[d, 8K]
-    Xs, ys = X[:1], y[:1]
-    t_shared = timeit(lambda: steps.sl(Xs, ys, W, q, thr, cfg.data.k, cfg.net.m), reps)
-    t_shared_seq = timeit(lambda: [steps.sl(Xs, ys, W[r:r + 1], q, thr, cfg.data.k, cfg.net.m) for r in range(8)], reps)
-    return {"R": 8, "batched_s_per_step": t_batched, "sequential_s_per_step": t_seq, "speedup": t_seq / t_batched,
-            "shared_data_batched_s_per_step": t_shared, "shared_data_sequential_s_per_step": t_shared_seq,
-            "shared_data_speedup": t_shared_seq / t_shared}
+    Xs, ys = X[:1], y[:1]  # shared data (data.share_across_runs): one wide matmul X[N*P, d] @ W[d, 8K]
+    out: dict = {"R": 8}
+    for label, act in (("eager", net.act_and_grad), ("compiled", steps.activation(True))):
+        def batched():
+            steps.sl(X, y, W, q, thr, cfg.data.k, cfg.net.m, act=act)
+
+        def sequential():
+            for r in range(8):
+                steps.sl(X[r:r + 1], y[r:r + 1], W[r:r + 1], q, thr, cfg.data.k, cfg.net.m, act=act)
+
+        def shared():
+            steps.sl(Xs, ys, W, q, thr, cfg.data.k, cfg.net.m, act=act)
+
+        def shared_seq():
+            for r in range(8):
+                steps.sl(Xs, ys, W[r:r + 1], q, thr, cfg.data.k, cfg.net.m, act=act)
+
+        t = {name: timeit(fn, reps) for name, fn in
+             (("batched", batched), ("sequential", sequential), ("shared", shared), ("shared_seq", shared_seq))}
+        out[label] = {"batched_s_per_step": t["batched"], "sequential_s_per_step": t["sequential"],
+                      "speedup": t["sequential"] / t["batched"],
+                      "shared_data_batched_s_per_step": t["shared"],
+                      "shared_data_sequential_s_per_step": t["shared_seq"],
+                      "shared_data_speedup": t["shared_seq"] / t["shared"]}
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -170,25 +201,28 @@ def main(argv: list[str]) -> int:
     os.replace(tmp, RESULTS)
 
     print(f"threads {result['threads']}, torch {result['torch']}, cpu capability {result['cpu']}")
-    hdr = f"{'config':8} {'path':12} {'SL st/s':>8} {'MRP st/s':>9} {'SL GF/s':>8} {'MRP GF/s':>9} {'of limit':>9}"
+    hdr = (f"{'config':8} {'path':21} {'SL st/s':>8} {'MRP st/s':>9} {'SL GF/s':>8} {'MRP GF/s':>9} "
+           f"{'of limit (SL, MRP)':>18}")
     print(hdr)
     for c in result["configs"]:
-        print(f"{c['config']:8} {'limit fp32':12} {'':8} {'':9} {c['limit_fp32_gflops']:8.1f}")
-        print(f"{c['config']:8} {'limit bf16':12} {'':8} {'':9} {c['limit_bf16_gflops']:8.1f}")
-        for path in ("naive", "engine_fp32", "engine_bf16"):
+        print(f"{c['config']:8} {'limit fp32':21} {'':8} {'':9} {c['limit_fp32_gflops']:8.1f}")
+        print(f"{c['config']:8} {'limit bf16':21} {'':8} {'':9} {c['limit_bf16_gflops']:8.1f}")
+        for path in ("naive", "engine_fp32", "engine_fp32_compiled", "engine_bf16", "engine_bf16_compiled"):
             p = c[path]
-            frac = p.get("mrp_fraction_of_limit")
-            print(f"{c['config']:8} {path:12} {p['sl_steps_per_s']:8.2f} {p['mrp_steps_per_s']:9.2f} "
-                  f"{p['sl_gflops']:8.1f} {p['mrp_gflops']:9.1f} {'' if frac is None else f'{frac:9.2f}'}")
-        print(f"{c['config']:8} speed-up vs naive (fp32): SL {c['speedup_vs_naive_fp32']['sl']:.2f}x, "
-              f"MRP {c['speedup_vs_naive_fp32']['mrp']:.2f}x; bf16/fp32: SL {c['bf16_over_fp32']['sl']:.2f}x, "
-              f"MRP {c['bf16_over_fp32']['mrp']:.2f}x; data {c['data_bytes'] / 2**20:.0f} MiB, "
-              f"step temporaries (fp32) {c['engine_fp32']['step_extra_bytes'] / 2**20:.0f} MiB")
-    b = result["batching"]
-    print(f"batching: R=8 batched {b['batched_s_per_step'] * 1e3:.1f} ms/step vs 8 sequential "
-          f"{b['sequential_s_per_step'] * 1e3:.1f} ms: {b['speedup']:.2f}x; shared data: "
-          f"{b['shared_data_batched_s_per_step'] * 1e3:.1f} vs {b['shared_data_sequential_s_per_step'] * 1e3:.1f} ms: "
-          f"{b['shared_data_speedup']:.2f}x")
+            fracs = "" if "sl_fraction_of_limit" not in p else \
+                f"{p['sl_fraction_of_limit']:6.2f} {p['mrp_fraction_of_limit']:5.2f}"
+            print(f"{c['config']:8} {path:21} {p['sl_steps_per_s']:8.2f} {p['mrp_steps_per_s']:9.2f} "
+                  f"{p['sl_gflops']:8.1f} {p['mrp_gflops']:9.1f} {fracs}")
+        sp, bo = c["speedup_vs_naive_fp32_compiled"], c["bf16_compiled_over_fp32_compiled"]
+        print(f"{c['config']:8} compiled fp32 engine vs naive: SL {sp['sl']:.2f}x, MRP {sp['mrp']:.2f}x; "
+              f"bf16/fp32 (compiled): SL {bo['sl']:.2f}x, MRP {bo['mrp']:.2f}x; data {c['data_bytes'] / 2**20:.0f} MiB, "
+              f"run's peak memory {c['peak_rss_over_data']:.2f}x its data")
+    for label in ("eager", "compiled"):
+        b = result["batching"][label]
+        print(f"batching ({label}): R=8 batched {b['batched_s_per_step'] * 1e3:.1f} ms/step vs 8 sequential "
+              f"{b['sequential_s_per_step'] * 1e3:.1f} ms: {b['speedup']:.2f}x; shared data: "
+              f"{b['shared_data_batched_s_per_step'] * 1e3:.1f} vs {b['shared_data_sequential_s_per_step'] * 1e3:.1f} ms: "
+              f"{b['shared_data_speedup']:.2f}x")
     print(f"written {RESULTS}")
     return 0
 

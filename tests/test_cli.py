@@ -30,6 +30,7 @@ TINY = [
     "data.n_pretrain=40",
     "data.n_train=40",
     "data.n_test=40",
+    "compile=false",
 ]
 CLAIM_IDS = {"C1", "C2", "C3a", "C3b", "C4a", "C4b", "C5a", "C5b", "C6", "C7"}
 

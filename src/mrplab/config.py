@@ -158,12 +158,13 @@ class TheoryConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compile: bool = Field(
-        False, description="fuse the smoothed ReLU's elementwise work with torch.compile (needs a C++ compiler; "
-        "~20 s to compile once per shape, then ~4x faster elementwise work)"
+        True, description="fuse the smoothed ReLU's elementwise work with torch.compile (~4x faster elementwise "
+        "work after ~20 s of compiling per shape; falls back to eager, same numbers, if no compiler works)"
     )
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: patches stored and multiplied in bfloat16 (AMX on CPUs that have it); "
-        "weights, activations, gradients' accumulation targets and probes stay fp32"
+        "bf16", description="bf16: patches stored and multiplied in bfloat16 (AMX on CPUs that have it); "
+        "weights, activations, accumulation and probes stay fp32. Default since the default run gave fp32's "
+        "verdicts and capture counts (docs/regime.md); fp32 for exact float32 arithmetic"
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = leave as is")
     data: DataConfig = Field(default_factory=DataConfig)

@@ -16,13 +16,14 @@ from mrplab.theory import experiment
 SMALL = [
     "data.k=5", "data.d=300", "data.n_pretrain=800", "data.n_train=500", "data.n_test=600",
     "sl.steps=1000", "mrp.steps=1000", "finetune.lp_steps=200", "finetune.ft_steps=100",
-    "net.m=6", "net.q=4", "seeds=[0,1]", "threads=2",
+    "net.m=6", "net.q=4", "seeds=[0,1]", "threads=2", "precision=fp32", "compile=false",
 ]
 
 # a tiny config for properties that do not need the regime
 TINY = [
     "data.k=4", "data.d=64", "data.P=12", "data.n_pretrain=200", "data.n_train=150", "data.n_test=200",
     "sl.steps=60", "mrp.steps=60", "finetune.lp_steps=30", "finetune.ft_steps=20", "probes.log_every=20",
+    "precision=fp32", "compile=false",
 ]
 
 

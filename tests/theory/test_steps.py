@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -109,3 +111,28 @@ def test_finetune_and_head_gradients_match_autograd():
     _, dH2, db2 = steps.head(h0, y, hd)
     _close(dH2, H.grad)
     _close(db2, b.grad)
+
+
+def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
+    """A machine where torch.compile cannot build a kernel still runs, with the eager numbers."""
+    from mrplab.theory import net, steps
+
+    def broken_compile(fn, **kw):
+        def fails(*a):
+            raise RuntimeError("no C++ compiler found\ndetails")
+        return fails
+
+    steps.activation.cache_clear()
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    try:
+        act = steps.activation(True)
+        z = torch.randn(2, 3, 4, 5)
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+            a, g = act(z, 3, 1.0)
+        ea, eg = net.act_and_grad(z, 3, 1.0)
+        assert torch.equal(a, ea) and torch.equal(g, eg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the warning is given once, later calls are eager
+            act(z, 3, 1.0)
+    finally:
+        steps.activation.cache_clear()

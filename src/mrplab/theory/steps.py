@@ -12,6 +12,7 @@ in one pass, and one matmul dW = X^T dZ.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,8 +25,30 @@ Act = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
 
 @functools.cache
 def activation(compiled: bool) -> Act:
-    """The smoothed ReLU with its derivative: eager, or fused into one kernel by torch.compile."""
-    return torch.compile(net.act_and_grad, dynamic=False) if compiled else net.act_and_grad
+    """The smoothed ReLU with its derivative: eager, or fused into one kernel by torch.compile.
+
+    Compilation happens at the first call of each shape. If it fails (no working
+    C++ compiler, an unsupported platform), the run goes on with the eager
+    function, which computes the same numbers, after one warning line.
+    """
+    if not compiled:
+        return net.act_and_grad
+    fused = torch.compile(net.act_and_grad, dynamic=False)
+    state = {"fn": fused}
+
+    def act(z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return state["fn"](z, q, thr)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
+            if state["fn"] is net.act_and_grad:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            warnings.warn(f"torch.compile failed ({first[:200]}); continuing with the eager smoothed ReLU "
+                          "(set compile=false to skip compiling)", RuntimeWarning, stacklevel=2)
+            state["fn"] = net.act_and_grad
+            return net.act_and_grad(z, q, thr)
+
+    return act
 
 
 def _softmax_ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
