@@ -209,3 +209,70 @@ def theory(
     n_pass = sum(v["verdict"] == "PASS" for v in result.verdicts)
     console.print(f"{n_pass}/{len(result.verdicts)} claims PASS")
     console.print(f"run folder: {path}", soft_wrap=True, markup=False)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., metavar="SWEEP.yaml", help="sweep file (docs/sweeps.md)"),
+    executor: str = typer.Option("local", "--executor", metavar="local|ray", help="where runs execute"),
+    address: Optional[str] = typer.Option(
+        None, "--address", metavar="ADDR", help="Ray cluster to attach to, e.g. HEAD:6379 (default: start Ray locally)"
+    ),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", metavar="N", help="runs at once (default: min(runs, cores)); threads per run = cores // N"
+    ),
+    out: Path = typer.Option(Path("sweeps"), "--out", metavar="DIR", help="parent of the sweep folder DIR/<name>"),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="override a base key for every run, e.g. --set sl.steps=200 (repeatable)"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress; print only the sweep folder"),
+) -> None:
+    """Run every config of a sweep file (grid x zip x seeds) into one results store; re-running resumes."""
+    console = _console()
+    try:
+        from mrplab.sweep import spec
+
+        plan = spec.load_sweep(sweep_file, set_)
+        # imported after the sweep file is valid, so that a mistake is reported without loading torch
+        from mrplab.sweep import runner
+        from mrplab.sweep.progress import SweepProgress
+
+        with _sigterm_as_exit(), SweepProgress(console, quiet) as progress:
+            outcome = runner.run_sweep(plan, out, executor=executor, address=address, workers=workers,
+                                       progress=progress)
+    except MrplabError as err:
+        _fail(err)
+        return
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished runs are in the store; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    if quiet:
+        typer.echo(str(outcome.folder))
+    else:
+        done = outcome.planned - len(outcome.failed)
+        console.print(f"{done}/{outcome.planned} runs done ({outcome.skipped} from earlier, {outcome.executed} run now)"
+                      f", {len(outcome.failed)} failed", markup=False, soft_wrap=True)
+        console.print(f"sweep folder: {outcome.folder}  (report: mrplab sweep-report {outcome.folder})",
+                      markup=False, soft_wrap=True)
+    if outcome.failed:
+        typer.echo(f"{len(outcome.failed)} runs failed (errors in the store and in sweep-report); "
+                   "run the same command again to retry them", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("sweep-report")
+def sweep_report(
+    sweep_dir: Path = typer.Argument(..., metavar="SWEEP_DIR", help="the folder `mrplab sweep` wrote"),
+) -> None:
+    """Aggregate a sweep over seeds: report.md with tables and study sentences, line plots and phase diagrams."""
+    try:
+        from mrplab.sweep import report
+
+        rep = report.write_report(sweep_dir)
+    except MrplabError as err:
+        _fail(err)
+        return
+    typer.echo(str(rep.report))

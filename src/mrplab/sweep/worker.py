@@ -1,0 +1,46 @@
+"""One sweep run, executed in a worker process (local pool) or a Ray task.
+
+``run_one`` takes plain data (the resolved config as a JSON mapping, the
+number of torch threads, the driver's provenance) and returns plain data, so
+it pickles the same way for both executors. It never raises for a failed run:
+the error comes back as text and the driver records the run as failed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+import time
+import traceback
+from typing import Any
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def run_one(cfg_json: dict[str, Any], threads: int, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Train and measure one config; returns ``{"ok": True, "summary": ...}`` or ``{"ok": False, "error": ...}``."""
+    started = now_iso()
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"started": started, "host": socket.gethostname(), "pid": os.getpid(), "threads": threads}
+    try:
+        from mrplab.config import TheoryConfig
+        from mrplab.report.run_folder import build_summary, jsonable
+        from mrplab.theory import experiment
+
+        cfg = TheoryConfig.model_validate({**cfg_json, "threads": threads})
+        key = TheoryConfig.model_validate(cfg_json).hash()  # the store's key: threads as the sweep gave them
+        result = experiment.run(cfg)
+        wall = time.perf_counter() - t0
+        summary = build_summary(result, key, wall, {**provenance, "config_hash": key, "created": started})
+        out.update(ok=True, summary=jsonable(summary))
+    except Exception as err:  # noqa: BLE001 - a failed run is data for the store, not a crash of the sweep
+        from mrplab.errors import MrplabError
+
+        text = err.line() if isinstance(err, MrplabError) else f"{type(err).__name__}: {err}"
+        out.update(ok=False, error=text, traceback=traceback.format_exc(limit=20))
+    out["finished"] = now_iso()
+    out["wall_s"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,152 @@
+"""sweep-report: aggregates over seeds match a hand computation; figures; the study's sentences follow the numbers."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mrplab.cli import app
+from mrplab.sweep import report, spec
+from mrplab.sweep.store import DB_NAME, Store
+
+from sweep_helpers import TINY_BASE
+
+PNG = b"\x89PNG\r\n\x1a\n"
+XS = [0.1, 0.5, 0.9]
+LS = [2, 3]
+SEEDS = [0, 1, 2]
+FAILED = (0.5, 2, 2)  # (mask ratio, L, seed) of the one run that failed
+
+
+def ft_err(x: float, L: int, s: int) -> float:
+    return 0.5 - 0.4 * x + 0.1 * (L == 3) + 0.013 * s * s  # falls with x; seeds spread it
+
+
+def captured(x: float, L: int, s: int) -> float:
+    return 0.2 + 0.8 * x - 0.05 * s
+
+
+def fake_summary(x: float, L: int, s: int) -> dict:
+    c1 = x > 0.4
+    return {
+        "per_seed": [{"seed": s, "ft_err_single": ft_err(x, L, s), "mrp_captured_share": captured(x, L, s),
+                      "sl_err": 0.3 + 0.001 * s, "sl_winner_per_class": [0, 1]}],
+        "verdicts": [{"id": "C1", "verdict": "PASS" if c1 else "FAIL", "value": captured(x, L, s)},
+                     {"id": "C6", "verdict": "PASS", "value": 0.2}],
+        "timings": {"total_s": 1.0 + s},
+        "claims_passed": 1 + int(c1),
+        "claims_total": 2,
+    }
+
+
+def make_store(folder: Path, trends: dict) -> spec.Sweep:
+    base = {**TINY_BASE, "data": {**TINY_BASE["data"], "P": 8}}
+    sw = spec.from_mapping({
+        "name": "synthetic", "base": base, "grid": {"mrp.mask_ratio": XS, "data.L": LS}, "seeds": SEEDS,
+        "study": {"prediction": "More masking makes fine-tuning better.", "x": "mrp.mask_ratio",
+                  "metrics": ["ft_err_single", "probe.mrp_captured_share", "claims_passed"],
+                  "trends": trends, "heatmap": ["mrp.mask_ratio", "data.L"]},
+    })
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sweep.yaml").write_text(sw.to_yaml())
+    with Store(folder / DB_NAME) as st:
+        st.plan(sw.name, sw.runs)
+        for r in sw.runs:
+            x, L = r.axes["mrp.mask_ratio"], r.axes["data.L"]
+            if (x, L, r.seed) == FAILED:
+                st.finish(r.key, {"ok": False, "error": "MrplabError: fine-tuning diverged", "started": "t0",
+                                  "finished": "t1"})
+            else:
+                st.finish(r.key, {"ok": True, "summary": fake_summary(x, L, r.seed), "started": "t0",
+                                  "finished": "t1", "wall_s": 1.0, "threads": 1})
+    return sw
+
+
+TRENDS = {"ft_err_single": "decrease", "probe.mrp_captured_share": "increase",
+          "sl_err": {"trend": "flat", "tolerance": 0.01}}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_aggregates_match_a_hand_computation(tmp_path):
+    make_store(tmp_path, TRENDS)
+    rep = report.write_report(tmp_path)
+    assert rep.labels == ["mrp.mask_ratio", "data.L"]
+    assert rep.metrics == ["probe.ft_err_single", "probe.mrp_captured_share", "claims_passed"]
+    rows = read_csv(tmp_path / "aggregate.csv")
+    assert len(rows) == len(XS) * len(LS)
+    for row in rows:
+        x, L = float(row["mrp.mask_ratio"]), int(row["data.L"])
+        seeds = [s for s in SEEDS if (x, L, s) != FAILED]  # a failed run is not aggregated
+        vals = [ft_err(x, L, s) for s in seeds]
+        assert int(row["n_runs"]) == len(seeds)
+        assert float(row["probe.ft_err_single:mean"]) == pytest.approx(statistics.mean(vals), abs=1e-12)
+        assert float(row["probe.ft_err_single:std"]) == pytest.approx(statistics.stdev(vals), abs=1e-12)
+        assert int(row["probe.ft_err_single:n"]) == len(seeds)
+        passes = [int(x > 0.4) for _ in seeds]
+        assert float(row["claim.C1.pass:mean"]) == pytest.approx(statistics.mean(passes))
+    md = (tmp_path / "report.md").read_text()
+    # the results table: one line per setting with mean ± std as the report formats it
+    v = [ft_err(0.1, 3, s) for s in SEEDS]
+    assert f"| 0.1 | 3 | 3 | {statistics.mean(v):.3g} ± {statistics.stdev(v):.3g} |" in md
+    assert "| 0.5 | 2 | 2 |" in md  # the failed seed is left out of n
+    # claim pass counts per setting
+    assert "| 0.1 | 2 | 0/3 | 3/3 |" in md and "| 0.9 | 3 | 3/3 | 3/3 |" in md
+    assert "## Failed runs" in md and "fine-tuning diverged" in md
+    for name in ("lines.png", "heatmap.png"):
+        data = (tmp_path / "figures" / name).read_bytes()
+        assert data[:8] == PNG and len(data) > 5000
+        assert f"](figures/{name})" in md
+
+
+def test_study_sentences_are_generated_from_the_numbers(tmp_path):
+    make_store(tmp_path, TRENDS)
+    rep = report.write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "**Prediction.** More masking makes fine-tuning better." in md
+    assert "**Measured.** 3 of 3 predicted trends hold." in md
+    check = {c.metric: c for c in rep.trends}
+    c = check["probe.ft_err_single"]
+    first = [ft_err(0.1, L, s) for L in LS for s in SEEDS]
+    last = [ft_err(0.9, L, s) for L in LS for s in SEEDS]
+    assert c.first.mean == pytest.approx(statistics.mean(first)) and c.last.mean == pytest.approx(statistics.mean(last))
+    assert (c.first.n, c.last.n) == (6, 6)
+    assert c.slope == pytest.approx(-0.4, abs=1e-9)  # the slope that generated the data
+    assert (c.measured, c.consistent) == ("decrease", True)
+    assert f"from {statistics.mean(first):.3g} ± {statistics.stdev(first):.3g} to {statistics.mean(last):.3g}" in md
+    assert check["probe.sl_err"].measured == "flat"  # +0.001 per seed only: within the tolerance
+
+    # the same numbers against the opposite prediction: the report says so
+    make_store(tmp_path / "flipped", {**TRENDS, "ft_err_single": "increase"})
+    report.write_report(tmp_path / "flipped")
+    md2 = (tmp_path / "flipped" / "report.md").read_text()
+    assert "**Measured.** 2 of 3 predicted trends hold." in md2
+    assert "the prediction was an increase: not as predicted." in md2
+
+
+def test_noise_decides_whether_a_change_counts():
+    rows = [{"x": x, "m": m} for x, m in [(0, 1.0), (0, 3.0), (1, 1.5), (1, 3.5)]]  # +0.5, std 1.41 each side
+    c = report.trend(rows, "x", "m", "increase", 0.05)
+    assert c.diff == pytest.approx(0.5) and c.measured == "flat" and not c.consistent
+    rows = [{"x": x, "m": m} for x, m in [(0, 1.0), (0, 1.1), (1, 2.0), (1, 2.1)]]
+    assert report.trend(rows, "x", "m", "increase", 0.05).consistent
+
+
+def test_sweep_report_cli_errors_are_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["sweep-report", str(tmp_path)])
+    assert res.exit_code == 2 and res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    sw_folder = tmp_path / "s"
+    make_store(sw_folder, TRENDS)
+    doc = yaml.safe_load((sw_folder / "sweep.yaml").read_text())
+    doc["study"]["metrics"] = ["no_such_metric"]
+    (sw_folder / "sweep.yaml").write_text(yaml.safe_dump(doc))
+    res = CliRunner().invoke(app, ["sweep-report", str(sw_folder)])
+    assert res.exit_code == 2 and "study metric 'no_such_metric'" in res.stderr
