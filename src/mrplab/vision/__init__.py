@@ -1,0 +1,1 @@
+"""The vision track: datasets, models, objectives, engine and class-activation evidence on real images."""

@@ -1,0 +1,207 @@
+"""``mrplab vision ...``: parse, call the engine, print.
+
+    mrplab vision compare   [--config FILE] [--set key=value ...] [--out DIR] [--resume RUN_DIR] [--quiet]
+    mrplab vision pretrain  (same options)
+    mrplab vision scratch   (same options)
+    mrplab vision finetune  --init PRETRAIN_RUN_DIR|ENCODER.safetensors (and the same options)
+    mrplab vision linprobe  --init PRETRAIN_RUN_DIR|ENCODER.safetensors (and the same options)
+
+Without --config every command uses the defaults of ``VisionConfig`` (the embedded comparison,
+configs/vision/embedded-compare.yaml). A user mistake prints one ``error: ...`` line and exits 2.
+Under torchrun (WORLD_SIZE > 1) only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mrplab.errors import MrplabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="The vision track: MAE / data2vec pretraining -> fine-tuning versus SL from scratch on images.",
+)
+
+EXIT_INTERRUPTED = 130
+
+
+class _Progress:
+    """Images trained over all stages: a rich bar with images/s and ETA on a terminal, a plain line
+    every ~10% otherwise, nothing when quiet."""
+
+    def __init__(self, console: Console, quiet: bool):
+        self.console, self.quiet = console, quiet
+        self.total, self.done, self.next_line = 1, 0, 1
+        self.stage, self.loss = "data", None
+        self.t0 = time.perf_counter()
+        self._bar = self._task = None
+
+    def plan(self, total_images: int) -> None:
+        self.total, self.t0 = max(total_images, 1), time.perf_counter()
+        if self.quiet:
+            return
+        if self.console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                 TaskProgressColumn(), TextColumn("{task.fields[speed]} img/s"), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), console=self.console)
+            self._bar.start()
+            self._task = self._bar.add_task(self._status(), total=self.total, speed="-")
+        else:
+            self.console.print(f"vision run: {self.total} training images planned", markup=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def _status(self) -> str:
+        return f"[{self.stage}]" + (f" loss {self.loss:.4g}" if self.loss is not None else "")
+
+    def record(self, rec: dict) -> None:
+        if rec.get("stage", self.stage) != self.stage:
+            self.stage, self.loss = rec["stage"], None
+        self.loss = rec.get("loss", self.loss)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.t0
+        speed = self.done / max(elapsed, 1e-9)
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, description=self._status(), speed=f"{speed:.0f}")
+            return
+        if self.done * 10 >= self.next_line * self.total or self.done >= self.total:
+            self.next_line = self.done * 10 // self.total + 1
+            eta = (self.total - self.done) / max(speed, 1e-9)
+            self.console.print(
+                f"{self._status()}  {self.done}/{self.total} images ({100 * self.done // self.total}%)  "
+                f"{speed:.0f} img/s  elapsed {_hms(elapsed)}  eta {_hms(eta)}", markup=False, soft_wrap=True)
+
+
+def _hms(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _table(rows: list[dict]) -> Table:
+    from mrplab.vision.report import mean_rows, table_columns
+
+    cols = table_columns(rows)
+    table = Table(title="test accuracy (%)", title_justify="left")
+    for c in ("approach", "seed", *(label for _, label in cols)):
+        table.add_column(c)
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["approach"], str(r["seed"]), *(pct(r[k]) for k, _ in cols))
+    for m in mean_rows(rows):
+        table.add_row(m["approach"], f"mean of {m['seeds']}",
+                      *(f"{pct(m[k])} ± {pct(m[k + '_std'])}" for k, _ in cols), style="bold")
+    return table
+
+
+def _load(command: str, config: Optional[Path], set_: list[str], resume: Optional[Path],
+          init: Optional[Path]):
+    """(config, init) of a new run, or of the stopped run that --resume continues."""
+    from mrplab.vision import config as vconfig
+    from mrplab.vision.train import open_resume
+
+    if resume is None:
+        return vconfig.load(config, set_), init
+    if config is not None or set_ or init is not None:
+        raise MrplabError("--resume continues a run with its own config", "drop --config, --set and --init")
+    cfg, run_command, init = open_resume(resume)
+    if run_command != command:
+        raise MrplabError(f"{resume} is a '{run_command}' run", f"use mrplab vision {run_command} --resume")
+    return cfg, init
+
+
+def _execute(command: str, config: Optional[Path], set_: list[str], out: Path, resume: Optional[Path],
+             init: Optional[Path], quiet: bool) -> None:
+    from mrplab.cli import _console, _fail, _sigterm_as_exit
+    from mrplab.report.run_folder import command_line
+    from mrplab.vision import train
+
+    console = _console()
+    progress = _Progress(console, quiet or int(os.environ.get("RANK", "0")) != 0)
+    try:
+        cfg, init = _load(command, config, set_, resume, init)
+        with _sigterm_as_exit():
+            try:
+                result = train.run(cfg, command, out, init=init, resume=resume, on_record=progress.record,
+                                   advance=progress.advance, on_plan=progress.plan, argv=command_line())
+            finally:
+                progress.close()
+    except MrplabError as err:
+        _fail(err)
+        return
+    except train.RunInterrupted as stop:
+        typer.echo(f"interrupted; continue with: mrplab vision {command} --resume {stop.path}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if result.path is None:  # not rank 0
+        return
+    if quiet:
+        typer.echo(str(result.path))
+        return
+    if result.table:
+        console.print(_table(result.table))
+    console.print(f"run folder: {result.path}", soft_wrap=True, markup=False)
+
+
+_CONFIG = typer.Option(None, "--config", metavar="FILE",
+                       help="YAML config; without it the defaults (configs/vision/embedded-compare.yaml)")
+_SET = typer.Option([], "--set", metavar="KEY=VALUE",
+                    help="override one key, e.g. --set pretrain.epochs=10 (repeatable)")
+_OUT = typer.Option(Path("runs"), "--out", metavar="DIR", help="parent folder of the run folder")
+_RESUME = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+_QUIET = typer.Option(False, "--quiet", "-q", help="no progress and no table; print only the run folder")
+_INIT = typer.Option(None, "--init", metavar="PATH",
+                     help="pretrained encoder: a `vision pretrain` run folder or an .encoder.safetensors file")
+
+
+@app.command()
+def compare(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, out: Path = _OUT,
+            resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
+    """Per seed: SL from scratch, and MRP pretraining -> fine-tuning with the same total epochs and augmentation;
+    prints test accuracy on multi-view and single-view images."""
+    _execute("compare", config, set_, out, resume, None, quiet)
+
+
+@app.command()
+def pretrain(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, out: Path = _OUT,
+             resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
+    """Mask-reconstruction pretraining (pretrain.method, or every entry of methods) on the training images."""
+    _execute("pretrain", config, set_, out, resume, None, quiet)
+
+
+@app.command()
+def finetune(init: Optional[Path] = _INIT, config: Optional[Path] = _CONFIG, set_: list[str] = _SET,
+             out: Path = _OUT, resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
+    """Fine-tune a pretrained encoder with a new head (layer-wise lr decay), then test it."""
+    _execute("finetune", config, set_, out, resume, init, quiet)
+
+
+@app.command()
+def scratch(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, out: Path = _OUT,
+            resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
+    """Supervised learning from scratch for pretrain.epochs + finetune.epochs, then test."""
+    _execute("scratch", config, set_, out, resume, None, quiet)
+
+
+@app.command()
+def linprobe(init: Optional[Path] = _INIT, config: Optional[Path] = _CONFIG, set_: list[str] = _SET,
+             out: Path = _OUT, resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
+    """Train a linear head on a frozen pretrained encoder, then test it."""
+    _execute("linprobe", config, set_, out, resume, init, quiet)

@@ -1,0 +1,144 @@
+"""Typed config of a vision run (``mrplab vision ...``); defaults live here and only here.
+
+The defaults are the embedded comparison that ``mrplab vision compare`` runs without a config
+(configs/vision/embedded-compare.yaml lists them). YAML files and ``--set a.b=c`` overrides are
+validated against ``VisionConfig``: unknown keys and out-of-range values fail with the key's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from mrplab import config as config_mod
+from mrplab.config import _Strict
+from mrplab.errors import MrplabError
+from mrplab.vision.data import MIN_IMAGE_SIZE, VisionDataConfig
+from mrplab.vision.models import ENCODER_NAMES
+
+Method = Literal["mae", "data2vec"]
+ModelName = Literal[ENCODER_NAMES]  # type: ignore[valid-type]
+
+
+class DataConfig(VisionDataConfig):
+    """Where the images come from (vision/data.py), with the defaults of the embedded comparison."""
+
+    image_size: int = Field(24, ge=MIN_IMAGE_SIZE, description="side of the square images; 24 px: a motif spans several 4-px "
+                            "patches; folder images are fitted to it if they differ")
+    n_train: int = Field(1000, ge=1, description="embedded: training images (labelled, and the pretraining data)")
+
+
+class ModelConfig(_Strict):
+    """The encoder (vision/models.py) and the pretraining decoder."""
+
+    name: ModelName = Field("vit_micro", description="vit_tiny, vit_micro, resnet18 or resnet_small")
+    patch_size: int = Field(4, ge=1, description="mask (and ViT token) patch side in pixels; divides data.image_size")
+    decoder_dim: int = Field(64, ge=8, description="width of the light pretraining decoder")
+    decoder_depth: int = Field(1, ge=1, description="ViT decoder blocks (the CNN decoder is three convs)")
+
+
+class PretrainConfig(_Strict):
+    """Mask-reconstruction pretraining on the unlabelled training images (vision/objectives.py)."""
+
+    method: Method = Field("mae", description="mae: pixels of the masked patches; data2vec: EMA-teacher features")
+    epochs: int = Field(20, ge=1)
+    batch: int = Field(128, ge=1, description="global batch (split across processes under torchrun)")
+    lr: float = Field(2e-3, gt=0.0, description="peak AdamW lr")
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(2.0, ge=0.0, description="linear warmup, then cosine decay to 0")
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="fraction of patches masked, exactly per image")
+    norm_pix: bool = Field(True, description="mae: each target patch normalised to zero mean, unit variance")
+    momentum: float = Field(0.99, ge=0.0, le=1.0, description="data2vec: EMA momentum of the teacher at the start")
+    momentum_end: float = Field(0.999, ge=0.0, le=1.0, description="data2vec: EMA momentum at the end (linear)")
+    top_k: int = Field(2, ge=1, description="data2vec (ViT): teacher blocks averaged into the target")
+    min_target_var: float = Field(0.01, ge=0.0, description="data2vec: target variance below this counts as collapse")
+    collapse_patience: int = Field(3, ge=1, description="data2vec: consecutive collapsed logs that stop the run")
+
+
+class FinetuneConfig(_Strict):
+    """Supervised training of the whole network: fine-tuning, and SL from scratch with the same recipe."""
+
+    epochs: int = Field(10, ge=1, description="fine-tuning epochs; SL from scratch gets pretrain.epochs + this")
+    batch: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0.0, description="peak AdamW lr (the head's; lower layers get layer_decay powers)")
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(2.0, ge=0.0)
+    layer_decay: float = Field(0.9, gt=0.0, le=1.0, description="fine-tuning: lr x decay^(layers above); 1 = off")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class LinprobeConfig(_Strict):
+    """A linear classifier on the frozen pretrained encoder."""
+
+    epochs: int = Field(10, ge=1)
+    batch: int = Field(256, ge=1)
+    lr: float = Field(1e-2, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+
+
+class VisionConfig(_Strict):
+    name: str = Field("vision", min_length=1, pattern=r"^[A-Za-z0-9._-]+$",
+                      description="run folder prefix: runs/<name>-<command>-<YYYYmmdd-HHMMSS>/")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, description="independent runs")
+    methods: list[Method] | None = Field(
+        None, min_length=1, description="compare: pretraining methods to fine-tune, e.g. [mae, data2vec]; "
+        "null = [pretrain.method]"
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cpu, cuda or auto")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: torch.autocast on CPU and CUDA")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = leave as is")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm to this; null = off")
+    log_every: int = Field(20, ge=1, description="log a metrics record every this many steps")
+    checkpoint_every: int = Field(200, ge=0, description="resumable checkpoint every this many steps; 0 = off")
+    tensorboard: bool = Field(False, description="also write TensorBoard scalars (needs the tensorboard package)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    linprobe: LinprobeConfig = Field(default_factory=LinprobeConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "VisionConfig":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        if self.data.image_size % self.model.patch_size:
+            raise ValueError(
+                f"image size {self.data.image_size} is not divisible by patch size {self.model.patch_size}; "
+                "choose model.patch_size that divides data.image_size"
+            )
+        if self.methods is not None and len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods must be distinct")
+        return self
+
+    @property
+    def compare_methods(self) -> list[str]:
+        return list(self.methods) if self.methods is not None else [self.pretrain.method]
+
+    @property
+    def scratch_epochs(self) -> int:
+        """SL from scratch trains as many epochs as pretraining and fine-tuning together."""
+        return self.pretrain.epochs + self.finetune.epochs
+
+    def hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+DEFAULT_PRESET = "configs/vision/embedded-compare.yaml"
+
+
+def validate(raw: dict) -> VisionConfig:
+    try:
+        return VisionConfig.model_validate(raw)
+    except ValidationError as err:
+        raise MrplabError(config_mod._format_validation(err), f"see {DEFAULT_PRESET} for the keys and ranges") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> VisionConfig:
+    raw = config_mod.read_yaml(path) if path is not None else {}
+    return validate(config_mod.apply_overrides(raw, overrides or []))

@@ -1,0 +1,442 @@
+"""Multi-view evidence: class-activation maps of trained vision models and the measures of vision/measures.py.
+
+``mrplab evidence MODEL ...`` takes classifier checkpoints of the vision track
+(``checkpoints/<stage>.safetensors`` with its JSON sidecar) or whole run
+folders (every scratch / fine-tuned / linear-probe stage in them), computes
+Eigen-CAM and Grad-CAM (pytorch-grad-cam) on the same test images, and writes
+
+    runs/evidence-<YYYYmmdd-HHMMSS>/
+      evidence.json     every measure per model, and per approach (mean, std over seeds)
+      figures/cams-<method>.png   image | each model's map, predicted and true labels
+      report.md         the definitions, the tables and what the theory predicts
+
+Approaches: "SL" (scratch), "MRP+FT (mae)", "MRP+FT (data2vec)", "LP (...)".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+
+from mrplab.errors import MrplabError
+from mrplab.report.run_folder import atomic_write_text, dumps, git_commit, timestamp
+from mrplab.vision import measures
+from mrplab.vision.config import VisionConfig
+from mrplab.vision.data import ImageSet, VisionDataConfig, channel_stats, load_split, normalize
+from mrplab.vision.models import Encoder, build_encoder
+
+CAM_METHODS = ("eigencam", "gradcam")
+SINGLE_VIEW_RECOGNISED = 0.8  # a (class, motif) pair counts as recognised from that motif alone at >= this accuracy
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Model:
+    path: Path
+    approach: str  # "SL", "MRP+FT (mae)", ...
+    seed: int
+    cfg: VisionConfig
+    encoder: Encoder
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or f"{self.approach} s{self.seed}"
+
+
+def _approach(sidecar: dict) -> str:
+    kind, method = sidecar.get("kind"), sidecar.get("method")
+    if kind == "scratch":
+        return "SL"
+    if kind == "finetune":
+        return f"MRP+FT ({method})" if method else "FT"
+    if kind == "linprobe":
+        return f"LP ({method})" if method else "LP"
+    raise MrplabError(
+        f"checkpoint kind '{kind}' has no classifier to explain",
+        "give a scratch, fine-tuned or linear-probe checkpoint (or a compare run folder)",
+    )
+
+
+def load_model(path: str | Path) -> Model:
+    """A classifier checkpoint of the vision track, with its sidecar's config; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise MrplabError(f"checkpoint {path} does not exist", "give a .safetensors file from a run's checkpoints/")
+    sidecar_path = path.with_suffix(".json")
+    if not sidecar_path.is_file():
+        raise MrplabError(f"{path} has no sidecar {sidecar_path.name}",
+                          "give a checkpoint written by `mrplab vision` (it writes <stage>.json beside it)")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+        cfg = VisionConfig.model_validate(sidecar["config"])
+    except Exception as err:  # noqa: BLE001 - any unreadable sidecar is the user's file problem
+        raise MrplabError(f"sidecar {sidecar_path} is not a vision checkpoint sidecar ({type(err).__name__})",
+                          "give a checkpoint written by `mrplab vision`") from None
+    approach = _approach(sidecar)
+    try:
+        state = load_file(str(path))
+    except Exception:  # noqa: BLE001
+        raise MrplabError(f"{path} is not a safetensors checkpoint", "give a .safetensors file from a run's checkpoints/") from None
+    if approach.startswith("LP"):  # LinearProbe wraps the encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    encoder = build_encoder(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, _num_classes(state, cfg))
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise MrplabError(f"{path} does not fit the model its sidecar describes ({cfg.model.name})",
+                          "give the checkpoint and sidecar written together by `mrplab vision`") from None
+    encoder.eval()
+    return Model(path, approach, int(sidecar.get("seed", 0)), cfg, encoder)
+
+
+def _num_classes(state: dict[str, torch.Tensor], cfg: VisionConfig) -> int:
+    for key in ("vit.head.weight", "net.fc.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    raise MrplabError("the checkpoint holds no classification head", "give a scratch or fine-tuned checkpoint")
+
+
+def expand_models(paths: list[str]) -> list[Path]:
+    """Checkpoint files as given; a run folder contributes its supervised stages' checkpoints."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = [c for c in sorted((p / "checkpoints").glob("*.safetensors"))
+                     if not c.name.endswith(".encoder.safetensors") and not c.name.startswith("resume")
+                     and c.with_suffix(".json").is_file()
+                     and json.loads(c.with_suffix(".json").read_text()).get("kind") in ("scratch", "finetune", "linprobe")]
+            if not found:
+                raise MrplabError(f"{p} holds no classifier checkpoints", "give a `mrplab vision` run folder or .safetensors files")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def check_compatible(models: list[Model], data: VisionDataConfig) -> int:
+    """All models classify the same classes as the data; returns the number of classes."""
+    k = {m.label: m.encoder.head.out_features for m in models}
+    n_data = data.num_classes if data.source == "embedded" else None
+    for m in models:
+        if m.cfg.data.image_size != data.image_size:
+            raise MrplabError(f"{m.path} was trained on {m.cfg.data.image_size}-px images, the data has {data.image_size}",
+                              "compare models trained on the same data")
+    if len(set(k.values())) != 1:
+        raise MrplabError(f"the models classify different numbers of classes: {k}",
+                          "compare models trained on the same data set")
+    if n_data is not None and next(iter(k.values())) != n_data:
+        raise MrplabError(f"the models have {next(iter(k.values()))} classes, the data {n_data}",
+                          "use --data with the data set the models were trained on")
+    return next(iter(k.values()))
+
+
+# --------------------------------------------------------------------------- CAMs
+
+
+def _vit_reshape(grid: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def reshape(t: torch.Tensor) -> torch.Tensor:  # [B, N, D] tokens -> [B, D, h, w]
+        B, N, D = t.shape
+        return t.transpose(1, 2).reshape(B, D, *grid)
+    return reshape
+
+
+def cam_maps(model: Model, x: torch.Tensor, targets: torch.Tensor, method: str, batch: int = 64) -> torch.Tensor:
+    """Class-activation maps [B, H, W] in [0, 1] for normalised images x [B, 3, H, W].
+
+    Eigen-CAM: the first principal component of the last stage's activations (class-agnostic, what the
+    paper's figures show); Grad-CAM: gradient-weighted activations for the class in ``targets`` [B].
+    CNN: the last residual block; ViT: the last block's first norm, tokens reshaped to the patch grid.
+    """
+    from pytorch_grad_cam import EigenCAM, GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    enc = model.encoder
+    if enc.kind == "cnn":
+        layer, reshape = enc.net.layer4[-1], None
+    else:
+        layer, reshape = enc.vit.blocks[-1].norm1, _vit_reshape(enc.grid)
+    cls = {"eigencam": EigenCAM, "gradcam": GradCAM}[method]
+    out = []
+    with cls(model=enc, target_layers=[layer], reshape_transform=reshape) as cam:
+        for a in range(0, len(x), batch):
+            xb = x[a:a + batch]
+            tg = [ClassifierOutputTarget(int(c)) for c in targets[a:a + batch]]
+            out.append(torch.from_numpy(cam(input_tensor=xb, targets=tg)).float())
+    return measures.normalize_maps(torch.cat(out))
+
+
+@torch.no_grad()
+def predict(model: Model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([model.encoder(x[a:a + batch]).argmax(-1) for a in range(0, len(x), batch)])
+
+
+# --------------------------------------------------------------------------- measures per model
+
+
+@dataclass
+class Evidence:
+    per_model: list[dict] = field(default_factory=list)
+    per_approach: list[dict] = field(default_factory=list)
+    occlusion: list[dict] = field(default_factory=list)
+
+
+def select_images(test: ImageSet, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices of up to n test images, a fixed random subset (the same for every model)."""
+    return torch.randperm(len(test), generator=gen)[: min(n, len(test))]
+
+
+def single_view_by_motif(pred: torch.Tensor, test: ImageSet) -> dict:
+    """Accuracy on single-view test images grouped by (class, motif): which motifs alone let the model recognise
+    the class."""
+    sel = (test.view == 1).nonzero().flatten()
+    motif = test.motif_present[sel].float().argmax(1)  # [n] the one present motif
+    y = test.labels[sel]
+    ok = (pred[sel] == y).float()
+    table = {}
+    for c in range(test.num_classes):
+        for m in range(test.motif_present.shape[1]):
+            pick = (y == c) & (motif == m)
+            if pick.any():
+                table[f"{c}/{m}"] = ok[pick].mean().item()
+    vals = list(table.values())
+    return {"acc_by_class_motif": table, "acc_per_motif_mean": sum(vals) / len(vals) if vals else math.nan,
+            "acc_per_motif_min": min(vals) if vals else math.nan,
+            "motifs_recognised_share": sum(v >= SINGLE_VIEW_RECOGNISED for v in vals) / len(vals) if vals else math.nan}
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    v = [x for x in vals if x is not None and not math.isnan(x)]
+    if not v:
+        return math.nan, math.nan
+    m = sum(v) / len(v)
+    return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+
+
+def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods: tuple[str, ...],
+            window: int | None = None, progress: Callable[[str], None] = lambda s: None) -> tuple[Evidence, dict]:
+    """Every measure for every model on the same test images; returns the evidence and the maps for figures."""
+    progress("loading data")
+    train, test = load_split(data, "train"), load_split(data, "test")
+    mean, std = channel_stats(train.images)
+    window = window or max(2, data.image_size // 4)
+    gen = torch.Generator().manual_seed(0)
+    idx = select_images(test, n_images, gen)
+    raw = test.images[idx].float() / 255.0  # [B, 3, H, W] in [0, 1]
+    x = normalize(raw, mean, std)
+    y = test.labels[idx]
+    embedded = test.view is not None
+    fill = torch.zeros(3)  # the data set's mean colour is 0 after normalisation
+    ev = Evidence()
+    maps: dict[str, dict[str, torch.Tensor]] = {}
+    preds: dict[str, torch.Tensor] = {}
+    corners: dict[str, torch.Tensor] = {}
+    for m in models:
+        progress(f"CAMs of {m.label}")
+        pred_all = predict(m, normalize(test.images.float() / 255.0, mean, std))  # [N_test]
+        pred = pred_all[idx]
+        preds[m.label] = pred
+        rec: dict = {"model": m.label, "approach": m.approach, "seed": m.seed, "path": str(m.path),
+                     "acc": (pred_all == test.labels).float().mean().item(), "n_images": len(idx)}
+        maps[m.label] = {}
+        for method in methods:
+            cams = cam_maps(m, x, y, method)  # [B, H, W], Grad-CAM for the true class
+            maps[m.label][method] = cams
+            rec[f"{method}.regions_mean"] = measures.count_regions(cams).float().mean().item()
+            if embedded:
+                mv = test.view[idx] == 0
+                if mv.any():
+                    cov = measures.motif_coverage(cams[mv], test.motif_boxes[idx][mv], test.motif_present[idx][mv])
+                    rec[f"{method}.motif_coverage"] = cov.nanmean().item()
+        if embedded:
+            rec["acc_multi"] = (pred_all == test.labels)[test.view == 0].float().mean().item()
+            rec["acc_single"] = (pred_all == test.labels)[test.view == 1].float().mean().item()
+            rec.update({f"single_view.{k}": v for k, v in single_view_by_motif(pred_all, test).items()})
+        corners[m.label] = measures.top_window(maps[m.label][methods[0]], window)
+        ev.per_model.append(rec)
+
+    # occlusion: fill each image's most discriminative window (by a model's own map, then by another model's)
+    for m in models:
+        ok_clean = (preds[m.label] == y).float()
+        sources = [m]  # own map, then one model of every other approach (same seed where there is one)
+        for approach in dict.fromkeys(o.approach for o in models if o.approach != m.approach):
+            cands = [o for o in models if o.approach == approach]
+            sources.append(next((o for o in cands if o.seed == m.seed), cands[0]))
+        for other in sources:
+            occluded = measures.occlude(x, corners[other.label], window, fill)
+            ok = (predict(m, occluded) == y).float()
+            ev.occlusion.append({
+                "model": m.label, "approach": m.approach, "seed": m.seed,
+                "map_of": "own" if other is m else other.approach, "map_model": other.label,
+                "acc_clean": ok_clean.mean().item(), "acc_occluded": ok.mean().item(),
+                "retained": (ok.mean() / ok_clean.mean().clamp_min(1e-9)).item(),
+            })
+
+    by: dict[str, list[dict]] = {}
+    for rec in ev.per_model:
+        by.setdefault(rec["approach"], []).append(rec)
+    for approach, recs in by.items():
+        agg: dict = {"approach": approach, "seeds": [r["seed"] for r in recs]}
+        keys = sorted({k for r in recs for k, v in r.items() if isinstance(v, float)})
+        for k in keys:
+            agg[k] = _mean_std([r.get(k) for r in recs])
+        occ = [o for o in ev.occlusion if o["approach"] == approach]
+        for target in sorted({o["map_of"] for o in occ}):
+            agg[f"occlusion.{target}.retained"] = _mean_std([o["retained"] for o in occ if o["map_of"] == target])
+        ev.per_approach.append(agg)
+    return ev, {"maps": maps, "preds": preds, "raw": raw, "labels": y, "classes": test.classes,
+                "window": window, "corners": corners}
+
+
+# --------------------------------------------------------------------------- figures and report
+
+
+def figure_grid(path: Path, models: list[Model], extra: dict, method: str, n: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw, y, classes = extra["raw"], extra["labels"], extra["classes"]
+    n = min(n, len(raw))
+    cols = 1 + len(models)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+    for i in range(n):
+        img = raw[i].permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title(f"true {classes[int(y[i])]}", fontsize=6)
+        for j, m in enumerate(models, start=1):
+            axes[i, j].imshow(img)
+            axes[i, j].imshow(extra["maps"][m.label][method][i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            axes[i, j].set_title(f"{m.label}\npred {classes[int(extra['preds'][m.label][i])]}", fontsize=6)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"{method}: image | each model's map", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, float) for x in v):
+        return "n/a" if math.isnan(v[0]) else f"{v[0]:.3f} ± {v[1]:.3f}"
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+DEFINITIONS = f"""\
+- **motif coverage**: on multi-view test images (embedded data), the share of the class's motifs whose box holds a
+  CAM value >= {measures.PEAK_THRESHOLD} of the image's maximum or >= {measures.MASS_SHARE} of the map's mass.
+- **single-view accuracy per motif**: accuracy on single-view test images grouped by (class, motif shown);
+  *motifs recognised* = share of (class, motif) pairs with accuracy >= {SINGLE_VIEW_RECOGNISED}.
+- **regions**: connected components (8-connected) of the pixels >= {measures.REGION_THRESHOLD} of the map's maximum,
+  components under {measures.MIN_REGION_PIXELS} pixels ignored; mean per image.
+- **occlusion retained**: accuracy after filling the window x window square with the largest map sum (the most
+  discriminative region) with the data set's mean colour, divided by the clean accuracy on the same images; *own* uses
+  the model's own map, the other columns another approach's map (same seed).
+- Eigen-CAM is class-agnostic (first principal component of the last stage's activations); Grad-CAM explains the
+  true class. CNN: last residual block; ViT: last block's first norm, tokens on the patch grid.
+"""
+
+PREDICTION = (
+    "The theory predicts that MRP captures all discriminative features of a class and fine-tuning keeps them, "
+    "while SL from scratch keeps about one feature per class: MRP+FT should cover more of a multi-view image's "
+    "motifs, recognise a class from each of its motifs alone (high single-view accuracy for every motif), show "
+    "more separated high-activation regions, and keep more accuracy when its own most discriminative region is "
+    "removed."
+)
+
+
+def render_report(ev: Evidence, figures: list[str], n_images: int, data: VisionDataConfig, wall_s: float) -> str:
+    lines = ["# Multi-view evidence", "", PREDICTION, "", "## Definitions", "", DEFINITIONS,
+             f"Data: {data.source}" + (f" ({data.root})" if data.root else "") + f"; {n_images} test images for maps"
+             f" and occlusion; wall time {wall_s:.0f} s.", "", "## Per approach (mean ± std over seeds)", ""]
+    keys = [k for k in ev.per_approach[0] if k not in ("approach", "seeds")] if ev.per_approach else []
+    keys = [k for k in keys if not k.startswith("single_view.acc_by")]
+    lines.append("| approach | seeds | " + " | ".join(keys) + " |")
+    lines.append("|---|---|" + "---|" * len(keys))
+    for a in ev.per_approach:
+        lines.append(f"| {a['approach']} | {', '.join(map(str, a['seeds']))} | "
+                     + " | ".join(_fmt(a.get(k, math.nan)) for k in keys) + " |")
+    lines += ["", "## What was measured", ""]
+    lines += measured_sentences(ev)
+    lines += ["", "## Occlusion, per model", "", "| model | map of | clean acc | occluded acc | retained |",
+              "|---|---|---|---|---|"]
+    for o in ev.occlusion:
+        lines.append(f"| {o['model']} | {o['map_of']} ({o['map_model']}) | {o['acc_clean']:.3f} | "
+                     f"{o['acc_occluded']:.3f} | {o['retained']:.3f} |")
+    lines += ["", "## Figures", ""] + [f"![{f}](figures/{f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def measured_sentences(ev: Evidence) -> list[str]:
+    """One sentence per measure: which approach scored higher, from the numbers (no fixed verdict)."""
+    sl = next((a for a in ev.per_approach if a["approach"] == "SL"), None)
+    out = []
+    if sl is None:
+        return ["No SL (scratch) model was given, so there is no SL-vs-MRP comparison."]
+    for a in ev.per_approach:
+        if a is sl:
+            continue
+        for key, better in (("eigencam.motif_coverage", "higher"), ("single_view.motifs_recognised_share", "higher"),
+                            ("acc_single", "higher"), ("eigencam.regions_mean", "higher"),
+                            ("occlusion.own.retained", "higher")):
+            if key not in a or key not in sl:
+                continue
+            mv, sv = a[key][0], sl[key][0]
+            if math.isnan(mv) or math.isnan(sv):
+                continue
+            agrees = (mv > sv) if better == "higher" else (mv < sv)
+            out.append(f"- {key}: {a['approach']} {mv:.3f} vs SL {sv:.3f} — "
+                       + ("as the theory predicts." if agrees else "**not** as the theory predicts."))
+    return out
+
+
+def run_evidence(paths: list[str], data: VisionDataConfig | None, out: str | Path, n_images: int,
+                 methods: tuple[str, ...] = CAM_METHODS, progress: Callable[[str], None] = lambda s: None) -> Path:
+    t0 = time.perf_counter()
+    files = expand_models(paths)
+    if len(files) < 2:
+        raise MrplabError("evidence compares at least two models", "give two checkpoints or a compare run folder")
+    models = [load_model(p) for p in files]
+    data = data or models[0].cfg.data
+    check_compatible(models, data)
+    ev, extra = measure(models, data, n_images, methods, progress=progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"evidence-{timestamp()}"
+    partial = out / f".{name}.{os.getpid()}.partial"
+    try:
+        (partial / "figures").mkdir(parents=True)
+        figs = []
+        for method in methods:
+            f = f"cams-{method}.png"
+            figure_grid(partial / "figures" / f, models, extra, method)
+            figs.append(f)
+        wall = time.perf_counter() - t0
+        atomic_write_text(partial / "evidence.json", dumps({
+            "per_model": ev.per_model, "per_approach": ev.per_approach, "occlusion": ev.occlusion,
+            "data": data.model_dump(mode="json"), "n_images": n_images, "window": extra["window"],
+            "methods": list(methods), "wall_s": wall, "git_commit": git_commit(),
+            "models": [str(m.path) for m in models]}, indent=2) + "\n")
+        atomic_write_text(partial / "report.md", render_report(ev, figs, n_images, data, wall))
+        final = out / name
+        os.replace(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+

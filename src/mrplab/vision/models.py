@@ -1,0 +1,225 @@
+"""Encoders (ViT and ResNet, from timm) behind one contract, and the light MRP decoders.
+
+The contract every encoder keeps (what the objectives and the engine call):
+
+* ``kind``          "vit" or "cnn"
+* ``grid``          (h, w): the patch grid the mask lives on, ``image_size // patch_size``
+* ``patch_size``    pixels per patch side
+* ``feature_dim``   channels of ``features`` (ViT tokens, CNN feature map)
+* ``features(x, mask=None)``
+      ViT: tokens ``[B, N, D]``; with a mask only the visible ones ``[B, N_vis, D]`` (MAE style).
+      CNN: masked patches are zeroed at the input, feature map ``[B, D, h', w']``.
+* ``pool(f)``       ``[B, D]`` global average of ``features``; ``head(pool(f))`` are the logits
+* ``forward(x)``    logits ``[B, num_classes]``
+* ``head``, ``head_prefix``  the classifier and its state_dict key prefix; ``reset_head(num_classes)``
+* ``layer_groups()`` parameter groups from input to output, for layer-wise lr decay
+
+Masks are ``BoolTensor [B, N]`` with ``True`` = masked, N = h * w in row-major order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.resnet import BasicBlock, ResNet
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from mrplab.errors import MrplabError
+
+# name -> (embed_dim, depth, heads, mlp_ratio)
+VIT_SIZES = {
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_micro": (96, 4, 3, 2.0),
+}
+# name -> (blocks per stage, channels per stage)
+RESNET_SIZES = {
+    "resnet18": ((2, 2, 2, 2), (64, 128, 256, 512)),
+    "resnet_small": ((1, 1, 1, 1), (32, 64, 128, 256)),
+}
+ENCODER_NAMES = (*VIT_SIZES, *RESNET_SIZES)
+
+
+Group = list[tuple[str, nn.Parameter]]
+
+
+def _named(module: nn.Module, prefix: str) -> Group:
+    return [(f"{prefix}.{n}", p) for n, p in module.named_parameters()]
+
+
+# --------------------------------------------------------------------------- ViT
+
+
+class ViTEncoder(nn.Module):
+    """timm VisionTransformer without a class token, average-pooled; encodes visible tokens only when masked."""
+
+    kind = "vit"
+    head_prefix = "vit.head."
+
+    def __init__(self, image_size: int, patch_size: int, num_classes: int, dim: int, depth: int, heads: int,
+                 mlp_ratio: float):
+        super().__init__()
+        self.vit = VisionTransformer(
+            img_size=image_size, patch_size=patch_size, num_classes=num_classes, embed_dim=dim, depth=depth,
+            num_heads=heads, mlp_ratio=mlp_ratio, class_token=False, global_pool="avg", fc_norm=False,
+        )
+        self.patch_size = patch_size
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.feature_dim = dim
+
+    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.vit.patch_embed(x) + self.vit.pos_embed  # [B, N, D]
+        if mask is not None:
+            B, _, D = t.shape
+            t = t[~mask].reshape(B, -1, D)  # [B, N_vis, D], row-major order of the visible patches
+        return self.vit.norm(self.vit.blocks(t))
+
+    def block_outputs(self, x: torch.Tensor, top_k: int) -> list[torch.Tensor]:
+        """Outputs of the last ``top_k`` blocks on the full image: top_k x [B, N, D] (data2vec targets)."""
+        return self.vit.forward_intermediates(
+            x, indices=top_k, output_fmt="NLC", intermediates_only=True, stop_early=True
+        )
+
+    def pool(self, f: torch.Tensor) -> torch.Tensor:
+        return f.mean(1)  # [B, D]
+
+    @property
+    def head(self) -> nn.Module:
+        return self.vit.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))  # [B, C]
+
+    def reset_head(self, num_classes: int) -> None:
+        self.vit.reset_classifier(num_classes)
+
+    def layer_groups(self) -> list[Group]:
+        v = self.vit
+        embed = [("vit.pos_embed", v.pos_embed), *_named(v.patch_embed, "vit.patch_embed")]
+        blocks = [_named(b, f"vit.blocks.{i}") for i, b in enumerate(v.blocks)]
+        return [embed, *blocks, _named(v.norm, "vit.norm") + _named(v.head, "vit.head")]
+
+
+# --------------------------------------------------------------------------- CNN
+
+
+class CNNEncoder(nn.Module):
+    """timm ResNet for small images: 3x3 stride-1 stem, no max-pool; masked patches are zeroed at the input."""
+
+    kind = "cnn"
+    head_prefix = "net.fc."
+
+    def __init__(self, image_size: int, patch_size: int, num_classes: int, layers: tuple[int, ...],
+                 channels: tuple[int, ...]):
+        super().__init__()
+        net = ResNet(BasicBlock, layers=layers, channels=channels, num_classes=num_classes)
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        self.net = net
+        self.patch_size = patch_size
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.feature_dim = net.num_features
+
+    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            keep = (~mask).view(-1, 1, *self.grid).to(x.dtype)  # [B, 1, h, w]
+            p = self.patch_size
+            x = x * keep.repeat_interleave(p, 2).repeat_interleave(p, 3)  # [B, 3, H, W], masked patches = 0
+        return self.net.forward_features(x)  # [B, D, h', w']
+
+    def pool(self, f: torch.Tensor) -> torch.Tensor:
+        return f.mean((2, 3))  # [B, D]
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))  # [B, C]
+
+    def reset_head(self, num_classes: int) -> None:
+        self.net.reset_classifier(num_classes)
+
+    def layer_groups(self) -> list[Group]:
+        n = self.net
+        stem = _named(n.conv1, "net.conv1") + _named(n.bn1, "net.bn1")
+        stages = [_named(getattr(n, f"layer{i}"), f"net.layer{i}") for i in range(1, 5)]
+        return [stem, *stages, _named(n.fc, "net.fc")]
+
+
+Encoder = ViTEncoder | CNNEncoder
+
+
+def build_encoder(name: str, image_size: int, patch_size: int, num_classes: int) -> Encoder:
+    """An encoder by name: vit_tiny, vit_micro, resnet18, resnet_small. Initialised from torch's global RNG
+    (callers that need reproducibility build it under ``torch.random.fork_rng`` with a seed)."""
+    if name not in ENCODER_NAMES:
+        raise MrplabError(f"unknown model name '{name}'", f"use one of {', '.join(ENCODER_NAMES)}")
+    if patch_size < 1 or image_size % patch_size:
+        raise MrplabError(
+            f"image size {image_size} is not divisible by patch size {patch_size}",
+            "choose model.patch_size that divides data.image_size",
+        )
+    if name in VIT_SIZES:
+        dim, depth, heads, mlp = VIT_SIZES[name]
+        return ViTEncoder(image_size, patch_size, num_classes, dim, depth, heads, mlp)
+    layers, channels = RESNET_SIZES[name]
+    return CNNEncoder(image_size, patch_size, num_classes, layers, channels)
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+class ViTDecoder(nn.Module):
+    """MAE's light decoder: visible tokens + mask tokens at the masked places, fixed 2-D sin-cos positions,
+    a few transformer blocks, a linear prediction per patch."""
+
+    def __init__(self, grid: tuple[int, int], enc_dim: int, dim: int, depth: int, heads: int, out_dim: int):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        pos = build_sincos2d_pos_embed(list(grid), dim=dim).reshape(1, grid[0] * grid[1], dim)  # [1, N, d]
+        self.register_buffer("pos_embed", pos, persistent=False)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, out_dim)
+
+    def forward(self, visible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        v = self.embed(visible)  # [B, N_vis, d]
+        B, N = mask.shape
+        t = self.mask_token.to(v.dtype).expand(B, N, -1).masked_scatter((~mask).unsqueeze(-1), v)  # [B, N, d]
+        t = self.blocks(t + self.pos_embed)
+        return self.pred(self.norm(t))  # [B, N, out_dim]
+
+
+class ConvDecoder(nn.Module):
+    """Light conv decoder: feature map -> patch grid -> 1x1, 3x3, 1x1 convs -> one prediction per patch."""
+
+    def __init__(self, grid: tuple[int, int], enc_dim: int, dim: int, out_dim: int):
+        super().__init__()
+        self.grid = grid
+        self.net = nn.Sequential(
+            nn.Conv2d(enc_dim, dim, 1), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.Conv2d(dim, out_dim, 1),
+        )
+
+    def forward(self, fmap: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        g = F.adaptive_avg_pool2d(fmap, self.grid)  # [B, D, h, w]
+        return self.net(g).flatten(2).transpose(1, 2)  # [B, N, out_dim]
+
+
+def build_decoder(encoder: Encoder, out_dim: int, dim: int, depth: int) -> ViTDecoder | ConvDecoder:
+    """The decoder that fits ``encoder``: ``decoder(features(x, mask), mask) -> [B, N, out_dim]``."""
+    if encoder.kind == "vit":
+        heads = max(1, dim // 32) if dim % 32 == 0 else 1
+        return ViTDecoder(encoder.grid, encoder.feature_dim, dim, depth, heads, out_dim)
+    return ConvDecoder(encoder.grid, encoder.feature_dim, dim, out_dim)
+
+
+def num_patches(encoder: Encoder) -> int:
+    return math.prod(encoder.grid)
