@@ -396,12 +396,16 @@ def measured_sentences(ev: Evidence) -> list[str]:
                             ("occlusion.own.retained", "higher")):
             if key not in a or key not in sl:
                 continue
-            mv, sv = a[key][0], sl[key][0]
+            (mv, ms), (sv, ss) = a[key], sl[key]
             if math.isnan(mv) or math.isnan(sv):
                 continue
             agrees = (mv > sv) if better == "higher" else (mv < sv)
-            out.append(f"- {key}: {a['approach']} {mv:.3f} vs SL {sv:.3f} — "
-                       + ("as the theory predicts." if agrees else "**not** as the theory predicts."))
+            if abs(mv - sv) <= ms + ss:  # within the seeds' spread: no direction is claimed
+                verdict = f"no clear difference (|difference| {abs(mv - sv):.3f} <= the two stds' sum {ms + ss:.3f})."
+            else:
+                verdict = "as the theory predicts." if agrees else "**not** as the theory predicts."
+            out.append(f"- {key} ({better} predicted for MRP): {a['approach']} {mv:.3f} ± {ms:.3f} vs SL "
+                       f"{sv:.3f} ± {ss:.3f} — {verdict}")
     return out
 
 
