@@ -213,22 +213,24 @@ def validate(raw: dict[str, Any]) -> TheoryConfig:
         raise MrplabError(_format_validation(err), "see configs/theory-default.yaml for the keys and ranges") from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file", shape: str = "a mapping of keys",
+              fix: str = "see configs/theory-default.yaml", empty_ok: bool = True) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every failure is one MrplabError naming ``what`` and the file."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as err:
-        raise MrplabError(f"cannot read config file {p}: {err.strerror or err}", "check the path") from None
+        raise MrplabError(f"cannot read {what} {p}: {err.strerror or err}", "check the path") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise MrplabError(f"config file {p} is not valid YAML{where}", "fix the YAML syntax") from None
-    if raw is None:
+        raise MrplabError(f"{what} {p} is not valid YAML{where}", "fix the YAML syntax") from None
+    if raw is None and empty_ok:
         return {}
     if not isinstance(raw, dict):
-        raise MrplabError(f"config file {p} must hold a mapping of keys", "see configs/theory-default.yaml")
+        raise MrplabError(f"{what} {p} must hold {shape}", fix)
     return raw
 
 

@@ -198,20 +198,8 @@ def _fmt_value(v: Any) -> str:
 
 
 def read_sweep_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as err:
-        raise MrplabError(f"cannot read sweep file {p}: {err.strerror or err}", "check the path") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise MrplabError(f"sweep file {p} is not valid YAML{where}", "fix the YAML syntax") from None
-    if not isinstance(raw, dict):
-        raise MrplabError(f"sweep file {p} must hold a mapping (name, base, grid, zip, seeds, study)", SEE_DOCS)
-    return raw
+    return config_mod.read_yaml(path, what="sweep file", shape="a mapping (name, base, grid, zip, seeds, study)",
+                                fix=SEE_DOCS, empty_ok=False)
 
 
 def _parse_file(raw: dict[str, Any], source: Path | None) -> SweepFile:
