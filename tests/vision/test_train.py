@@ -209,6 +209,20 @@ def test_data2vec_collapse_stops_the_run(tmp_path):
     assert list(tmp_path.iterdir()) == []  # a failed run leaves no folder
 
 
+def test_a_failing_stage_keeps_the_finished_ones(tmp_path):
+    """compare: SL and MAE finish, data2vec collapses; the finished stages stay on disk and are named."""
+    res = invoke("compare", "--out", str(tmp_path),
+                 *sets(*TINY, "seeds=[0]", "methods=[mae,data2vec]", "pretrain.min_target_var=100",
+                       "pretrain.collapse_patience=2"))
+    assert res.exit_code == 2, res.output
+    assert "collapsed" in res.stderr and "finished stages are kept in" in res.stderr
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.endswith(".partial") and partial.name in res.stderr
+    done = json.loads((partial / "stages.json").read_text())["done"]
+    assert set(done) == {"s0-scratch", "s0-mae-pretrain", "s0-mae-finetune"}
+    assert (partial / "checkpoints" / "s0-mae-pretrain.encoder.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

@@ -347,6 +347,14 @@ class VisionRunFolder(RunFolder):
     def __exit__(self, exc_type, exc, tb) -> bool:
         stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))
         resumable = (self.ckpt / "resume.json").exists() or (self.partial / "stages.json").exists()
+        if (exc_type is not None and issubclass(exc_type, MrplabError) and self.resume_dir is None
+                and (self.partial / "stages.json").exists()):
+            # a stage failed (diverged, collapsed) after others finished: keep them, say where
+            self._close_metrics()
+            exc.fix = f"{exc.fix}; the finished stages are kept in {self.partial}" if exc.fix else (
+                f"the finished stages are kept in {self.partial}")
+            exc.args = (exc.line(),)
+            return False
         if exc_type is not None and (self.resume_dir is not None or (stopped and resumable)):
             # keep what a stopped run made (and never delete a folder this process did not create)
             self._close_metrics()
