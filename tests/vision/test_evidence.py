@@ -124,3 +124,24 @@ def test_tiny_end_to_end_report(tmp_path, model):
     assert "motif coverage" in report and "| SL |" in report
     assert (folder / "figures" / "cams-eigencam.png").stat().st_size > 0
     assert (folder / "figures" / "cams-gradcam.png").stat().st_size > 0
+
+
+def test_one_seed_claims_a_direction_only_beyond_the_image_level_error():
+    from mrplab.vision.evidence import Evidence, measured_sentences
+
+    def agg(approach, regions, se, seeds=(0,)):
+        return {"approach": approach, "seeds": list(seeds), "eigencam.regions_mean": (regions, 0.0),
+                "eigencam.regions_mean_se": (se, 0.0)}
+
+    # 2 * sqrt(0.05^2 + 0.05^2) = 0.141: a 0.1 gap is within it, a 0.2 gap is not
+    near = Evidence(per_approach=[agg("SL", 1.5, 0.05), agg("MRP+FT (mae)", 1.6, 0.05)])
+    (line,) = measured_sentences(near)
+    assert "no clear difference" in line and "image-level" in line
+    far = Evidence(per_approach=[agg("SL", 1.5, 0.05), agg("MRP+FT (mae)", 1.7, 0.05)])
+    assert "as the theory predicts" in measured_sentences(far)[0]
+    lower = Evidence(per_approach=[agg("SL", 1.7, 0.05), agg("MRP+FT (mae)", 1.5, 0.05)])
+    assert "**not** as the theory predicts" in measured_sentences(lower)[0]
+    # with two seeds a side, the seeds' stds decide, not the image-level error
+    two = [dict(agg("SL", 1.5, 0.001, (0, 1)), **{"eigencam.regions_mean": (1.5, 0.2)}),
+           dict(agg("MRP+FT (mae)", 1.7, 0.001, (0, 1)), **{"eigencam.regions_mean": (1.7, 0.2)})]
+    assert "no clear difference" in measured_sentences(Evidence(per_approach=two))[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from mrplab.vision import measures
@@ -69,3 +70,29 @@ def test_top_window_finds_the_planted_region_and_occlusion_changes_exactly_it():
         inside[b, yy:yy + 8, xx:xx + 8] = True
     assert torch.equal(changed, inside)
     assert torch.equal(out[0, :, 5, 17], fill)
+
+
+def test_mean_se_is_std_over_sqrt_n_and_ignores_nan():
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")])
+    m, se = measures.mean_se(v)
+    assert m == pytest.approx(2.5)
+    assert se == pytest.approx(torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item() / 2.0)
+
+
+def test_ratio_se_matches_a_bootstrap_of_paired_accuracies():
+    """Occlusion's retained accuracy: the delta-method error must match a bootstrap over images, pairing
+    included (an unpaired formula would overstate it: correct-after implies mostly correct-before)."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    clean = (torch.rand(n, generator=g) < 0.8).float()
+    after = clean * (torch.rand(n, generator=g) < 0.7).float()  # most errors after occlusion are new ones
+    r, se = measures.ratio_se(after, clean)
+    assert r == pytest.approx((after.mean() / clean.mean()).item())
+    boots = []
+    for _ in range(2000):
+        i = torch.randint(0, n, (n,), generator=g)
+        boots.append((after[i].mean() / clean[i].mean()).item())
+    boot_se = torch.tensor(boots).std().item()
+    assert se == pytest.approx(boot_se, rel=0.1)
+    unpaired = (after.var() / n) ** 0.5 / clean.mean()  # ignoring the pairing and the denominator's noise
+    assert abs(se - unpaired.item()) > 0.1 * boot_se  # the pairing term matters here

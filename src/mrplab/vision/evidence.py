@@ -252,15 +252,16 @@ def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods:
         for method in methods:
             cams = cam_maps(m, x, y, method)  # [B, H, W], Grad-CAM for the true class
             maps[m.label][method] = cams
-            rec[f"{method}.regions_mean"] = measures.count_regions(cams).float().mean().item()
+            rec[f"{method}.regions_mean"], rec[f"{method}.regions_mean_se"] = measures.mean_se(
+                measures.count_regions(cams).float())
             if embedded:
                 mv = test.view[idx] == 0
                 if mv.any():
                     cov = measures.motif_coverage(cams[mv], test.motif_boxes[idx][mv], test.motif_present[idx][mv])
-                    rec[f"{method}.motif_coverage"] = cov.nanmean().item()
+                    rec[f"{method}.motif_coverage"], rec[f"{method}.motif_coverage_se"] = measures.mean_se(cov)
         if embedded:
             rec["acc_multi"] = (pred_all == test.labels)[test.view == 0].float().mean().item()
-            rec["acc_single"] = (pred_all == test.labels)[test.view == 1].float().mean().item()
+            rec["acc_single"], rec["acc_single_se"] = measures.mean_se((pred_all == test.labels)[test.view == 1].float())
             rec.update({f"single_view.{k}": v for k, v in single_view_by_motif(pred_all, test).items()})
         corners[m.label] = measures.top_window(maps[m.label][methods[0]], window)
         ev.per_model.append(rec)
@@ -275,11 +276,12 @@ def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods:
         for other in sources:
             occluded = measures.occlude(x, corners[other.label], window, fill)
             ok = (predict(m, occluded) == y).float()
+            retained, retained_se = measures.ratio_se(ok, ok_clean)
             ev.occlusion.append({
                 "model": m.label, "approach": m.approach, "seed": m.seed,
                 "map_of": "own" if other is m else other.approach, "map_model": other.label,
                 "acc_clean": ok_clean.mean().item(), "acc_occluded": ok.mean().item(),
-                "retained": (ok.mean() / ok_clean.mean().clamp_min(1e-9)).item(),
+                "retained": retained, "retained_se": retained_se,
             })
 
     by: dict[str, list[dict]] = {}
@@ -293,6 +295,8 @@ def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods:
         occ = [o for o in ev.occlusion if o["approach"] == approach]
         for target in sorted({o["map_of"] for o in occ}):
             agg[f"occlusion.{target}.retained"] = _mean_std([o["retained"] for o in occ if o["map_of"] == target])
+            agg[f"occlusion.{target}.retained_se"] = _mean_std(
+                [o["retained_se"] for o in occ if o["map_of"] == target])
         ev.per_approach.append(agg)
     return ev, {"maps": maps, "preds": preds, "raw": raw, "labels": y, "classes": test.classes,
                 "window": window, "corners": corners}
@@ -347,6 +351,9 @@ DEFINITIONS = f"""\
 - **occlusion retained**: accuracy after filling the window x window square with the largest map sum (the most
   discriminative region) with the data set's mean colour, divided by the clean accuracy on the same images; *own* uses
   the model's own map, the other columns another approach's map (same seed).
+- **a difference is claimed** only when it exceeds the spread: with >= 2 seeds per approach the sum of the two stds
+  over seeds; with one seed twice the image-level standard error of the difference (per-image values for regions
+  and coverage, the delta method for the paired accuracy ratio of occlusion).
 - Eigen-CAM is class-agnostic (first principal component of the last stage's activations); Grad-CAM explains the
   true class. CNN: last residual block; ViT: last block's first norm, tokens on the patch grid.
 """
@@ -365,7 +372,7 @@ def render_report(ev: Evidence, figures: list[str], n_images: int, data: VisionD
              f"Data: {data.source}" + (f" ({data.root})" if data.root else "") + f"; {n_images} test images for maps"
              f" and occlusion; wall time {wall_s:.0f} s.", "", "## Per approach (mean ± std over seeds)", ""]
     keys = [k for k in ev.per_approach[0] if k not in ("approach", "seeds")] if ev.per_approach else []
-    keys = [k for k in keys if not k.startswith("single_view.acc_by")]
+    keys = [k for k in keys if not k.startswith("single_view.acc_by") and not k.endswith("_se")]
     lines.append("| approach | seeds | " + " | ".join(keys) + " |")
     lines.append("|---|---|" + "---|" * len(keys))
     for a in ev.per_approach:
@@ -380,6 +387,16 @@ def render_report(ev: Evidence, figures: list[str], n_images: int, data: VisionD
                      f"{o['acc_occluded']:.3f} | {o['retained']:.3f} |")
     lines += ["", "## Figures", ""] + [f"![{f}](figures/{f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _spread(a: dict, b: dict, key: str) -> tuple[float, str]:
+    """How far apart two approaches' means must be before a direction is claimed. With >= 2 seeds on both
+    sides: the sum of the two stds over seeds. Otherwise (one seed): twice the image-level standard error
+    of the difference, 2 * sqrt(se_a^2 + se_b^2), about a 95% interval."""
+    if len(a["seeds"]) > 1 and len(b["seeds"]) > 1:
+        return a[key][1] + b[key][1], "the two stds' sum over seeds"
+    se_a, se_b = a.get(f"{key}_se", (math.nan,))[0], b.get(f"{key}_se", (math.nan,))[0]
+    return 2 * math.hypot(se_a, se_b), "twice the image-level standard error of the difference"
 
 
 def measured_sentences(ev: Evidence) -> list[str]:
@@ -400,8 +417,11 @@ def measured_sentences(ev: Evidence) -> list[str]:
             if math.isnan(mv) or math.isnan(sv):
                 continue
             agrees = (mv > sv) if better == "higher" else (mv < sv)
-            if abs(mv - sv) <= ms + ss:  # within the seeds' spread: no direction is claimed
-                verdict = f"no clear difference (|difference| {abs(mv - sv):.3f} <= the two stds' sum {ms + ss:.3f})."
+            spread, rule = _spread(a, sl, key)
+            if math.isnan(spread):
+                verdict = "no spread to judge it by (one seed, no per-image values)."
+            elif abs(mv - sv) <= spread:  # within the spread: no direction is claimed
+                verdict = f"no clear difference (|difference| {abs(mv - sv):.3f} <= {rule} {spread:.3f})."
             else:
                 verdict = "as the theory predicts." if agrees else "**not** as the theory predicts."
             out.append(f"- {key} ({better} predicted for MRP): {a['approach']} {mv:.3f} ± {ms:.3f} vs SL "

@@ -96,3 +96,28 @@ def occlude(images: torch.Tensor, corners: torch.Tensor, window: int, fill: torc
     for b, (y, x) in enumerate(corners.tolist()):
         out[b, :, y:y + window, x:x + window] = fill.view(-1, 1, 1).to(out.dtype)
     return out
+
+
+# --------------------------------------------------------------------------- image-level uncertainty
+
+
+def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean of per-image values [n] (nan ignored) and its standard error std / sqrt(n)."""
+    v = values[~torch.isnan(values.float())].double()
+    if v.numel() == 0:
+        return float("nan"), float("nan")
+    se = v.std(unbiased=True).item() / v.numel() ** 0.5 if v.numel() > 1 else float("nan")
+    return v.mean().item(), se
+
+
+def ratio_se(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float]:
+    """mean(num) / mean(den) over paired per-image values [n] (e.g. correct after / before occlusion) and its
+    delta-method standard error, which accounts for the pairing (the same images in both)."""
+    a, c = num.double(), den.double()
+    n = a.numel()
+    ma, mc = a.mean(), c.mean()
+    if n < 2 or mc <= 0:
+        return (ma / mc).item() if mc > 0 else float("nan"), float("nan")
+    cov = torch.cov(torch.stack([a, c]))  # [[var a, cov], [cov, var c]], unbiased
+    var = (cov[0, 0] / mc**2 - 2 * ma * cov[0, 1] / mc**3 + ma**2 * cov[1, 1] / mc**4) / n
+    return (ma / mc).item(), var.clamp_min(0).sqrt().item()
