@@ -4,9 +4,11 @@ One step = forward (encoder on the visible patches, light decoder, MSE on the ma
 backward + AdamW step. Both sides wrap the same timm VisionTransformer configuration (no class
 token, so the masks are identical in kind: exactly round(ratio * N) patches per image) and the
 same one-block decoder; mrplab's MAE runs with norm_pix off, like lightly's reference example.
-Single timed steps alternate (mrplab, lightly, lightly, mrplab, ...) and each side's median step
-time is reported, so load from other processes hits both alike. Prints a table and writes
-benchmarks/results/vision_mae_throughput.json with the ratios mrplab / lightly.
+Single timed steps alternate between the sides (the order reversed every round) and each side's median
+step time is reported, so load from other processes hits both alike. mrplab runs as its trainer does
+(``choose_attention``: with bf16 on CPU the explicit attention path instead of timm's fused kernel, whose
+bf16 backward is slow on CPU); lightly runs as its examples do, on timm's defaults. Prints a table and
+writes benchmarks/results/vision_mae_throughput.json with the ratios mrplab / lightly.
 
 lightly is only needed here (``pip install lightly`` into the venv); it is not a dependency of mrplab.
 
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from mrplab.report.run_folder import atomic_write_text
-from mrplab.vision.models import VIT_SIZES, build_encoder
+from mrplab.vision.models import VIT_SIZES, build_encoder, choose_attention
 from mrplab.vision.objectives import MAE, patch_mask
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vision_mae_throughput.json"
@@ -114,10 +116,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     heads = max(1, args.decoder_dim // 32)
 
-    def ours():
+    def ours(precision: str):
         torch.manual_seed(0)
         enc = build_encoder(args.model, args.image_size, args.patch, 10)
         mae = MAE(enc, args.mask_ratio, norm_pix=False, decoder_dim=args.decoder_dim, decoder_depth=1).to(device)
+        choose_attention(mae, device, precision)  # as vision/train.py's fit() does
         return mae, lambda: mae(x, patch_mask(args.batch, N, args.mask_ratio, gen, device))[0]
 
     def theirs():
@@ -128,12 +131,14 @@ def main() -> None:
 
     table = {}
     for precision in ("fp32", "bf16"):
-        steppers = {name: Stepper(*make(), x, precision) for name, make in (("mrplab", ours), ("lightly", theirs))}
+        makers = (("mrplab", lambda: ours(precision)), ("lightly", theirs))
+        steppers = {name: Stepper(*make(), x, precision) for name, make in makers}
         for s in steppers.values():  # warm-up, untimed
-            s.step()
-            s.step()
-        for r in range(args.steps):  # alternate single steps so that load from other processes hits both alike
-            for name in (("mrplab", "lightly") if r % 2 == 0 else ("lightly", "mrplab")):
+            for _ in range(3):
+                s.step()
+        names = list(steppers)
+        for r in range(args.steps):  # alternate single steps so that load from other processes hits all alike
+            for name in (names if r % 2 == 0 else names[::-1]):
                 steppers[name].times.append(steppers[name].step())
         speed = {k: args.batch / statistics.median(s.times) for k, s in steppers.items()}
         table[precision] = {"mrplab_images_per_s": speed["mrplab"], "lightly_images_per_s": speed["lightly"],
@@ -151,6 +156,7 @@ def main() -> None:
         "bf16": table["bf16"],
         "ratio_fp32": table["fp32"]["ratio"],
         "ratio_bf16": table["bf16"]["ratio"],
+
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "lightly": lightly.__version__,
                     "load_average": os.getloadavg(),

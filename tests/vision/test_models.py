@@ -85,3 +85,36 @@ def test_build_encoder_errors():
         build_encoder("vit_micro", 30, 4, 10)
     with pytest.raises(MrplabError, match="not divisible by patch size"):
         build_encoder("resnet_small", 32, 5, 10)
+
+
+def _mae_loss_and_grads(fused: bool):
+    from mrplab.vision.objectives import MAE
+
+    torch.manual_seed(0)
+    mae = MAE(build_encoder("vit_micro", 16, 4, 3), 0.5, True, 32, 1)
+    for m in mae.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    loss, _ = mae(_x(4, 16), patch_mask(4, 16, 0.5, torch.Generator().manual_seed(1)))
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in mae.named_parameters() if p.grad is not None}
+
+
+def test_choose_attention_takes_the_explicit_path_only_for_bf16_on_cpu():
+    from mrplab.vision.models import choose_attention
+
+    enc = build_encoder("vit_micro", 16, 4, 3)
+    cases = [("cpu", "bf16", False), ("cpu", "fp32", True), ("cuda", "bf16", True), ("cuda", "fp32", True)]
+    for device, precision, fused in cases:
+        assert choose_attention(enc, torch.device(device), precision) == 4  # vit_micro's 4 blocks
+        assert all(blk.attn.fused_attn is fused for blk in enc.vit.blocks), (device, precision)
+    assert choose_attention(build_encoder("resnet_small", 16, 4, 3), torch.device("cpu"), "bf16") == 0
+
+
+def test_both_attention_kernels_compute_the_same_function():
+    loss_f, grads_f = _mae_loss_and_grads(fused=True)
+    loss_m, grads_m = _mae_loss_and_grads(fused=False)
+    torch.testing.assert_close(loss_f, loss_m, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_m.keys()
+    for k in grads_f:
+        torch.testing.assert_close(grads_f[k], grads_m[k], rtol=1e-4, atol=1e-6)

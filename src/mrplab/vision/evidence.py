@@ -247,7 +247,8 @@ def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods:
         pred = pred_all[idx]
         preds[m.label] = pred
         rec: dict = {"model": m.label, "approach": m.approach, "seed": m.seed, "path": str(m.path),
-                     "acc": (pred_all == test.labels).float().mean().item(), "n_images": len(idx)}
+                     "n_images": len(idx)}
+        rec["acc"], rec["acc_se"] = measures.mean_se((pred_all == test.labels).float())
         maps[m.label] = {}
         for method in methods:
             cams = cam_maps(m, x, y, method)  # [B, H, W], Grad-CAM for the true class
@@ -341,6 +342,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _cell(a: dict, key: str) -> str:
+    """A per-approach table cell: mean ± std over seeds, or with one seed mean ± image-level SE (or the mean)."""
+    v = a.get(key, math.nan)
+    if len(a["seeds"]) > 1 or not isinstance(v, (tuple, list)):
+        return _fmt(v)
+    se = a.get(f"{key}_se", (math.nan,))[0]
+    if math.isnan(v[0]):
+        return "n/a"
+    return f"{v[0]:.3f}" if math.isnan(se) else f"{v[0]:.3f} ± {se:.3f} (SE)"
+
+
 DEFINITIONS = f"""\
 - **motif coverage**: on multi-view test images (embedded data), the share of the class's motifs whose box holds a
   CAM value >= {measures.PEAK_THRESHOLD} of the image's maximum or >= {measures.MASS_SHARE} of the map's mass.
@@ -373,11 +385,14 @@ def render_report(ev: Evidence, figures: list[str], n_images: int, data: VisionD
              f" and occlusion; wall time {wall_s:.0f} s.", "", "## Per approach (mean ± std over seeds)", ""]
     keys = [k for k in ev.per_approach[0] if k not in ("approach", "seeds")] if ev.per_approach else []
     keys = [k for k in keys if not k.startswith("single_view.acc_by") and not k.endswith("_se")]
+    if any(len(a["seeds"]) == 1 for a in ev.per_approach):
+        lines += ["With one seed there is no spread over seeds: such cells show ± the image-level standard error,"
+                  " marked (SE); a cell without one shows the value alone.", ""]
     lines.append("| approach | seeds | " + " | ".join(keys) + " |")
     lines.append("|---|---|" + "---|" * len(keys))
     for a in ev.per_approach:
         lines.append(f"| {a['approach']} | {', '.join(map(str, a['seeds']))} | "
-                     + " | ".join(_fmt(a.get(k, math.nan)) for k in keys) + " |")
+                     + " | ".join(_cell(a, k) for k in keys) + " |")
     lines += ["", "## What was measured", ""]
     lines += measured_sentences(ev)
     lines += ["", "## Occlusion, per model", "", "| model | map of | clean acc | occluded acc | retained |",
@@ -408,12 +423,13 @@ def measured_sentences(ev: Evidence) -> list[str]:
     for a in ev.per_approach:
         if a is sl:
             continue
-        for key, better in (("eigencam.motif_coverage", "higher"), ("single_view.motifs_recognised_share", "higher"),
-                            ("acc_single", "higher"), ("eigencam.regions_mean", "higher"),
+        for key, better in (("eigencam.motif_coverage", "higher"), ("gradcam.motif_coverage", "higher"),
+                            ("single_view.motifs_recognised_share", "higher"), ("acc_single", "higher"),
+                            ("eigencam.regions_mean", "higher"), ("gradcam.regions_mean", "higher"),
                             ("occlusion.own.retained", "higher")):
             if key not in a or key not in sl:
                 continue
-            (mv, ms), (sv, ss) = a[key], sl[key]
+            (mv, _), (sv, _) = a[key], sl[key]
             if math.isnan(mv) or math.isnan(sv):
                 continue
             agrees = (mv > sv) if better == "higher" else (mv < sv)
@@ -424,8 +440,8 @@ def measured_sentences(ev: Evidence) -> list[str]:
                 verdict = f"no clear difference (|difference| {abs(mv - sv):.3f} <= {rule} {spread:.3f})."
             else:
                 verdict = "as the theory predicts." if agrees else "**not** as the theory predicts."
-            out.append(f"- {key} ({better} predicted for MRP): {a['approach']} {mv:.3f} ± {ms:.3f} vs SL "
-                       f"{sv:.3f} ± {ss:.3f} — {verdict}")
+            out.append(f"- {key} ({better} predicted for MRP): {a['approach']} {_cell(a, key)} vs SL "
+                       f"{_cell(sl, key)} — {verdict}")
     return out
 
 

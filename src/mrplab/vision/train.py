@@ -55,7 +55,7 @@ from mrplab.theory.experiment import resolve_device
 from mrplab.vision import report
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, augment, channel_stats, load_split, normalize
-from mrplab.vision.models import Encoder, Group, build_encoder, num_patches
+from mrplab.vision.models import Encoder, Group, build_encoder, choose_attention, num_patches
 from mrplab.vision.objectives import MAE, CollapseCheck, Data2Vec, Pretrainer, check_mask_ratio, momentum_at, patch_mask
 
 Command = Literal["pretrain", "finetune", "scratch", "linprobe", "compare"]
@@ -486,6 +486,7 @@ def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mas
     step, perm, window = 0, None, [0.0, 0]  # window: loss sum and steps since the last log
     if loop.resume is not None:
         step, perm, window = _load_resume(loop, module, opt, sched, gens, collapse)
+    choose_attention(module, loop.device, cfg.precision)
     net = module
     if loop.dist.world > 1:
         net = nn.parallel.DistributedDataParallel(
