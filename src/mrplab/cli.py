@@ -107,6 +107,16 @@ class _Progress:
             text += f"  captured {sum(n_cap) / len(n_cap):.1f}/{n_feat}"
         return text
 
+    def runtime(self, info: dict) -> None:
+        """One line: the threads, precision and compilation the run uses, and why."""
+        if self.quiet:
+            return
+        self.console.print(
+            f"threads {info['threads']} ({info['threads_reason']}); precision {info['precision']} "
+            f"({info['precision_reason']}); compile {'on' if info['compile'] else 'off'} ({info['compile_reason']})",
+            markup=False, soft_wrap=True, style="dim",
+        )
+
     def record(self, rec: dict) -> None:
         if rec.get("phase") != self.phase:
             self.phase, self.phase_done = rec.get("phase", "?"), 0
@@ -198,7 +208,8 @@ def theory(
         from mrplab.theory import experiment
 
         with _sigterm_as_exit(), _Progress(cfg, experiment.planned_steps(cfg), quiet, console) as progress:
-            result, path = run_folder.run_theory(cfg, out, on_record=progress.record, advance=progress.advance)
+            result, path = run_folder.run_theory(cfg, out, on_record=progress.record, advance=progress.advance,
+                                                 on_runtime=progress.runtime)
     except MrplabError as err:
         _fail(err)
         return

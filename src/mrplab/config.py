@@ -157,16 +157,18 @@ class TheoryConfig(_Strict):
     name: str = Field("theory", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    compile: bool = Field(
-        True, description="fuse the smoothed ReLU's elementwise work with torch.compile (~4x faster elementwise "
-        "work after ~20 s of compiling per shape; falls back to eager, same numbers, if no compiler works)"
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="fuse the smoothed ReLU's elementwise work with torch.compile; auto = only where a "
+        "compiler works and the run is long enough to repay the measured compile time (mrplab/runtime.py); "
+        "same numbers either way"
     )
-    precision: Literal["fp32", "bf16"] = Field(
-        "bf16", description="bf16: patches stored and multiplied in bfloat16 (AMX on CPUs that have it); "
-        "weights, activations, accumulation and probes stay fp32. Default since the default run gave fp32's "
-        "verdicts and capture counts (docs/regime.md); fp32 for exact float32 arithmetic"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: patches stored and multiplied in bfloat16; weights, activations, accumulation "
+        "and probes stay fp32. auto = bf16 only where the device has native bf16 and a probe at this run's "
+        "matmul shapes measures it faster than fp32 (cached per machine; the run folder records the choice)"
     )
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = leave as is")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = this process's share of "
+                                "the available cores among running mrplab processes, re-read during the run")
     data: DataConfig = Field(default_factory=DataConfig)
     net: NetConfig = Field(default_factory=NetConfig)
     sl: SLConfig = Field(default_factory=SLConfig)
@@ -273,7 +275,6 @@ _TOP_COMMENTS = {
     "name": "run folder prefix: runs/<name>-<YYYYmmdd-HHMMSS>/",
     "seeds": "independent runs trained at once (leading run axis); verdicts aggregate over them",
     "device": "cpu, cuda or auto",
-    "threads": "torch intra-op threads; null = leave as is",
 }
 
 

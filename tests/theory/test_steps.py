@@ -123,6 +123,7 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
         return fails
 
     steps.activation.cache_clear()
+    steps._compiled_act.cache_clear()
     monkeypatch.setattr(torch, "compile", broken_compile)
     try:
         act = steps.activation(True)
@@ -136,3 +137,4 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
             act(z, 3, 1.0)
     finally:
         steps.activation.cache_clear()
+        steps._compiled_act.cache_clear()

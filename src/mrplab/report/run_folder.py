@@ -221,6 +221,7 @@ def build_summary(
         "verdicts": result.verdicts,
         "per_seed": result.per_seed,
         "timings": result.timings,
+        "runtime": result.runtime,
         "wall_s": wall_s,
     }
 
@@ -291,6 +292,17 @@ def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list
     for name in figure_files:
         lines += [f"![{name}](figures/{name})", "", captions.get(name, ""), ""]
 
+    rt = s.get("runtime") or {}
+    if rt:
+        lines += ["## Runtime", "", "| choice | value | why |", "|---|---|---|"]
+        for key in ("threads", "precision", "compile"):
+            lines.append(f"| {key} | {_fmt(rt.get(key))} | {_cell(str(rt.get(key + '_reason', '')))} |")
+        if rt.get("matmul_flops"):
+            lines.append(f"| matmul FLOPs counted | {rt['matmul_flops'] / 1e12:.2f} TFLOP | |")
+        if rt.get("matmul_limit_gflops"):
+            lines.append(f"| matmul limit at this precision and the run's shapes | "
+                         f"{rt['matmul_limit_gflops']:.0f} GFLOP/s | measured or cached (runtime.py) |")
+        lines.append("")
     lines += ["## Timings", "", "| phase | seconds |", "|---|---|"]
     for k, v in s["timings"].items():
         lines.append(f"| {k} | {_fmt(v)} |")
@@ -431,6 +443,7 @@ def run_theory(
     on_record: Callable[[dict], None] | None = None,
     advance: Callable[[int], None] | None = None,
     command: str | None = None,
+    on_runtime: Callable[[dict], None] | None = None,
 ) -> tuple[TheoryResult, Path]:
     """Run one theory experiment and write its run folder; what ``mrplab theory`` calls.
 
@@ -445,7 +458,7 @@ def run_theory(
             if on_record is not None:
                 on_record(rec)
 
-        result = experiment.run(cfg, emit, advance or (lambda n: None))
+        result = experiment.run(cfg, emit, advance or (lambda n: None), on_runtime or (lambda info: None))
         path = rf.finish(result, wall_s=time.perf_counter() - t0)
     return result, path
 

@@ -67,6 +67,12 @@ class MultiViewData:
         """The Gaussian noise xi of every patch: X minus its feature signal."""
         return self.X - self.coef @ bank.flat  # [..., N, P, d]
 
+    def runs(self, s: slice) -> "MultiViewData":
+        """The data of runs s of a set with a leading run axis; a set shared by all runs (axis size 1) as is."""
+        if self.X.shape[0] == 1:
+            return self
+        return MultiViewData(**{f.name: getattr(self, f.name)[s] for f in fields(self)})
+
     def to(self, device: torch.device | str) -> "MultiViewData":
         return MultiViewData(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

@@ -12,20 +12,13 @@ from typing import Callable
 
 import torch
 
+from mrplab import runtime
 from mrplab.config import TheoryConfig
-from mrplab.errors import MrplabError
+from mrplab.runtime import resolve_device
 from mrplab.rng import generator
 from mrplab.theory import claims, net, probes, steps
 from mrplab.theory.data import MultiViewData, TheoryData, make_data
 from mrplab.theory.train import RunGens, finetune, pretrain_mrp, total_steps, train_sl
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MrplabError("device 'cuda' was asked for but no CUDA device is available", "use device=cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _tolist(t: torch.Tensor) -> list:
@@ -35,12 +28,15 @@ def _tolist(t: torch.Tensor) -> list:
 class Recorder:
     """The train loops' hooks: probes every logged step and forwards progress."""
 
-    def __init__(self, cfg: TheoryConfig, data: TheoryData, emit: Callable[[dict], None], advance: Callable[[int], None]):
-        self.cfg, self.data, self.emit, self._advance = cfg, data, emit, advance
+    def __init__(self, cfg: TheoryConfig, data: TheoryData, emit: Callable[[dict], None], advance: Callable[[int], None],
+                 share: runtime.CoreShare | None = None):
+        self.cfg, self.data, self.emit, self._advance, self.share = cfg, data, emit, advance, share
         self.thr = cfg.capture_threshold
         self.history: dict[str, list[dict]] = {"sl": [], "mrp": [], "lp": [], "ft": []}
 
     def advance(self, n: int = 1) -> None:
+        if self.share is not None:
+            self.share.refresh()  # another mrplab process may have started or ended: re-divide the cores
         self._advance(n)
 
     def log(self, phase: str, step: int, state: dict) -> None:
@@ -55,10 +51,13 @@ class Recorder:
         rec["max_features_per_kernel"] = _tolist(probes.kernel_purity(C, self.thr).amax(-1))
         train_set = self.data.pretrain if phase == "mrp" else self.data.train
         with torch.no_grad():
-            Z = net.preact(train_set.X, W)
-            rec["noise_memorisation"] = _tolist(probes.noise_memorisation(Z, train_set, C))
+            N, P = train_set.X.shape[1], train_set.X.shape[2]
+            mem = torch.cat([probes.noise_memorisation(net.preact(steps._rows(train_set.X, s), W[s]),
+                                                       train_set.runs(s), C[s])
+                             for s in steps.run_chunks(W.shape[0], N * P * W.shape[2])])
+            rec["noise_memorisation"] = _tolist(mem)
             if phase in ("sl", "lp", "ft"):
-                h = net.encode(self.data.test.X, W, q, thr_act)
+                h = steps.encode(self.data.test.X, W, q, thr_act)
                 logits = net.sl_logits(h, bank.k, cfg.net.m) if phase == "sl" else state["head"](h)
                 for key, v in probes.accuracy_by_view(logits, self.data.test).items():
                     rec[f"test_{key}"] = _tolist(v)
@@ -83,6 +82,7 @@ class TheoryResult:
     verdicts: list[dict]
     history: dict[str, list[dict]]
     timings: dict[str, float] = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)  # threads, precision, compile: what was used and why; FLOPs
 
 
 def _eval_view_errors(logits: torch.Tensor, test: MultiViewData) -> dict[str, torch.Tensor]:
@@ -97,8 +97,8 @@ def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head
     with torch.no_grad():
         C0, C_sl, C_mrp, C_ft = (probes.capture_matrix(W, bank) for W in (W_init, W_sl, W_mrp, W_ft))
         lot = probes.sl_lottery(C0, C_sl, k, m, thr)
-        sl_err = _eval_view_errors(net.sl_logits(net.encode(data.test.X, W_sl, q, thr_act), k, m), data.test)
-        ft_err = _eval_view_errors(head(net.encode(data.test.X, W_ft, q, thr_act)), data.test)
+        sl_err = _eval_view_errors(net.sl_logits(steps.encode(data.test.X, W_sl, q, thr_act), k, m), data.test)
+        ft_err = _eval_view_errors(head(steps.encode(data.test.X, W_ft, q, thr_act)), data.test)
         shown = bank.covered  # [k_total, L] features the pretraining data shows
         cap_mrp = probes.captured(C_mrp, thr)  # [R, k_total, L]
         cap_ft = probes.captured(C_ft, thr)
@@ -145,16 +145,52 @@ def run(
     cfg: TheoryConfig,
     emit: Callable[[dict], None] = lambda rec: None,
     advance: Callable[[int], None] = lambda n: None,
+    on_runtime: Callable[[dict], None] = lambda info: None,
 ) -> TheoryResult:
-    """Train SL, MRP and fine-tuning for every seed and measure the claims."""
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    """Train SL, MRP and fine-tuning for every seed and measure the claims.
+
+    ``on_runtime`` is told the threads, precision and compilation the run uses
+    (and why) before training starts.
+    """
+    allocator = runtime.keep_freed_memory()
+    with runtime.CoreShare(cfg.threads) as share:
+        result = _run(cfg, emit, advance, on_runtime, share)
+    result.runtime["allocator"] = allocator
+    return result
+
+
+def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Choice, tuple[int, ...], bool]:
+    """Precision and compilation for this run (measured or cached, runtime.py). Returns
+    (choice, the activation's chunk shape, whether the compile probe ran in this process)."""
+    R, K, P, d = len(cfg.seeds), cfg.data.k * cfg.net.m, cfg.data.P, cfg.data.d
+    N = cfg.data.n_train
+    chunks = steps.run_chunks(R, N * P * K)
+    c = chunks[0].stop - chunks[0].start
+    shared = cfg.data.share_across_runs
+    shapes = [(N * P, d, K * (c if shared else 1))]  # one matmul of the engine: X[N*P, d] @ W[d, K] per run
+    precision, p_why, rates = runtime.choose_precision(cfg.precision, device, shapes)
+    ft = cfg.finetune
+    calls = len(chunks) * (cfg.sl.steps + cfg.mrp.steps + 2 + (ft.ft_steps + 1 if ft.mode in ("ft", "lp_ft") else 0))
+    shape = (c, N, P, K)
+    q, thr = cfg.net.q, cfg.net.threshold
+    compiled, c_why, probed = runtime.choose_compile(
+        cfg.compile, device, ("act", shape), calls,
+        lambda: steps.time_eager_act(shape, q, thr), lambda: steps.time_compiled_act(shape, q, thr))
+    return runtime.Choice(precision, p_why, compiled, c_why, rates), shape, probed
+
+
+def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResult:
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
+    flops0 = runtime.matmul_flops.total
+    choice, act_shape, probed_now = choose_runtime(cfg, device)
+    info = {**share.record(), **choice.record()}
+    on_runtime(info)
+    t_choice = time.perf_counter()
     data = make_data(cfg.data, cfg.seeds)
     data = TheoryData(bank=data.bank, pretrain=data.pretrain.to(device), train=data.train.to(device),
                       test=data.test.to(device))
-    if cfg.precision == "bf16":
+    if choice.precision == "bf16":
         for ds in (data.pretrain, data.train, data.test):
             ds.X = ds.X.to(torch.bfloat16)  # matmul inputs in bf16; everything computed from Z stays fp32
     data.bank.V = data.bank.V.to(device)
@@ -164,7 +200,7 @@ def run(
     K = cfg.data.k * cfg.net.m
     seeds = cfg.seeds
     W_init = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, K, cfg.net.sigma_0).to(device)
-    rec = Recorder(cfg, data, emit, advance)
+    rec = Recorder(cfg, data, emit, advance, share)
     log_every = cfg.probes.log_every
 
     def gens(phase: str) -> RunGens:
@@ -174,7 +210,7 @@ def run(
             head=[generator(s, f"{phase}:head") for s in seeds],
         )
 
-    act = steps.activation(cfg.compile)
+    act = steps.activation(choice.compile)
     W_sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every, act)
     t_sl = time.perf_counter()
     mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, act)
@@ -188,10 +224,18 @@ def run(
             m["noise_memorisation_sl"] = rec.history["sl"][-1]["noise_memorisation"][r]
             m["noise_memorisation_mrp"] = rec.history["mrp"][-1]["noise_memorisation"][r]
     verdicts = claims.evaluate(per_seed, cfg.data.L, cfg.data.mu_test)
-    timings = {"data_s": t_data - t0, "sl_s": t_sl - t_data, "mrp_s": t_mrp - t_sl, "finetune_s": t_ft - t_mrp,
-               "total_s": time.perf_counter() - t0}
+    timings = {"runtime_choice_s": t_choice - t0, "data_s": t_data - t_choice, "sl_s": t_sl - t_data,
+               "mrp_s": t_mrp - t_sl, "finetune_s": t_ft - t_mrp, "total_s": time.perf_counter() - t0}
+    first = getattr(act, "first_call_s", None)
+    if choice.compile and first is not None:
+        info["compile_first_call_s"] = first
+        if not probed_now and cfg.compile == "auto":
+            runtime.note_compile_cost(device, ("act", act_shape), first)  # what a run with warm caches pays
+    info["threads_seen"] = sorted(set(share.seen))
+    info["matmul_flops"] = runtime.matmul_flops.total - flops0
     return TheoryResult(cfg=cfg, data=data, W_init=W_init, W_sl=W_sl, W_mrp=mrp.W, D_mrp=mrp.D, W_ft=ft.W,
-                        head=ft.head, per_seed=per_seed, verdicts=verdicts, history=rec.history, timings=timings)
+                        head=ft.head, per_seed=per_seed, verdicts=verdicts, history=rec.history, timings=timings,
+                        runtime=info)
 
 
 def planned_steps(cfg: TheoryConfig) -> int:

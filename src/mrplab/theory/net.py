@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mrplab.runtime import matmul_flops
+
 
 # --------------------------------------------------------------------------- smoothed ReLU
 
@@ -70,6 +72,7 @@ def preact(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """
     Rd, N, P, d = X.shape
     R, _, K = W.shape
+    matmul_flops.add(N * P, d, K, times=R)
     Wc = W.to(X.dtype)  # bf16 data: bf16 matmul inputs, Z returned in W's precision
     if Rd == 1:
         Wf = Wc.permute(1, 0, 2).reshape(d, R * K)  # [d, R*K]
@@ -125,6 +128,10 @@ class LinearHead:
     center: torch.Tensor  # [R, 1, K] frozen per-kernel mean of the encoder output
     scale: torch.Tensor  # [R, 1, 1] frozen overall std of the run's encoder output
 
+    def runs(self, s: slice) -> "LinearHead":
+        """The heads of runs s (views, not copies)."""
+        return LinearHead(H=self.H[s], b=self.b[s], center=self.center[s], scale=self.scale[s])
+
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return torch.bmm((h - self.center) / self.scale, self.H) + self.b.unsqueeze(1)  # [R, N, k]
 
@@ -162,10 +169,15 @@ def init_linear_head(
 
 
 def act_and_grad(z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smoothed ReLU and its derivative from one pass over z: (act(z), act'(z))."""
-    u = (z.clamp(min=0.0) / thr).clamp(max=1.0)  # z/thr on the polynomial piece, 1 above, 0 below
-    g = u ** (q - 1)  # (z/thr)^(q-1) inside, 1 above, 0 below: exactly act'(z)
-    a = g * u * (thr / q) + (z - thr).clamp(min=0.0)  # z^q/(q thr^(q-1)) + linear part above thr
+    """Smoothed ReLU and its derivative from one pass over z: (act(z), act'(z)).
+
+    Written with in-place ops: three buffers of z's size instead of eight, which
+    is most of the eager cost at the engine's sizes (fresh buffers page-fault).
+    """
+    u = z.clamp(min=0.0).div_(thr).clamp_(max=1.0)  # z/thr on the polynomial piece, 1 above, 0 below
+    g = u.pow(q - 1)  # (z/thr)^(q-1) inside, 1 above, 0 below: exactly act'(z)
+    a = (z - thr).clamp_(min=0.0)  # linear part above thr
+    a.addcmul_(g, u, value=thr / q)  # + z^q/(q thr^(q-1)) on the polynomial piece
     return a, g
 
 
@@ -176,6 +188,7 @@ def weight_grad(X: torch.Tensor, dZ: torch.Tensor) -> torch.Tensor:
     """
     Rd, N, P, d = X.shape
     R, K = dZ.shape[0], dZ.shape[-1]
+    matmul_flops.add(N * P, d, K, times=R)
     if Rd == 1:
         dZf = dZ.permute(1, 2, 0, 3).reshape(N * P, R * K)  # [N*P, R*K]
         dW = X.reshape(N * P, d).t() @ dZf.to(X.dtype)  # [d, R*K]

@@ -47,7 +47,7 @@ def noise_memorisation(Z: torch.Tensor, data: MultiViewData, C: torch.Tensor) ->
     """
     R, K = C.shape[0], C.shape[1]
     Cf = C.reshape(R, K, -1).transpose(1, 2)  # [R, F, K]
-    coef = data.coef.expand(R, *data.coef.shape[1:])  # [R, N, P, F]
+    coef = data.coef.expand(R, *data.coef.shape[1:])  # [R, N, P, F] (data of these R runs, or shared)
     signal = torch.matmul(coef.flatten(1, 2), Cf).view_as(Z)  # [R, N, P, K]
     return (Z - signal).flatten(1).amax(-1)
 

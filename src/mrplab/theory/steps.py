@@ -12,15 +12,23 @@ in one pass, and one matmul dW = X^T dZ.
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from mrplab import runtime
 from mrplab.theory import net
 
 Act = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+@functools.cache
+def _compiled_act() -> Act:
+    runtime.use_persistent_compile_cache()
+    return torch.compile(net.act_and_grad, dynamic=False)
 
 
 @functools.cache
@@ -30,14 +38,19 @@ def activation(compiled: bool) -> Act:
     Compilation happens at the first call of each shape. If it fails (no working
     C++ compiler, an unsupported platform), the run goes on with the eager
     function, which computes the same numbers, after one warning line.
+    ``act.first_call_s`` holds how long the first call took (compiling included).
     """
     if not compiled:
         return net.act_and_grad
-    fused = torch.compile(net.act_and_grad, dynamic=False)
-    state = {"fn": fused}
+    state: dict = {"fn": _compiled_act()}
 
     def act(z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
         try:
+            if act.first_call_s is None:
+                t0 = time.perf_counter()
+                out = state["fn"](z, q, thr)
+                act.first_call_s = time.perf_counter() - t0
+                return out
             return state["fn"](z, q, thr)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
             if state["fn"] is net.act_and_grad:
@@ -48,7 +61,38 @@ def activation(compiled: bool) -> Act:
             state["fn"] = net.act_and_grad
             return net.act_and_grad(z, q, thr)
 
+    act.first_call_s = None  # type: ignore[attr-defined]
     return act
+
+
+def _probe_input(shape: tuple[int, ...], thr: float) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.5 * thr
+
+
+def _best_ms(fn: Act, z: torch.Tensor, q: int, thr: float, n: int = 10) -> float:
+    out = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn(z, q, thr)
+        out = min(out, time.perf_counter() - t0)
+    return out * 1e3
+
+
+def time_eager_act(shape: tuple[int, ...], q: int, thr: float) -> float:
+    """ms per call of the eager smoothed ReLU + derivative at one chunk's shape."""
+    z = _probe_input(shape, thr)
+    net.act_and_grad(z, q, thr)
+    return _best_ms(net.act_and_grad, z, q, thr)
+
+
+def time_compiled_act(shape: tuple[int, ...], q: int, thr: float) -> tuple[float, float]:
+    """(ms per call, seconds of the first call) of the compiled function ``activation(True)`` uses,
+    so a run that probed here pays no second compile; raises if compiling fails."""
+    z = _probe_input(shape, thr)
+    t0 = time.perf_counter()
+    _compiled_act()(z, q, thr)
+    compile_s = time.perf_counter() - t0
+    return _best_ms(_compiled_act(), z, q, thr), compile_s
 
 
 def _softmax_ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +106,38 @@ def _softmax_ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     return loss, dlogits / N
 
 
+def run_chunks(R: int, per_run_elems: int, budget: int = 1 << 21) -> list[slice]:
+    """Slices of the run axis whose [c, N, P, K] temporaries hold at most ``budget`` elements (8 MiB fp32).
+
+    A step's elementwise work touches several tensors of N*P*K elements per run;
+    done for all R runs at once they grow past the caches and past the
+    allocator's reuse threshold (glibc returns blocks over 32 MiB to the system
+    and every step page-faults them back in), so a step over R runs cost more
+    than R steps over one. Runs are independent, so a step is computed chunk by
+    chunk with the same numbers: a run's result never depends on which others
+    are batched with it.
+    """
+    c = max(1, budget // max(per_run_elems, 1))
+    return [slice(i, min(i + c, R)) for i in range(0, R, c)]
+
+
+def _rows(t: torch.Tensor, s: slice) -> torch.Tensor:
+    """The runs s of a tensor with a leading run axis, or t itself when that axis is shared (size 1)."""
+    return t if t.shape[0] == 1 else t[s]
+
+
 def sl(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, q: int, thr: float, k: int, m: int,
        act: Act = net.act_and_grad):
     """Cross-entropy on F_i = sum of class i's kernels. Returns (loss [R], dW [R, d, K])."""
+    R, N, P = W.shape[0], X.shape[1], X.shape[2]
+    loss = W.new_empty(R)
+    dW = torch.empty_like(W)
+    for s in run_chunks(R, N * P * W.shape[2]):
+        loss[s], dW[s] = _sl(_rows(X, s), _rows(y, s), W[s], q, thr, k, m, act)
+    return loss, dW
+
+
+def _sl(X, y, W, q, thr, k, m, act):
     A, G = act(net.preact(X, W), q, thr)  # [R, N, P, K]
     h = A.sum(2)  # [R, N, K]
     loss, dlogits = _softmax_ce(net.sl_logits(h, k, m), y)  # [R, N, k]
@@ -105,6 +178,20 @@ def mrp(
 
     mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
     """
+    R, N, P = W.shape[0], X.shape[1], X.shape[2]
+    parts = [_mrp(_rows(X, s), W[s], D[s], mask[s], q, thr, target, power, per_kernel,
+                  None if W_teacher is None else W_teacher[s], act)
+             for s in run_chunks(R, N * P * W.shape[2])]
+    if len(parts) == 1:
+        return parts[0]
+    return MRPGrads(
+        loss=torch.cat([p.loss for p in parts]), dW=torch.cat([p.dW for p in parts]),
+        dD=torch.cat([p.dD for p in parts]), pred_var=torch.cat([p.pred_var for p in parts]),
+        target_var=None if parts[0].target_var is None else torch.cat([p.target_var for p in parts]),
+    )
+
+
+def _mrp(X, W, D, mask, q, thr, target, power, per_kernel, W_teacher, act) -> MRPGrads:
     A, G = act(net.preact(X, W), q, thr)  # [R, N, P, K]
     keep = (~mask).unsqueeze(-1).to(A.dtype)  # [R, N, P, 1]
     h_s = (A * keep).sum(2)  # [R, N, K] student sees visible patches only
@@ -135,6 +222,16 @@ def mrp(
                     pred_var=pred.var(dim=1).mean(-1))
 
 
+@torch.no_grad()
+def encode(X: torch.Tensor, W: torch.Tensor, q: int, thr: float) -> torch.Tensor:
+    """Encoder outputs h [R, N, K] for evaluation and probes, computed run chunk by run chunk."""
+    R, N, P = W.shape[0], X.shape[1], X.shape[2]
+    h = W.new_empty(R, N, W.shape[2])
+    for s in run_chunks(R, N * P * W.shape[2]):
+        h[s] = net.smoothed_relu(net.preact(_rows(X, s), W[s]), q, thr).sum(2)
+    return h
+
+
 def head(h: torch.Tensor, y: torch.Tensor, hd: net.LinearHead):
     """Linear head on fixed encoder outputs h [R, N, K]: (loss, dH, db)."""
     hs = (h - hd.center) / hd.scale
@@ -145,6 +242,15 @@ def head(h: torch.Tensor, y: torch.Tensor, hd: net.LinearHead):
 def finetune(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, hd: net.LinearHead, q: int, thr: float,
              act: Act = net.act_and_grad):
     """Encoder + linear head: (loss, dW, dH, db)."""
+    R, N, P = W.shape[0], X.shape[1], X.shape[2]
+    loss, dW = W.new_empty(R), torch.empty_like(W)
+    dH, db = torch.empty_like(hd.H), torch.empty_like(hd.b)
+    for s in run_chunks(R, N * P * W.shape[2]):
+        loss[s], dW[s], dH[s], db[s] = _finetune(_rows(X, s), _rows(y, s), W[s], hd.runs(s), q, thr, act)
+    return loss, dW, dH, db
+
+
+def _finetune(X, y, W, hd, q, thr, act):
     A, G = act(net.preact(X, W), q, thr)
     h = A.sum(2)
     hs = (h - hd.center) / hd.scale

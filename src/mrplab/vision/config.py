@@ -90,8 +90,11 @@ class VisionConfig(_Strict):
         "null = [pretrain.method]"
     )
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cpu, cuda or auto")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: torch.autocast on CPU and CUDA")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = leave as is")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="bf16: torch.autocast on CPU and CUDA; auto = bf16 only where the device has native "
+        "bf16 and a probe at the model's matmul shapes measures it faster (mrplab/runtime.py)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = this process's share of "
+                                "the available cores among running mrplab processes")
     grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm to this; null = off")
     log_every: int = Field(20, ge=1, description="log a metrics record every this many steps")
     checkpoint_every: int = Field(200, ge=0, description="resumable checkpoint every this many steps; 0 = off")

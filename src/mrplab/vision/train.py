@@ -51,7 +51,7 @@ from mrplab import config as config_mod
 from mrplab.errors import MrplabError
 from mrplab.report.run_folder import RunFolder, atomic_write_text, atomic_write_with, dumps, git_commit, timestamp
 from mrplab.rng import generator, stream_seed
-from mrplab.theory.experiment import resolve_device
+from mrplab.runtime import resolve_device
 from mrplab.vision import report
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, augment, channel_stats, load_split, normalize
