@@ -20,7 +20,7 @@ run: venv
 	$(VENV)/bin/mrplab theory $(ARGS)
 
 test: venv
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -rs tests
 
 bench: venv
 	$(VENV)/bin/python benchmarks/theory_walltime.py $(ARGS)

@@ -1,90 +1,57 @@
-"""Wall time of `mrplab theory` with the default config, end to end.
+"""Wall time and matmul efficiency of `mrplab theory` with the default config, end to end.
 
-Runs the command in a subprocess (same interpreter, ``python -m mrplab theory
---out <tmpdir> --quiet``), so the time includes start-up, data, training,
-probes, checkpoints, figures and the report. Prints the wall time and writes
-benchmarks/results/theory_walltime.json with the phase timings from the run's
-summary.json and the machine it ran on.
+Runs the command in a fresh process (``python -m mrplab theory --out <tmpdir>
+--quiet``), so the time includes start-up, the runtime choice (probes or the
+cache), compilation, data, training, probes, checkpoints, figures and the
+report. Efficiency = the run's counted matmul FLOPs / (wall time x the
+machine's matmul limit at the chosen precision, measured at the run's own
+shapes by runtime.py). Writes benchmarks/results/theory_walltime.json.
 
     .venv/bin/python benchmarks/theory_walltime.py                  # defaults
     .venv/bin/python benchmarks/theory_walltime.py --set threads=1  # extra mrplab options
+    .venv/bin/python benchmarks/theory_walltime.py --cold           # with an empty runtime cache
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
+import argparse
 import os
-import platform
-import shlex
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
 
-import torch
-
-RESULTS = Path(__file__).resolve().parent / "results" / "theory_walltime.json"
+from _common import efficiency, machine, run_theory, write
 
 
-def main(extra: list[str]) -> int:
-    cmd = [sys.executable, "-m", "mrplab", "theory", "--quiet", *extra]
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--cold", action="store_true", help="empty runtime cache (probes are timed with the run)")
+    args = ap.parse_args()
     keep = os.environ.get("MRPLAB_BENCH_KEEP")  # a folder to keep the run folder in, for inspection
     with tempfile.TemporaryDirectory(prefix="mrplab-bench-") as tmp:
-        tmp = keep or tmp
-        t0 = time.perf_counter()
-        proc = subprocess.run([*cmd, "--out", tmp], capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr)
-            print(f"mrplab theory failed with exit status {proc.returncode}", file=sys.stderr)
-            return proc.returncode
-        run_dir = Path(proc.stdout.strip().splitlines()[-1])
-        summary = json.loads((run_dir / "summary.json").read_text())
-
+        env = {"MRPLAB_CACHE_DIR": f"{tmp}/cache"} if args.cold else {}
+        wall, summary = run_theory(keep or tmp, args.sets, env=env)
+    rt = summary["runtime"]
+    eff = efficiency(wall, summary)
     result = {
-        "benchmark": "theory_walltime",
-        "command": shlex.join(["mrplab", *cmd[3:]]),
-        "defaults": not extra,
-        "wall_s": wall,
-        "timings": summary["timings"],
-        "wall_in_run_s": summary.get("wall_s"),
-        "wall_with_report_s": summary.get("wall_with_report_s"),
-        "config_hash": summary["config_hash"],
-        "seeds": summary["seeds"],
-        "steps": summary.get("steps"),
-        "claims_passed": summary.get("claims_passed"),
-        "verdicts": [
-            {k: v[k] for k in ("id", "metric", "rule", "mean", "std", "min", "max", "per_seed", "verdict")}
-            for v in summary["verdicts"]
-        ],
-        "claims_total": summary.get("claims_total"),
-        "git_commit": summary.get("git_commit"),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "benchmark": "theory_walltime", "sets": args.sets, "cold_cache": args.cold, "wall_s": wall,
+        "efficiency": eff, "matmul_flops": rt["matmul_flops"], "matmul_limit_gflops": rt["matmul_limit_gflops"],
+        "ideal_s": rt["matmul_flops"] / (rt["matmul_limit_gflops"] * 1e9),
+        "runtime": rt, "timings": summary["timings"], "wall_with_report_s": summary.get("wall_with_report_s"),
+        "config_hash": summary["config_hash"], "seeds": summary["seeds"], "steps": summary.get("steps"),
+        "claims_passed": summary.get("claims_passed"), "claims_total": summary.get("claims_total"),
+        "verdicts": [{k: v[k] for k in ("id", "metric", "rule", "mean", "std", "min", "max", "per_seed", "verdict")}
+                     for v in summary["verdicts"]],
+        "git_commit": summary.get("git_commit"), "machine": machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = RESULTS.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_path, RESULTS)
-
-    t = summary["timings"]
-    label = "defaults" if not extra else "defaults + " + shlex.join(extra)
-    print(f"mrplab theory ({label}): {wall:.1f} s wall")
-    print("  " + "  ".join(f"{k} {v:.1f}" for k, v in t.items()))
-    print(f"  {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"written {RESULTS}")
+    path = write("theory_walltime", result)
+    print(f"mrplab theory {' '.join(args.sets)}: {wall:.1f} s wall, {rt['matmul_flops'] / 1e12:.2f} TFLOP counted, "
+          f"limit {rt['matmul_limit_gflops']:.0f} GFLOP/s ({rt['precision']}) -> ideal {result['ideal_s']:.1f} s, "
+          f"efficiency {eff:.2f}; {summary['claims_passed']}/{summary['claims_total']} claims PASS")
+    print(f"  {rt['precision']}: {rt['precision_reason']}\n  compile {rt['compile']}: {rt['compile_reason']}\n"
+          f"  threads {rt['threads']}: {rt['threads_reason']}")
+    print(f"written {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    raise SystemExit(main())

@@ -129,7 +129,7 @@ def test_error_during_training_leaves_no_folder(tmp_path, monkeypatch):
     from mrplab.errors import MrplabError
     from mrplab.theory import experiment
 
-    def diverging_run(cfg, emit, advance):
+    def diverging_run(cfg, emit, advance, on_runtime=None):
         emit({"phase": "sl", "step": 0, "loss": [2.3, 2.3]})
         advance(1)
         raise MrplabError("supervised learning diverged at step 1 (loss [nan, nan])", "lower sl.lr")

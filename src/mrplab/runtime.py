@@ -187,7 +187,8 @@ class CoreShare:
     Each process that computes registers a file ``<cache>/procs/<pid>``; its
     share is ``max(1, cores // live processes)``, re-read by ``refresh`` at most
     every ``interval`` seconds. ``requested`` (the config's ``threads``) fixes
-    the count instead (sweep workers are given theirs by the executor).
+    the count instead (sweep workers are given theirs by the executor); such a
+    process still registers, so that the others leave it its share.
     """
 
     def __init__(self, requested: int | None = None, interval: float = 0.5):
@@ -198,14 +199,13 @@ class CoreShare:
         self.seen: list[int] = []
         self._next = 0.0
         self._file: Path | None = None
-        if requested is None:
-            try:
-                folder = cache_dir() / "procs"
-                folder.mkdir(parents=True, exist_ok=True)
-                self._file = folder / str(os.getpid())
-                self._file.write_text(_start_time(os.getpid()) or "")
-            except OSError:
-                self._file = None
+        try:  # registered even with fixed threads, so that the others count this process
+            folder = cache_dir() / "procs"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._file = folder / str(os.getpid())
+            self._file.write_text(_start_time(os.getpid()) or "")
+        except OSError:
+            self._file = None
         self.refresh(force=True)
 
     def _live(self) -> int:

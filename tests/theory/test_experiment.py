@@ -10,6 +10,13 @@ import torch
 
 from mrplab import config
 from mrplab.theory import experiment
+from mrplab.runtime import native_bf16
+
+_NATIVE_BF16, _BF16_WHY = native_bf16(torch.device("cpu"))
+needs_native_bf16 = pytest.mark.skipif(
+    not _NATIVE_BF16, reason=f"skipped: bf16 is emulated on this CPU ({_BF16_WHY}), so a bf16 run is slow here; "
+    "precision=auto never picks it on such a CPU")
+
 
 # k=5 classes at d=300: big enough for the SL lottery to show (at d<=100 SL learns both
 # features of every class), small enough to run in ~40 s on 2 cores.
@@ -100,6 +107,7 @@ def test_shared_data_uses_one_data_set_for_all_runs():
     assert not torch.equal(res.W_mrp[0], res.W_mrp[1])
 
 
+@needs_native_bf16
 def test_bf16_matches_fp32_verdicts_and_captures(small_result):
     """precision=bf16 (bf16 patches and matmul inputs) reproduces fp32's outcome on the small config."""
     bf = experiment.run(config.load(None, SMALL + ["precision=bf16"]))

@@ -19,6 +19,13 @@ from mrplab.vision import config as vconfig
 from mrplab.vision import train
 from mrplab.vision.commands import app
 from mrplab.vision.models import build_encoder
+from mrplab.runtime import native_bf16
+
+_NATIVE_BF16, _BF16_WHY = native_bf16(torch.device("cpu"))
+needs_native_bf16 = pytest.mark.skipif(
+    not _NATIVE_BF16, reason=f"skipped: bf16 is emulated on this CPU ({_BF16_WHY}), so a bf16 run is slow here; "
+    "precision=auto never picks it on such a CPU")
+
 
 # Seconds on one CPU: 16-px embedded images, vit_micro, a few steps per stage.
 TINY = [
@@ -131,6 +138,7 @@ def test_interrupt_before_any_checkpoint_leaves_nothing(tmp_path):
 WORKER = """
 import os, sys, torch
 from mrplab.vision import config as vconfig, train
+
 cfg = vconfig.load(None, sys.argv[2:])
 res = train.run(cfg, "pretrain", sys.argv[1])
 torch.save(res.modules["s0-mae-pretrain"].state_dict(), os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
@@ -280,6 +288,8 @@ def test_layer_decay_groups_and_schedule():
     assert train.warmup_cosine(4, 4, 20) == 1.0 and train.warmup_cosine(20, 4, 20) == pytest.approx(0.0)
 
 
+
+@needs_native_bf16
 def test_bf16_data2vec_pretraining_logs_variances(tmp_path):
     seen = []
     res = train.run(tiny("precision=bf16", "pretrain.method=data2vec", "pretrain.epochs=1"), "pretrain", tmp_path,

@@ -91,7 +91,7 @@ class VisionConfig(_Strict):
     )
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cpu, cuda or auto")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "fp32", description="bf16: torch.autocast on CPU and CUDA; auto = bf16 only where the device has native "
+        "auto", description="bf16: torch.autocast on CPU and CUDA; auto = bf16 only where the device has native "
         "bf16 and a probe at the model's matmul shapes measures it faster (mrplab/runtime.py)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = this process's share of "
                                 "the available cores among running mrplab processes")

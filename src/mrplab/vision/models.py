@@ -153,6 +153,16 @@ class CNNEncoder(nn.Module):
 Encoder = ViTEncoder | CNNEncoder
 
 
+def matmul_shapes(name: str, image_size: int, patch_size: int, batch: int) -> list[tuple[int, int, int]]:
+    """The encoder's typical matmul (m, k, n) at this batch, for the precision probe (runtime.py):
+    a ViT's MLP layer over all tokens, or a ResNet's first-stage 3x3 conv as im2col."""
+    if name in VIT_SIZES:
+        dim, _, _, ratio = VIT_SIZES[name]
+        return [(batch * (image_size // patch_size) ** 2, dim, int(dim * ratio))]
+    c = RESNET_SIZES[name][1][0]
+    return [(batch * (image_size // 2) ** 2, 9 * c, c)]
+
+
 def build_encoder(name: str, image_size: int, patch_size: int, num_classes: int) -> Encoder:
     """An encoder by name: vit_tiny, vit_micro, resnet18, resnet_small. Initialised from torch's global RNG
     (callers that need reproducibility build it under ``torch.random.fork_rng`` with a seed)."""

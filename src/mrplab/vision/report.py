@@ -226,6 +226,7 @@ def summary(result, folder_name: str, prov, figure_files: list[str]) -> dict:
         "table": result.table,
         "means": mean_rows(result.table),
         "figures": figure_files,
+        "runtime": result.runtime,
         "wall_s": result.wall_s,
     }
 
@@ -240,7 +241,9 @@ def render(s: dict, cfg: "VisionConfig", figure_files: list[str]) -> str:
         f"- data: {d.source}" + (f" ({d.root})" if d.root else f", {d.num_classes} classes, "
                                   f"{d.motifs_per_class} motifs per class, {d.n_train} train / {d.n_test} test images, "
                                   f"single-view fraction {d.single_view_test} of test") + f", {d.image_size} px",
-        f"- model: {m.name}, patch {m.patch_size}; precision {cfg.precision}",
+        f"- model: {m.name}, patch {m.patch_size}; precision {cfg.precision}"
+        + (f" -> {s['runtime']['precision']} ({s['runtime']['precision_reason']})" if s.get("runtime") else ""),
+        f"- threads: {s['runtime']['threads']} ({s['runtime']['threads_reason']})" if s.get("runtime") else "",
         f"- epochs: pretrain {cfg.pretrain.epochs} ({', '.join(cfg.compare_methods)}, "
         f"mask ratio {cfg.pretrain.mask_ratio}), fine-tune {cfg.finetune.epochs}, "
         f"SL from scratch {cfg.scratch_epochs} (same augmentation)",

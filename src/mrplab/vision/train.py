@@ -51,11 +51,12 @@ from mrplab import config as config_mod
 from mrplab.errors import MrplabError
 from mrplab.report.run_folder import RunFolder, atomic_write_text, atomic_write_with, dumps, git_commit, timestamp
 from mrplab.rng import generator, stream_seed
+from mrplab import runtime
 from mrplab.runtime import resolve_device
 from mrplab.vision import report
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, augment, channel_stats, load_split, normalize
-from mrplab.vision.models import Encoder, Group, build_encoder, choose_attention, num_patches
+from mrplab.vision.models import Encoder, Group, build_encoder, choose_attention, matmul_shapes, num_patches
 from mrplab.vision.objectives import MAE, CollapseCheck, Data2Vec, Pretrainer, check_mask_ratio, momentum_at, patch_mask
 
 Command = Literal["pretrain", "finetune", "scratch", "linprobe", "compare"]
@@ -703,6 +704,7 @@ class VisionResult:
     table: list[dict]  # per approach and seed: test accuracies (supervised stages)
     wall_s: float
     path: Path | None = None
+    runtime: dict = field(default_factory=dict)  # threads and precision used, and why
 
 
 def _dist_setup(cfg: VisionConfig) -> tuple[Dist, torch.device, bool]:
@@ -743,8 +745,30 @@ def run(cfg: VisionConfig, command: str, out_dir: str | Path = "runs", init: Pat
     logged record; ``on_step(stage, step)`` runs after every step (tests stop runs with it).
     """
     t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    share = runtime.CoreShare(cfg.threads)
+    try:
+        return _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_step, argv, t0, share)
+    finally:
+        share.close()
+
+
+def resolve_precision(cfg: VisionConfig, device: torch.device) -> tuple[VisionConfig, str]:
+    """precision auto -> fp32 or bf16 (runtime.choose_precision at the model's matmul shapes), and why."""
+    if cfg.precision != "auto":
+        return cfg, "set by the config (precision)"
+    shapes = matmul_shapes(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, cfg.finetune.batch)
+    precision, why, _ = runtime.choose_precision("auto", device, shapes)
+    return cfg.model_copy(update={"precision": precision}), why
+
+
+def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_step, argv, t0,
+         share: runtime.CoreShare) -> VisionResult:
+    user_advance = advance or (lambda n: None)
+
+    def advance(n: int) -> None:
+        share.refresh()  # another mrplab process may have started or ended: re-divide the cores
+        user_advance(n)
+
     stages = plan(cfg, command, init)
     if cfg.tensorboard:
         try:
@@ -753,6 +777,8 @@ def run(cfg: VisionConfig, command: str, out_dir: str | Path = "runs", init: Pat
             raise MrplabError("tensorboard=true needs the tensorboard package", "pip install tensorboard") from None
     dst, device, started = _dist_setup(cfg)
     try:
+        given = cfg  # what the run folder records (precision may be auto); cfg: what the run computes with
+        cfg, precision_reason = resolve_precision(cfg, device)
         train, test = load_data(cfg)
         done = read_stages(resume)["done"] if resume else {}
         resume_state = _resume_pointer(resume, done)
@@ -762,8 +788,8 @@ def run(cfg: VisionConfig, command: str, out_dir: str | Path = "runs", init: Pat
             on_plan(planned_images(cfg, todo, len(train)) - skip)
         mean, std = channel_stats(train.images)
         train_dev = ImageSet(train.images.to(device), train.labels.to(device), train.classes)
-        prov = Provenance(cfg, git_commit())
-        folder = VisionRunFolder(out_dir, cfg, command, init, resume, command=argv) if dst.rank == 0 else None
+        prov = Provenance(given, git_commit())
+        folder = VisionRunFolder(out_dir, given, command, init, resume, command=argv) if dst.rank == 0 else None
         modules: dict[str, nn.Module] = {}
         encoders: dict[str, dict[str, torch.Tensor]] = {}  # pretrained encoder weights by stage key
         records: dict[str, dict] = dict(done)
@@ -784,18 +810,20 @@ def run(cfg: VisionConfig, command: str, out_dir: str | Path = "runs", init: Pat
                         continue
                     pointer = resume_state if resume_state and resume_state["stage"] == stage.key else None
                     loop = Loop(cfg, stage, train_dev, mean.to(device), std.to(device), device, dst, folder, prov,
-                                pointer, emit, advance or (lambda n: None), on_step)
+                                pointer, emit, advance, on_step)
                     res = run_stage(loop, encoders, test)
                     modules[stage.key] = res.module
                     records[stage.key] = res.record()
                 ordered = [records[s.key] for s in stages]
-                result = VisionResult(cfg, command, ordered, modules, report.accuracy_table(ordered),
-                                      time.perf_counter() - t0)
+                result = VisionResult(given, command, ordered, modules, report.accuracy_table(ordered),
+                                      time.perf_counter() - t0,
+                                      runtime={**share.record(), "precision": cfg.precision,
+                                               "precision_reason": precision_reason})
                 if folder is not None:
                     figure_files = report.write_figures(folder.partial / "figures", folder.records, modules, test,
                                                         mean, std, cfg, device)
                     summary = report.summary(result, folder.name, prov, figure_files)
-                    result.path = folder.complete(summary, report.render(summary, cfg, figure_files))
+                    result.path = folder.complete(summary, report.render(summary, given, figure_files))
         except (KeyboardInterrupt, SystemExit):
             if folder is not None and folder.interrupted:
                 raise RunInterrupted(folder.partial) from None

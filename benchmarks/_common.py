@@ -1,0 +1,72 @@
+"""Shared by the end-to-end benchmarks: run `mrplab theory` in a fresh process, describe the machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_theory(out: str | Path, sets: list[str], env: dict[str, str] | None = None) -> tuple[float, dict]:
+    """(wall seconds, summary.json) of `python -m mrplab theory --quiet --out OUT --set ...` in a new process."""
+    cmd = [sys.executable, "-m", "mrplab", "theory", "--quiet", "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"mrplab theory {' '.join(sets)} failed with exit status {proc.returncode}")
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    return wall, json.loads((run_dir / "summary.json").read_text())
+
+
+def efficiency(wall: float, summary: dict) -> float | None:
+    """Counted matmul FLOPs / (wall x the measured matmul limit at the run's precision and shapes)."""
+    rt = summary.get("runtime") or {}
+    if not rt.get("matmul_flops") or not rt.get("matmul_limit_gflops"):
+        return None
+    return rt["matmul_flops"] / (wall * rt["matmul_limit_gflops"] * 1e9)
+
+
+def machine() -> dict:
+    from mrplab import runtime
+
+    info = runtime.cpu_info()
+    return {
+        "cpu_model": info["model"],
+        "cpu_bf16_flags": sorted(info["flags"] & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"}),
+        "torch_cpu_capability": info["capability"],
+        "platform": platform.platform(),
+        "cores_available": runtime.available_cores()[0],
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write(name: str, result: dict) -> Path:
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def outcome(summary: dict) -> dict:
+    """What must not change with precision or compilation: verdicts and captured counts per seed."""
+    return {
+        "verdicts": [v["verdict"] for v in summary["verdicts"]],
+        "captured": {k: [m[k] for m in summary["per_seed"]] for k in ("mrp_captured", "sl_captured", "ft_captured")},
+    }

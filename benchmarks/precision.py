@@ -1,0 +1,62 @@
+"""The default `mrplab theory` under every precision x compile choice, and under auto.
+
+Each row is a fresh `mrplab theory --quiet` process (start-up, probes,
+compilation, checkpoints, figures and report included). auto runs twice: first
+with an empty runtime cache (its probes are timed with it), then again with the
+cache the first run left, which is what every later run on the machine sees.
+Rows report wall time, matmul efficiency (counted FLOPs / (wall x matmul limit
+at the run's precision and shapes)), the choice and its reason, and whether
+verdicts and captured counts (per seed) agree with fp32 eager within +-1.
+
+    .venv/bin/python benchmarks/precision.py
+    .venv/bin/python benchmarks/precision.py --set sl.steps=300   # extra options for every row
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from _common import efficiency, machine, outcome, run_theory, write
+
+CHOICES = [("fp32", "false"), ("fp32", "true"), ("bf16", "false"), ("bf16", "true")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", action="append", default=[], dest="sets")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mrplab-prec-") as tmp:
+        cache = f"{tmp}/cache"
+        plan = [(f"precision={p}", f"compile={c}") for p, c in CHOICES] + [("precision=auto", "compile=auto")] * 2
+        for i, (p, c) in enumerate(plan):
+            label = f"{p} {c}" + (" (cold cache)" if i == 4 else " (warm cache)" if i == 5 else "")
+            wall, s = run_theory(f"{tmp}/runs", [p, c, *args.sets], env={"MRPLAB_CACHE_DIR": cache})
+            rt = s["runtime"]
+            rows.append({"choice": label, "wall_s": round(wall, 1), "efficiency": efficiency(wall, s),
+                         "precision": rt["precision"], "compile": rt["compile"], "threads": rt["threads"],
+                         "precision_reason": rt["precision_reason"], "compile_reason": rt["compile_reason"],
+                         "matmul_flops": rt["matmul_flops"], "matmul_limit_gflops": rt["matmul_limit_gflops"],
+                         "timings": s["timings"], **outcome(s)})
+            print(f"{label:42s} {wall:7.1f} s  eff {rows[-1]['efficiency']:.2f}  {rt['precision']} "
+                  f"compile={rt['compile']}", flush=True)
+    ref = rows[0]
+    for r in rows:
+        r["same_verdicts_as_fp32_eager"] = r["verdicts"] == ref["verdicts"]
+        r["max_capture_diff_vs_fp32_eager"] = max(
+            abs(a - b) for k in ref["captured"] for a, b in zip(r["captured"][k], ref["captured"][k]))
+    best = min(r["wall_s"] for r in rows[:4])
+    auto_warm = rows[5]["wall_s"]
+    result = {"benchmark": "precision", "extra": args.sets, "machine": machine(), "rows": rows,
+              "best_fixed_wall_s": best, "auto_warm_over_best": auto_warm / best,
+              "auto_cold_over_best": rows[4]["wall_s"] / best}
+    write("precision", result)
+    print(f"auto (warm cache) / best fixed choice = {auto_warm / best:.3f}; cold: {rows[4]['wall_s'] / best:.3f}")
+    for r in rows:
+        print(f"  {r['choice']}: same verdicts {r['same_verdicts_as_fp32_eager']}, "
+              f"max capture diff {r['max_capture_diff_vs_fp32_eager']}")
+
+
+if __name__ == "__main__":
+    main()

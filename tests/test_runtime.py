@@ -1,0 +1,160 @@
+"""runtime.py: precision and compile choices (probe answers forced both ways), the cache, core sharing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+from mrplab import runtime
+
+CPU = torch.device("cpu")
+SHAPES = [(64, 32, 16)]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRPLAB_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _rates(monkeypatch, fp32: float, bf16: float) -> list[torch.dtype]:
+    """Force the matmul probe's answer; returns the dtypes it was asked to measure."""
+    asked: list[torch.dtype] = []
+
+    def fake(shapes, dtype, device, budget_s=0.3):
+        asked.append(dtype)
+        return bf16 if dtype == torch.bfloat16 else fp32
+
+    monkeypatch.setattr(runtime, "matmul_gflops", fake)
+    return asked
+
+
+def test_auto_never_picks_bf16_without_native_bf16(monkeypatch):
+    asked = _rates(monkeypatch, fp32=100.0, bf16=1000.0)  # even a probe that says bf16 is 10x faster
+    p, why, rates = runtime.choose_precision("auto", CPU, SHAPES, native=lambda d: (False, "no avx512_bf16 flag"))
+    assert p == "fp32"
+    assert "no avx512_bf16 flag" in why and why.startswith("auto:")
+    assert torch.bfloat16 not in asked  # emulated bf16 is not even probed
+    assert set(rates) == {"fp32"}
+
+
+def test_auto_picks_bf16_only_when_native_and_measured_faster(monkeypatch):
+    _rates(monkeypatch, fp32=100.0, bf16=200.0)
+    p, why, rates = runtime.choose_precision("auto", CPU, SHAPES, native=lambda d: (True, "CPU flags amx_bf16"))
+    assert p == "bf16" and "amx_bf16" in why and "2.00x" in why
+    assert rates == {"fp32": 100.0, "bf16": 200.0}
+
+
+def test_auto_keeps_fp32_when_native_bf16_is_not_faster(monkeypatch):
+    _rates(monkeypatch, fp32=100.0, bf16=105.0)  # native, but under the 1.15x bf16 must gain
+    p, why, _ = runtime.choose_precision("auto", CPU, SHAPES, native=lambda d: (True, "CPU flags avx512_bf16"))
+    assert p == "fp32" and "1.05x" in why and "under" in why
+
+
+def test_explicit_precision_is_kept_with_its_reason(monkeypatch):
+    _rates(monkeypatch, fp32=100.0, bf16=10.0)
+    assert runtime.choose_precision("bf16", CPU, SHAPES)[:2] == ("bf16", "set by the config (precision)")
+
+
+def test_probe_results_are_cached_per_machine(monkeypatch):
+    asked = _rates(monkeypatch, fp32=100.0, bf16=200.0)
+    native = lambda d: (True, "CPU flags amx_bf16")  # noqa: E731
+    first = runtime.choose_precision("auto", CPU, SHAPES, native=native)
+    n = len(asked)
+    second = runtime.choose_precision("auto", CPU, SHAPES, native=native)
+    assert first == second and len(asked) == n == 2  # the second run measured nothing
+    runtime.choose_precision("auto", CPU, [(128, 32, 16)], native=native)  # other shapes: measured anew
+    assert len(asked) == 4
+
+
+def test_real_probe_measures_positive_rates():
+    r = runtime.matmul_gflops([(256, 64, 32)], torch.float32, CPU, budget_s=0.02)
+    assert 0.01 < r < 1e5
+
+
+def _compile_choice(calls, eager_ms=2.0, compiled=(0.5, 3.0), fails=False):
+    log: list[str] = []
+
+    def time_eager():
+        log.append("eager")
+        return eager_ms
+
+    def time_compiled():
+        log.append("compiled")
+        if fails:
+            raise RuntimeError("no C++ compiler found\nmore")
+        return compiled
+
+    return runtime.choose_compile("auto", CPU, ("act", (1, 2)), calls, time_eager, time_compiled), log
+
+
+def test_compile_auto_skips_short_runs_without_compiling():
+    (on, why, probed), log = _compile_choice(calls=100)  # 100 x 2 ms = 0.2 s of work: nothing to save
+    assert not on and not probed and "too short" in why and log == ["eager"]
+
+
+def test_compile_auto_compiles_long_runs_and_caches_the_probe():
+    (on, why, probed), log = _compile_choice(calls=10_000)
+    assert on and probed and log == ["eager", "compiled"]
+    # a later run: the cache answers, and the compile cost (3 s) now counts against the saving
+    (on2, why2, probed2), log2 = _compile_choice(calls=10_000)
+    assert on2 and not probed2 and log2 == [] and "3.0 s to compile" in why2
+    (on3, why3, _), _ = _compile_choice(calls=1_500)  # 1,500 x 1.5 ms = 2.25 s < 3 s
+    assert not on3 and "too short" in why3
+
+
+def test_compile_auto_off_where_the_compiler_fails():
+    (on, why, probed), _ = _compile_choice(calls=10_000, fails=True)
+    assert not on and not probed and "does not work" in why and "no C++ compiler found" in why
+    (on2, _, _), log2 = _compile_choice(calls=10_000)
+    assert not on2 and log2 == []  # remembered: no second attempt on this machine
+
+
+def test_compile_explicit_choice_is_kept():
+    assert runtime.choose_compile(True, CPU, "k", 1, lambda: 1.0, lambda: (1.0, 1.0))[:2] == (
+        True, "set by the config (compile)")
+
+
+def test_core_share_divides_cores_among_live_processes():
+    cores = runtime.available_cores()[0]
+    folder = runtime.cache_dir() / "procs"
+    folder.mkdir(parents=True)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (folder / str(other.pid)).write_text(runtime._start_time(other.pid) or "")
+        (folder / "999999999").write_text("")  # a process that has ended: its file is swept away
+        share = runtime.CoreShare(interval=0.0)
+        assert share.threads == max(1, cores // 2) == torch.get_num_threads()
+        assert "shared by 2 running mrplab processes" in share.reason
+        assert not (folder / "999999999").exists()
+        other.kill()
+        other.wait()
+        time.sleep(0.05)
+        assert share.refresh() == cores  # the other run ended: this one takes all cores again
+        assert sorted(set(share.seen)) == sorted({max(1, cores // 2), cores})
+        share.close()
+        assert not (folder / str(os.getpid())).exists()
+    finally:
+        other.kill()
+        torch.set_num_threads(cores)
+
+
+def test_core_share_respects_explicit_threads():
+    with runtime.CoreShare(requested=1) as share:
+        assert share.threads == 1 == torch.get_num_threads()
+        assert share.reason == "set by the config (threads)"
+    torch.set_num_threads(runtime.available_cores()[0])
+
+
+def test_flop_counter_counts_the_engine_matmuls():
+    from mrplab.theory import net, steps
+
+    R, N, P, d, K = 2, 5, 4, 6, 3
+    X, W = torch.randn(R, N, P, d), torch.randn(R, d, K)
+    y = torch.randint(0, 3, (R, N))
+    before = runtime.matmul_flops.total
+    steps.sl(X, y, W, 4, 1.0, 3, 1, net.act_and_grad)
+    assert runtime.matmul_flops.total - before == 2 * (2 * R * N * P * d * K)  # forward and weight gradient
