@@ -57,7 +57,7 @@ def main() -> None:
                            "control_slowdown": [e / alone_c for e in each_c]})
             print(f"control, both at threads={cores}: {each_c[0]:.1f} s and {each_c[1]:.1f} s "
                   f"(x{each_c[0] / alone_c:.2f}, x{each_c[1] / alone_c:.2f} of alone {alone_c:.1f} s)")
-    write("concurrency", result)
+    write("concurrency_control" if args.control else "concurrency", result)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,16 @@ def test_auto_never_picks_bf16_without_native_bf16(monkeypatch):
     assert set(rates) == {"fp32"}
 
 
+def test_native_bf16_follows_the_cpu_flags_and_a_restricted_isa(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_info", lambda: {"model": "x", "flags": {"avx2", "fma"}, "capability": "AVX2"})
+    ok, why = runtime.native_bf16(CPU)
+    assert not ok and "no avx512_bf16 or amx_bf16" in why
+    monkeypatch.setattr(runtime, "cpu_info", lambda: {"model": "x", "flags": {"avx512_bf16"}, "capability": "AVX512"})
+    assert runtime.native_bf16(CPU) == (True, "CPU flags avx512_bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # torch's matmuls held to AVX2: bf16 is emulated
+    assert not runtime.native_bf16(CPU)[0]
+
+
 def test_auto_picks_bf16_only_when_native_and_measured_faster(monkeypatch):
     _rates(monkeypatch, fp32=100.0, bf16=200.0)
     p, why, rates = runtime.choose_precision("auto", CPU, SHAPES, native=lambda d: (True, "CPU flags amx_bf16"))

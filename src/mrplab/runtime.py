@@ -132,6 +132,9 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported(including_emulation=False)
         return ok, f"{device_name(device)} {'supports' if ok else 'does not support'} bf16 natively"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and isa != "ALL" and not any(x in isa for x in ("BF16", "AMX", "FP16", "AVX10")):
+        return False, f"ONEDNN_MAX_CPU_ISA={isa} limits torch's CPU matmuls to an ISA without bf16: bf16 would be emulated"
     info = cpu_info()
     have = sorted(info["flags"] & {"avx512_bf16", "amx_bf16"})
     if have:

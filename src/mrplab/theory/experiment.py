@@ -33,6 +33,7 @@ class Recorder:
         self.cfg, self.data, self.emit, self._advance, self.share = cfg, data, emit, advance, share
         self.thr = cfg.capture_threshold
         self.history: dict[str, list[dict]] = {"sl": [], "mrp": [], "lp": [], "ft": []}
+        self.seconds = 0.0  # time spent probing (inside the phases' times)
 
     def advance(self, n: int = 1) -> None:
         if self.share is not None:
@@ -40,6 +41,13 @@ class Recorder:
         self._advance(n)
 
     def log(self, phase: str, step: int, state: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._log(phase, step, state)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _log(self, phase: str, step: int, state: dict) -> None:
         cfg, bank = self.cfg, self.data.bank
         q, thr_act = cfg.net.q, cfg.net.threshold
         W = state["W"]
@@ -225,7 +233,8 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
             m["noise_memorisation_mrp"] = rec.history["mrp"][-1]["noise_memorisation"][r]
     verdicts = claims.evaluate(per_seed, cfg.data.L, cfg.data.mu_test)
     timings = {"runtime_choice_s": t_choice - t0, "data_s": t_data - t_choice, "sl_s": t_sl - t_data,
-               "mrp_s": t_mrp - t_sl, "finetune_s": t_ft - t_mrp, "total_s": time.perf_counter() - t0}
+               "mrp_s": t_mrp - t_sl, "finetune_s": t_ft - t_mrp, "probes_s": rec.seconds,
+               "total_s": time.perf_counter() - t0}
     first = getattr(act, "first_call_s", None)
     if choice.compile and first is not None:
         info["compile_first_call_s"] = first
