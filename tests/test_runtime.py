@@ -42,6 +42,7 @@ def test_auto_never_picks_bf16_without_native_bf16(monkeypatch):
 
 
 def test_native_bf16_follows_the_cpu_flags_and_a_restricted_isa(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(runtime, "cpu_info", lambda: {"model": "x", "flags": {"avx2", "fma"}, "capability": "AVX2"})
     ok, why = runtime.native_bf16(CPU)
     assert not ok and "no avx512_bf16 or amx_bf16" in why
