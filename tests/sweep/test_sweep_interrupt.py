@@ -13,10 +13,11 @@ import pytest
 
 from sweep_helpers import TINY_BASE, write_sweep
 
-# ~1 s per run once a worker is warm, 6 runs on 2 workers x 1 thread: the driver is killed right after
-# the first finished run, seconds before the last.
+# ~1 s per run once a worker is warm, 12 runs on 2 workers x 1 thread: the driver is killed right after
+# the first finished run, five rounds of runs before the last (with 6 runs a fast machine finished them
+# all before the signal arrived).
 BASE = {**TINY_BASE, "sl": {"steps": 1500}, "mrp": {**TINY_BASE["mrp"], "steps": 1500}}
-N_RUNS = 6
+N_RUNS = 12
 
 
 def _cmd(sweep: Path, out: Path) -> list[str]:
@@ -54,7 +55,7 @@ def _alive(pid: int) -> bool:
 
 
 def _start_and_kill(tmp_path: Path, sig: int) -> tuple[Path, dict[str, dict], list[int], subprocess.Popen]:
-    sweep = write_sweep(tmp_path, base=BASE, grid={"mrp.mask_ratio": [0.2, 0.4, 0.6]}, seeds=[0, 1])
+    sweep = write_sweep(tmp_path, base=BASE, grid={"mrp.mask_ratio": [0.2, 0.4, 0.6]}, seeds=[0, 1, 2, 3])
     out = tmp_path / "out"
     db = out / "tiny" / "results.sqlite"
     proc = subprocess.Popen(_cmd(sweep, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
