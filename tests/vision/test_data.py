@@ -26,7 +26,7 @@ from mrplab.vision.data import (
     save_examples,
 )
 
-CIFAR = Path("/work/shared/data/cifar10")
+CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"  # beside the repo, as configs/vision/cifar10.yaml
 
 # --------------------------------------------------------------------------- embedded
 
