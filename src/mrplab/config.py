@@ -157,7 +157,7 @@ class TheoryConfig(_Strict):
     name: str = Field("theory", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    compile: bool | Literal["auto"] = Field(
+    compile: Literal["auto", True, False] = Field(
         "auto", description="fuse the smoothed ReLU's elementwise work with torch.compile; auto = only where a "
         "compiler works and the run is long enough to repay the measured compile time (mrplab/runtime.py); "
         "same numbers either way"

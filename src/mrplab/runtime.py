@@ -264,7 +264,8 @@ class CoreShare:
 # --------------------------------------------------------------------------- matmul probe
 
 
-def _best_time(fn: Callable[[], Any], budget_s: float, sync: Callable[[], None]) -> float:
+def best_time(fn: Callable[[], Any], budget_s: float, sync: Callable[[], None] = lambda: None) -> float:
+    """Best wall seconds of fn over at least 3 calls and up to budget_s (after one warm-up call)."""
     fn()
     sync()
     best, t_end, n = float("inf"), time.perf_counter() + budget_s, 0
@@ -298,7 +299,7 @@ def matmul_gflops(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype, de
             dW = (X.t() @ dZ.to(dtype)).float()
             del Z, dW
 
-        secs += _best_time(pair, budget_s, sync)
+        secs += best_time(pair, budget_s, sync)
         flops += 4.0 * m * k * n
     return flops / secs / 1e9
 

@@ -59,10 +59,9 @@ class Recorder:
         rec["max_features_per_kernel"] = _tolist(probes.kernel_purity(C, self.thr).amax(-1))
         train_set = self.data.pretrain if phase == "mrp" else self.data.train
         with torch.no_grad():
-            N, P = train_set.X.shape[1], train_set.X.shape[2]
-            mem = torch.cat([probes.noise_memorisation(net.preact(steps._rows(train_set.X, s), W[s]),
+            mem = torch.cat([probes.noise_memorisation(net.preact(steps.run_rows(train_set.X, s), W[s]),
                                                        train_set.runs(s), C[s])
-                             for s in steps.run_chunks(W.shape[0], N * P * W.shape[2])])
+                             for s in steps.chunks(train_set.X, W)])
             rec["noise_memorisation"] = _tolist(mem)
             if phase in ("sl", "lp", "ft"):
                 h = steps.encode(self.data.test.X, W, q, thr_act)
@@ -218,7 +217,7 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
             head=[generator(s, f"{phase}:head") for s in seeds],
         )
 
-    act = steps.activation(choice.compile)
+    act = steps.FirstCallTimer(steps.activation(choice.compile))
     W_sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every, act)
     t_sl = time.perf_counter()
     mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, act)
@@ -235,11 +234,10 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     timings = {"runtime_choice_s": t_choice - t0, "data_s": t_data - t_choice, "sl_s": t_sl - t_data,
                "mrp_s": t_mrp - t_sl, "finetune_s": t_ft - t_mrp, "probes_s": rec.seconds,
                "total_s": time.perf_counter() - t0}
-    first = getattr(act, "first_call_s", None)
-    if choice.compile and first is not None:
-        info["compile_first_call_s"] = first
-        if not probed_now and cfg.compile == "auto":
-            runtime.note_compile_cost(device, ("act", act_shape), first)  # what a run with warm caches pays
+    if choice.compile and act.first_call_s is not None:
+        info["compile_first_call_s"] = act.first_call_s
+        if not probed_now and cfg.compile == "auto":  # what a run with warm caches pays
+            runtime.note_compile_cost(device, ("act", act_shape), act.first_call_s)
     info["threads_seen"] = sorted(set(share.seen))
     info["matmul_flops"] = runtime.matmul_flops.total - flops0
     return TheoryResult(cfg=cfg, data=data, W_init=W_init, W_sl=W_sl, W_mrp=mrp.W, D_mrp=mrp.D, W_ft=ft.W,

@@ -38,7 +38,6 @@ def activation(compiled: bool) -> Act:
     Compilation happens at the first call of each shape. If it fails (no working
     C++ compiler, an unsupported platform), the run goes on with the eager
     function, which computes the same numbers, after one warning line.
-    ``act.first_call_s`` holds how long the first call took (compiling included).
     """
     if not compiled:
         return net.act_and_grad
@@ -46,11 +45,6 @@ def activation(compiled: bool) -> Act:
 
     def act(z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            if act.first_call_s is None:
-                t0 = time.perf_counter()
-                out = state["fn"](z, q, thr)
-                act.first_call_s = time.perf_counter() - t0
-                return out
             return state["fn"](z, q, thr)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
             if state["fn"] is net.act_and_grad:
@@ -61,28 +55,32 @@ def activation(compiled: bool) -> Act:
             state["fn"] = net.act_and_grad
             return net.act_and_grad(z, q, thr)
 
-    act.first_call_s = None  # type: ignore[attr-defined]
     return act
+
+
+class FirstCallTimer:
+    """An activation that records how long one run's first call took (its compile, when it compiles then)."""
+
+    def __init__(self, fn: Act):
+        self.fn, self.first_call_s = fn, None
+
+    def __call__(self, z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.first_call_s is not None:
+            return self.fn(z, q, thr)
+        t0 = time.perf_counter()
+        out = self.fn(z, q, thr)
+        self.first_call_s = time.perf_counter() - t0
+        return out
 
 
 def _probe_input(shape: tuple[int, ...], thr: float) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.5 * thr
 
 
-def _best_ms(fn: Act, z: torch.Tensor, q: int, thr: float, n: int = 10) -> float:
-    out = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn(z, q, thr)
-        out = min(out, time.perf_counter() - t0)
-    return out * 1e3
-
-
 def time_eager_act(shape: tuple[int, ...], q: int, thr: float) -> float:
     """ms per call of the eager smoothed ReLU + derivative at one chunk's shape."""
     z = _probe_input(shape, thr)
-    net.act_and_grad(z, q, thr)
-    return _best_ms(net.act_and_grad, z, q, thr)
+    return runtime.best_time(lambda: net.act_and_grad(z, q, thr), 0.05) * 1e3
 
 
 def time_compiled_act(shape: tuple[int, ...], q: int, thr: float) -> tuple[float, float]:
@@ -92,7 +90,7 @@ def time_compiled_act(shape: tuple[int, ...], q: int, thr: float) -> tuple[float
     t0 = time.perf_counter()
     _compiled_act()(z, q, thr)
     compile_s = time.perf_counter() - t0
-    return _best_ms(_compiled_act(), z, q, thr), compile_s
+    return runtime.best_time(lambda: _compiled_act()(z, q, thr), 0.05) * 1e3, compile_s
 
 
 def _softmax_ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +119,12 @@ def run_chunks(R: int, per_run_elems: int, budget: int = 1 << 21) -> list[slice]
     return [slice(i, min(i + c, R)) for i in range(0, R, c)]
 
 
-def _rows(t: torch.Tensor, s: slice) -> torch.Tensor:
+def chunks(X: torch.Tensor, W: torch.Tensor) -> list[slice]:
+    """run_chunks for patches X [Rd, N, P, d] and kernels W [R, d, K]."""
+    return run_chunks(W.shape[0], X.shape[1] * X.shape[2] * W.shape[2])
+
+
+def run_rows(t: torch.Tensor, s: slice) -> torch.Tensor:
     """The runs s of a tensor with a leading run axis, or t itself when that axis is shared (size 1)."""
     return t if t.shape[0] == 1 else t[s]
 
@@ -129,11 +132,9 @@ def _rows(t: torch.Tensor, s: slice) -> torch.Tensor:
 def sl(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, q: int, thr: float, k: int, m: int,
        act: Act = net.act_and_grad):
     """Cross-entropy on F_i = sum of class i's kernels. Returns (loss [R], dW [R, d, K])."""
-    R, N, P = W.shape[0], X.shape[1], X.shape[2]
-    loss = W.new_empty(R)
-    dW = torch.empty_like(W)
-    for s in run_chunks(R, N * P * W.shape[2]):
-        loss[s], dW[s] = _sl(_rows(X, s), _rows(y, s), W[s], q, thr, k, m, act)
+    loss, dW = W.new_empty(W.shape[0]), torch.empty_like(W)
+    for s in chunks(X, W):
+        loss[s], dW[s] = _sl(run_rows(X, s), run_rows(y, s), W[s], q, thr, k, m, act)
     return loss, dW
 
 
@@ -178,10 +179,9 @@ def mrp(
 
     mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
     """
-    R, N, P = W.shape[0], X.shape[1], X.shape[2]
-    parts = [_mrp(_rows(X, s), W[s], D[s], mask[s], q, thr, target, power, per_kernel,
+    parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, target, power, per_kernel,
                   None if W_teacher is None else W_teacher[s], act)
-             for s in run_chunks(R, N * P * W.shape[2])]
+             for s in chunks(X, W)]
     if len(parts) == 1:
         return parts[0]
     return MRPGrads(
@@ -225,10 +225,9 @@ def _mrp(X, W, D, mask, q, thr, target, power, per_kernel, W_teacher, act) -> MR
 @torch.no_grad()
 def encode(X: torch.Tensor, W: torch.Tensor, q: int, thr: float) -> torch.Tensor:
     """Encoder outputs h [R, N, K] for evaluation and probes, computed run chunk by run chunk."""
-    R, N, P = W.shape[0], X.shape[1], X.shape[2]
-    h = W.new_empty(R, N, W.shape[2])
-    for s in run_chunks(R, N * P * W.shape[2]):
-        h[s] = net.smoothed_relu(net.preact(_rows(X, s), W[s]), q, thr).sum(2)
+    h = W.new_empty(W.shape[0], X.shape[1], W.shape[2])
+    for s in chunks(X, W):
+        h[s] = net.smoothed_relu(net.preact(run_rows(X, s), W[s]), q, thr).sum(2)
     return h
 
 
@@ -242,11 +241,10 @@ def head(h: torch.Tensor, y: torch.Tensor, hd: net.LinearHead):
 def finetune(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, hd: net.LinearHead, q: int, thr: float,
              act: Act = net.act_and_grad):
     """Encoder + linear head: (loss, dW, dH, db)."""
-    R, N, P = W.shape[0], X.shape[1], X.shape[2]
-    loss, dW = W.new_empty(R), torch.empty_like(W)
+    loss, dW = W.new_empty(W.shape[0]), torch.empty_like(W)
     dH, db = torch.empty_like(hd.H), torch.empty_like(hd.b)
-    for s in run_chunks(R, N * P * W.shape[2]):
-        loss[s], dW[s], dH[s], db[s] = _finetune(_rows(X, s), _rows(y, s), W[s], hd.runs(s), q, thr, act)
+    for s in chunks(X, W):
+        loss[s], dW[s], dH[s], db[s] = _finetune(run_rows(X, s), run_rows(y, s), W[s], hd.runs(s), q, thr, act)
     return loss, dW, dH, db
 
 

@@ -234,7 +234,7 @@ def summary(result, folder_name: str, prov, figure_files: list[str]) -> dict:
 def render(s: dict, cfg: "VisionConfig", figure_files: list[str]) -> str:
     from mrplab import config as config_mod
 
-    m, d = cfg.model, cfg.data
+    m, d, rt = cfg.model, cfg.data, s.get("runtime")
     lines = [
         f"# mrplab vision {s['command']} `{s['run_folder']}`",
         "",
@@ -242,8 +242,8 @@ def render(s: dict, cfg: "VisionConfig", figure_files: list[str]) -> str:
                                   f"{d.motifs_per_class} motifs per class, {d.n_train} train / {d.n_test} test images, "
                                   f"single-view fraction {d.single_view_test} of test") + f", {d.image_size} px",
         f"- model: {m.name}, patch {m.patch_size}; precision {cfg.precision}"
-        + (f" -> {s['runtime']['precision']} ({s['runtime']['precision_reason']})" if s.get("runtime") else ""),
-        f"- threads: {s['runtime']['threads']} ({s['runtime']['threads_reason']})" if s.get("runtime") else "",
+        + (f" -> {rt['precision']} ({rt['precision_reason']}); threads {rt['threads']} ({rt['threads_reason']})"
+           if rt else ""),
         f"- epochs: pretrain {cfg.pretrain.epochs} ({', '.join(cfg.compare_methods)}, "
         f"mask ratio {cfg.pretrain.mask_ratio}), fine-tune {cfg.finetune.epochs}, "
         f"SL from scratch {cfg.scratch_epochs} (same augmentation)",

@@ -48,10 +48,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mrplab import config as config_mod
+from mrplab import runtime
 from mrplab.errors import MrplabError
 from mrplab.report.run_folder import RunFolder, atomic_write_text, atomic_write_with, dumps, git_commit, timestamp
 from mrplab.rng import generator, stream_seed
-from mrplab import runtime
 from mrplab.runtime import resolve_device
 from mrplab.vision import report
 from mrplab.vision.config import VisionConfig
