@@ -122,11 +122,11 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
         W = W0.clone()
         # compile (once per shape) outside the timed and memory-watched region
         steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, act=act)
-        steps.mrp(Xp, W, D, masks, q, thr, "teacher", 0.75, True, act=act)
+        steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), act=act)
         base = _rss()
         with PeakRSS() as mem:
             t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, act=act), reps)
-            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, "teacher", 0.75, True, act=act), reps)
+            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), act=act), reps)
         limit = out["limit_bf16_gflops" if "bf16" in path else "limit_fp32_gflops"]
         out[path] = {
             "sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,

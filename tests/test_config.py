@@ -31,7 +31,7 @@ def test_capture_threshold_falls_back_to_activation_threshold():
 
 
 def test_noise_std_default():
-    assert DataConfig(d=400, sigma_p=None).noise_std == pytest.approx(0.05)
+    assert DataConfig(d=400, sigma_p=None).noise_std == pytest.approx(0.01)
     assert DataConfig(d=400, sigma_p=0.3).noise_std == 0.3
 
 

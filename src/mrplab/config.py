@@ -36,12 +36,19 @@ class DataConfig(_Strict):
     )
     c_hi: float = Field(1.5, ge=1.0, description="a strong feature's weights sum to U[1, c_hi]")
     rho: float = Field(0.05, ge=0.0, lt=1.0, description="single-view: weight sum of the non-dominant own features")
-    s: float = Field(2.0, ge=0.0, description="each other class's features appear with probability s/k")
+    s: float = Field(2.0, ge=0.0, description="each feature of another class joins a sample with probability s/k")
+    off_class: Literal["per_feature", "per_class"] = Field(
+        "per_feature", description="per_feature: off-class features join one at a time (the multi-view model); "
+        "per_class: a whole class joins or not"
+    )
     c_lo: float = Field(0.1, ge=0.0, description="multi-view: off-class feature weight sum in U[c_lo, off_class_max]")
     off_class_max: float = Field(0.4, gt=0.0, lt=1.0, description="upper end of the multi-view off-class weight")
     Gamma: float = Field(0.2, ge=0.0, lt=1.0, description="single-view: off-class feature weight sum")
     gamma: float = Field(0.02, ge=0.0, lt=1.0, description="feature noise: U[0, gamma] along every feature on every patch")
-    sigma_p: float | None = Field(None, ge=0.0, description="Gaussian patch noise std; null = 1/sqrt(d)")
+    sigma_p: float | None = Field(
+        None, ge=0.0, description="Gaussian patch noise std; null = 0.2/sqrt(d), i.e. ||xi|| ~ 0.2, well below a "
+        "feature's norm 1 as the multi-view model wants"
+    )
     n_pretrain: int = Field(1000, ge=1, description="unlabelled pretraining samples")
     n_train: int = Field(1000, ge=1, description="labelled samples (SL from scratch and fine-tuning)")
     n_test: int = Field(2000, ge=2, description="test samples")
@@ -81,7 +88,7 @@ class DataConfig(_Strict):
 
     @property
     def noise_std(self) -> float:
-        return self.sigma_p if self.sigma_p is not None else 1.0 / math.sqrt(self.d)
+        return self.sigma_p if self.sigma_p is not None else 0.2 / math.sqrt(self.d)
 
 
 class NetConfig(_Strict):
@@ -97,7 +104,12 @@ class NetConfig(_Strict):
 class SLConfig(_Strict):
     """Supervised learning from scratch with the analysed head F_i = sum of class i's kernels."""
 
-    steps: int = Field(1200, ge=1)
+    steps: int = Field(1200, ge=1, description="steps every run trains")
+    until_fit: bool = Field(
+        True, description="a run that does not classify every training sample correctly after `steps` goes on "
+        "until it does (or max_steps): SL is judged once every class fits, as in the theory"
+    )
+    max_steps: int = Field(6000, ge=1, description="cap on steps with until_fit")
     lr: float = Field(20.0, gt=0.0)
     batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
 
@@ -111,24 +123,55 @@ class MRPConfig(_Strict):
     batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
     mask_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="probability that a patch is masked")
     target: Literal["teacher", "pixels"] = Field(
-        "teacher", description="teacher: data2vec-style features of the full input; pixels: MAE-style masked content"
+        "teacher", description="teacher: data2vec-style, the teacher encoder's code; pixels: MAE-style patch content"
+    )
+    target_scope: Literal["all", "masked"] | None = Field(
+        None, description="which patches the target pools: all (the full input) or masked (only what the student "
+        "does not see); null = all for the teacher target, masked for pixels (MAE)"
+    )
+    target_norm: Literal["none", "per_kernel", "per_run", "per_sample"] = Field(
+        "per_kernel", description="none: plain squared error; per_kernel / per_run: each kernel's (or the run's) "
+        "error divided by its target mean square ^ loss_norm; per_sample: the target normalised across kernels per "
+        "sample (data2vec's instance-normalised targets), plain error"
+    )
+    loss_norm: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="power of the per_kernel / per_run divisor: 0 = plain, 1 = scale-free, "
+        "null = (q-1)/q (constant relative step in the polynomial phase)",
+    )
+    decoder_fit: Literal["sgd", "lstsq"] = Field(
+        "sgd", description="sgd: the decoder learns by gradient descent at decoder_lr; lstsq: the decoder is set at "
+        "every step to its least-squares optimum for the current encoder (the fitted-decoder control)"
     )
     teacher_momentum: float = Field(
         0.0, ge=0.0, lt=1.0, description="EMA momentum of the teacher; 0 = stop-gradient copy of the student"
     )
-    loss_norm: float | None = Field(
-        None, ge=0.0, le=1.0,
-        description="divide the squared error by (target mean square)^loss_norm: 0 = plain, 1 = scale-free, "
-        "null = (q-1)/q (constant relative step in the polynomial phase)",
+    teacher_momentum_end: float | None = Field(
+        None, ge=0.0, lt=1.0, description="momentum at the last step, reached linearly from teacher_momentum "
+        "(data2vec's schedule); null = constant"
+    )
+    control: bool = Field(
+        True, description="also run the fitted-decoder control (decoder_fit=lstsq, everything else the same) and "
+        "report which growth drive the features came from"
     )
 
-    loss_norm_per_kernel: bool = Field(
-        True, description="normalise each kernel's error by its own target mean square (data2vec's per-channel "
-        "target normalisation); false = one divisor per run"
-    )
+    @property
+    def scope(self) -> str:
+        if self.target_scope is not None:
+            return self.target_scope
+        return "all" if self.target == "teacher" else "masked"
 
     def norm_power(self, q: int) -> float:
+        if self.target_norm in ("none", "per_sample"):
+            return 0.0
         return self.loss_norm if self.loss_norm is not None else (q - 1) / q
+
+    def momentum(self, t: int) -> float:
+        """The teacher's EMA momentum after step t of ``steps`` (linear schedule)."""
+        if self.teacher_momentum_end is None:
+            return self.teacher_momentum
+        frac = min(1.0, t / max(self.steps, 1))
+        return self.teacher_momentum + (self.teacher_momentum_end - self.teacher_momentum) * frac
 
 
 class FinetuneConfig(_Strict):

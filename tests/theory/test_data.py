@@ -80,8 +80,9 @@ def _off_classes(data, L: int, k_cls: int) -> torch.Tensor:
     return has.view(n, k_cls, L)
 
 
-def test_structure_exact_without_feature_noise():
-    c = cfg(gamma=0.0, k=5, L=3, P=24, C_p=2, sigma_p=0.0)
+@pytest.mark.parametrize("off_class", ["per_feature", "per_class"])
+def test_structure_exact_without_feature_noise(off_class):
+    c = cfg(gamma=0.0, k=5, L=3, P=24, C_p=2, sigma_p=0.0, off_class=off_class)
     n = 3000
     bank, data = draw(c, n, mu=0.4)
     L, P, C_p, F = c.L, c.P, c.C_p, c.k * c.L
@@ -115,11 +116,15 @@ def test_structure_exact_without_feature_noise():
     # strong weights spread over [1, c_hi] rather than sitting at one end
     assert own[~sv].min() < 1.05 and own[~sv].max() > c.c_hi - 0.05
 
-    # off-class features: whole classes, multi-view in [c_lo, off_class_max], single-view exactly Gamma
+    # off-class features: multi-view in [c_lo, off_class_max], single-view exactly Gamma
     cls_tot = totals.view(n, c.k, L).clone()
     cls_tot[N, data.y] = 0.0
     present = cls_tot > 0
-    assert (present.all(-1) | ~present.any(-1)).all()  # a class is kept whole or not at all
+    whole = present.all(-1) | ~present.any(-1)
+    if off_class == "per_class":
+        assert whole.all()  # a class is kept whole or not at all
+    else:
+        assert not whole.all()  # features join one at a time: partial classes are common
     mv = cls_tot[~sv][present[~sv]]
     assert mv.numel() > 100
     assert ((mv >= c.c_lo - 1e-6) & (mv <= c.off_class_max + 1e-6)).all()
@@ -190,7 +195,7 @@ def test_labels_uniform():
 
 
 def test_off_class_frequency_without_cap():
-    c = cfg(k=5, L=2, P=20, C_p=2, s=2.0)  # room for 8 more features = all 4 other classes
+    c = cfg(k=5, L=2, P=20, C_p=2, s=2.0, off_class="per_class")  # room for 8 more features = all 4 other classes
     n = 4000
     _, data = draw(c, n, mu=0.3, seed=4)
     has = _off_classes(data, c.L, c.k).any(-1)  # [N, k]
@@ -201,9 +206,29 @@ def test_off_class_frequency_without_cap():
         assert abs(freq - p) <= four_sigma(p, int(other.sum()))
 
 
+def test_off_class_features_join_one_at_a_time_with_probability_s_over_k():
+    # room for 8 more features = all 4 other classes' features, so nothing is dropped
+    c = cfg(k=5, L=2, P=20, C_p=2, s=2.0)
+    assert c.off_class == "per_feature"  # the multi-view model is the default
+    n = 6000
+    _, data = draw(c, n, mu=0.3, seed=4)
+    has = _off_classes(data, c.L, c.k)  # [N, k, L]
+    p = c.s / c.k
+    for j in range(c.k):
+        other = data.y != j
+        for l in range(c.L):
+            freq = has[other, j, l].float().mean().item()
+            assert abs(freq - p) <= four_sigma(p, int(other.sum())), (j, l, freq)
+        # independent: both features of class j together with probability p^2, one alone 2 p (1 - p)
+        both = has[other, j].all(-1).float().mean().item()
+        assert abs(both - p * p) <= four_sigma(p * p, int(other.sum())), (j, both)
+        one = (has[other, j].sum(-1) == 1).float().mean().item()
+        assert abs(one - 2 * p * (1 - p)) <= four_sigma(2 * p * (1 - p), int(other.sum())), (j, one)
+
+
 def test_off_class_frequency_with_cap():
     # P = 8, L * C_p = 4: room for 2 more features = exactly one off class per sample
-    c = cfg(k=5, L=2, P=8, C_p=2, s=2.0)
+    c = cfg(k=5, L=2, P=8, C_p=2, s=2.0, off_class="per_class")
     n = 4000
     _, data = draw(c, n, mu=0.0, seed=5)
     has = _off_classes(data, c.L, c.k)
@@ -229,7 +254,7 @@ def test_patch_noise_std(sigma_p):
     bank, data = draw(c, 600, mu=0.5, seed=6)
     xi = data.noise(bank)
     assert xi.shape == data.X.shape
-    target = sigma_p if sigma_p is not None else 1 / math.sqrt(c.d)
+    target = sigma_p if sigma_p is not None else 0.2 / math.sqrt(c.d)
     assert c.noise_std == pytest.approx(target)
     assert xi.std().item() == pytest.approx(target, rel=0.02)
     assert abs(xi.mean().item()) < 0.01 * target

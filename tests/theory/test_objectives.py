@@ -13,6 +13,9 @@ from mrplab.theory import net
 from mrplab.theory.objectives import cross_entropy, mae_pixel_loss, make_mask, make_run_masks, mrp_teacher_loss
 
 
+NORM = {True: "per_kernel", False: "per_run"}
+
+
 def _rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -72,7 +75,7 @@ def test_teacher_loss_zero_when_exact():
     t = _rand(3, 10, 4, seed=1)
     for power in (0.0, 0.5, 1.0):
         for per_kernel in (True, False):
-            out = mrp_teacher_loss(t.clone(), t, power, per_kernel)
+            out = mrp_teacher_loss(t.clone(), t, power, NORM[per_kernel])
             assert out.shape == (3,)
             assert (out == 0).all()
 
@@ -81,7 +84,7 @@ def test_teacher_loss_plain_is_mean_squared_error_sum():
     p, t = _rand(2, 7, 5, seed=2), _rand(2, 7, 5, seed=3)
     ref = (p - t).pow(2).sum(-1).mean(-1)  # sum over kernels, mean over samples, per run
     for per_kernel in (True, False):
-        torch.testing.assert_close(mrp_teacher_loss(p, t, 0.0, per_kernel), ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(mrp_teacher_loss(p, t, 0.0, NORM[per_kernel]), ref, rtol=1e-12, atol=0)
     # runs are separate: changing run 0 does not change run 1's loss
     p2 = p.clone()
     p2[0] += 1.0
@@ -91,13 +94,13 @@ def test_teacher_loss_plain_is_mean_squared_error_sum():
 @pytest.mark.parametrize("per_kernel", [True, False])
 def test_teacher_loss_scale_free_at_power_one(per_kernel):
     p, t = _rand(2, 9, 4, seed=4), _rand(2, 9, 4, seed=5)
-    base = mrp_teacher_loss(p, t, 1.0, per_kernel)
+    base = mrp_teacher_loss(p, t, 1.0, NORM[per_kernel])
     for c in (1e-3, 0.37, 25.0):
-        torch.testing.assert_close(mrp_teacher_loss(c * p, c * t, 1.0, per_kernel), base, rtol=1e-9, atol=0)
+        torch.testing.assert_close(mrp_teacher_loss(c * p, c * t, 1.0, NORM[per_kernel]), base, rtol=1e-9, atol=0)
     # general power: the loss scales like c^(2 - 2 power)
     for power in (0.0, 0.5, 2 / 3):
-        b = mrp_teacher_loss(p, t, power, per_kernel)
-        torch.testing.assert_close(mrp_teacher_loss(10 * p, 10 * t, power, per_kernel), b * 10 ** (2 - 2 * power),
+        b = mrp_teacher_loss(p, t, power, NORM[per_kernel])
+        torch.testing.assert_close(mrp_teacher_loss(10 * p, 10 * t, power, NORM[per_kernel]), b * 10 ** (2 - 2 * power),
                                    rtol=1e-9, atol=0)
 
 
@@ -109,15 +112,15 @@ def test_teacher_loss_per_kernel_vs_per_run():
     for power in (0.5, 1.0):
         per_kernel = (sq / ms.pow(power)).sum(-1)
         per_run = sq.sum(-1) / ms.sum(-1).pow(power)
-        torch.testing.assert_close(mrp_teacher_loss(p, t, power, True), per_kernel, rtol=1e-10, atol=0)
-        torch.testing.assert_close(mrp_teacher_loss(p, t, power, False), per_run, rtol=1e-10, atol=0)
+        torch.testing.assert_close(mrp_teacher_loss(p, t, power, "per_kernel"), per_kernel, rtol=1e-10, atol=0)
+        torch.testing.assert_close(mrp_teacher_loss(p, t, power, "per_run"), per_run, rtol=1e-10, atol=0)
         assert not torch.allclose(per_kernel, per_run, rtol=1e-3)
     # per kernel: rescaling one kernel's pred and target together leaves the loss unchanged at power 1
     p2, t2 = p.clone(), t.clone()
     p2[:, :, 1] *= 7.0
     t2[:, :, 1] *= 7.0
-    torch.testing.assert_close(mrp_teacher_loss(p2, t2, 1.0, True), mrp_teacher_loss(p, t, 1.0, True), rtol=1e-10, atol=0)
-    assert not torch.allclose(mrp_teacher_loss(p2, t2, 1.0, False), mrp_teacher_loss(p, t, 1.0, False), rtol=1e-3)
+    torch.testing.assert_close(mrp_teacher_loss(p2, t2, 1.0, "per_kernel"), mrp_teacher_loss(p, t, 1.0, "per_kernel"), rtol=1e-10, atol=0)
+    assert not torch.allclose(mrp_teacher_loss(p2, t2, 1.0, "per_run"), mrp_teacher_loss(p, t, 1.0, "per_run"), rtol=1e-3)
 
 
 def test_teacher_loss_divisor_is_detached():
@@ -126,7 +129,7 @@ def test_teacher_loss_divisor_is_detached():
     p = _rand(R, N, K, seed=8).requires_grad_(True)
     t = _rand(R, N, K, seed=9).requires_grad_(True)  # even a target that carries grad is not differentiated in ms
     power = 0.5
-    mrp_teacher_loss(p, t, power, True).sum().backward()
+    mrp_teacher_loss(p, t, power, "per_kernel").sum().backward()
     ms = t.detach().pow(2).mean(1, keepdim=True)  # [R, 1, K]
     torch.testing.assert_close(p.grad, 2 * (p.detach() - t.detach()) / N / ms.pow(power), rtol=1e-10, atol=0)
     torch.testing.assert_close(t.grad, -p.grad, rtol=1e-10, atol=0)

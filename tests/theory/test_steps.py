@@ -9,7 +9,8 @@ import torch
 
 from mrplab.rng import generator
 from mrplab.theory import net, steps
-from mrplab.theory.objectives import cross_entropy, make_run_masks, mae_pixel_loss, mrp_teacher_loss
+from mrplab.theory.objectives import (cross_entropy, fit_decoder, mae_pixel_loss, make_run_masks, mrp_teacher_loss,
+                                      normalise_target)
 
 R, N, P, d, k, m = 2, 12, 6, 10, 3, 2
 K = k * m
@@ -55,38 +56,121 @@ def test_sl_gradient_matches_autograd(Rd):
     Wr = W.clone().requires_grad_(True)
     ref = cross_entropy(net.sl_logits(net.encode(X, Wr, Q, THR), k, m), y)
     ref.sum().backward()
-    loss, dW = steps.sl(X, y, W, Q, THR, k, m)
+    loss, dW, _ = steps.sl(X, y, W, Q, THR, k, m)
     torch.testing.assert_close(loss, ref.detach())
     _close(dW.double(), Wr.grad)
 
 
+def _decoder(kind: str, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "full":
+        return net.init_decoder(R, K, "full").double() + 0.1 * torch.randn(R, K, K, generator=g, dtype=torch.float64)
+    return net.init_decoder(R, K, "diag").double() + 0.1 * torch.randn(R, K, generator=g, dtype=torch.float64)
+
+
+def _teacher_target(X, W_teacher, mask, scope, norm):
+    """The reference target: the teacher's code on the full input, pooled over all or the masked patches."""
+    t = net.encode(X, W_teacher, Q, THR, keep=None if scope == "all" else mask).detach()
+    return normalise_target(t, norm)
+
+
 @pytest.mark.parametrize("decoder", ["full", "diag"])
-@pytest.mark.parametrize("power,per_kernel", [(0.0, True), (0.75, True), (0.75, False), (1.0, True)])
+@pytest.mark.parametrize("norm,power", [("none", 0.0), ("per_kernel", 0.75), ("per_kernel", 1.0), ("per_run", 0.75),
+                                        ("per_sample", 0.0)])
+@pytest.mark.parametrize("scope", ["all", "masked"])
 @pytest.mark.parametrize("ema", [False, True])
-def test_mrp_teacher_gradient_matches_autograd(decoder, power, per_kernel, ema):
+def test_mrp_teacher_gradient_matches_autograd(decoder, norm, power, scope, ema):
     X, W, _, mask = _setup(R)
-    D = net.init_decoder(R, K, decoder).double() + 0.1 * torch.randn(R, K, K if decoder == "full" else 1,
-                                                                      dtype=torch.float64).squeeze(-1)
+    D = _decoder(decoder)
     W_t = (W + 0.05 * torch.randn_like(W)) if ema else None
     Wr, Dr = W.clone().requires_grad_(True), D.clone().requires_grad_(True)
     h_s = net.encode(X, Wr, Q, THR, keep=~mask)
-    target = net.encode(X, W_t if ema else Wr, Q, THR).detach()
-    ref = mrp_teacher_loss(net.decode(h_s, Dr), target, power, per_kernel)
+    target = _teacher_target(X, W_t if ema else Wr, mask, scope, norm)
+    ref = mrp_teacher_loss(net.decode(h_s, Dr), target, power, norm)
     ref.sum().backward()
-    out = steps.mrp(X, W, D, mask, Q, THR, "teacher", power, per_kernel, W_t)
+    out = steps.mrp(X, W, D, mask, Q, THR, steps.MRPSpec("teacher", scope, norm, power), W_t)
     torch.testing.assert_close(out.loss, ref.detach())
     _close(out.dW.double(), Wr.grad)
     _close(out.dD, Dr.grad)
 
 
-def test_mae_pixel_gradient_matches_autograd():
-    X, W, _, mask = _setup(1)
-    D = 0.1 * torch.randn(R, K, d, dtype=torch.float64)
-    Wr, Dr = W.clone().requires_grad_(True), D.clone().requires_grad_(True)
-    ref = mae_pixel_loss(torch.bmm(net.encode(X, Wr, Q, THR, keep=~mask), Dr), X, mask, 0.75)
+@pytest.mark.parametrize("decoder", ["full", "diag"])
+@pytest.mark.parametrize("scope", ["all", "masked"])
+@pytest.mark.parametrize("norm", ["per_kernel", "per_sample"])
+def test_fitted_decoder_step_is_the_gradient_of_the_profiled_loss(decoder, scope, norm):
+    """Under the control the decoder is the least-squares optimum D*(W); the step's dW is the gradient
+    of min_D loss(W, D), through D* too (autograd through the solve): the envelope theorem, checked."""
+    X, W, _, mask = _setup(R)
+    Wr = W.clone().requires_grad_(True)
+    h_s = net.encode(X, Wr, Q, THR, keep=~mask)
+    target = _teacher_target(X, W, mask, scope, norm)
+    D_star = fit_decoder(h_s, target, decoder)  # differentiable in h_s
+    ref = mrp_teacher_loss(net.decode(h_s, D_star), target, 0.75, norm)
     ref.sum().backward()
-    out = steps.mrp(X, W, D, mask, Q, THR, "pixels", 0.75, False)
+    out = steps.mrp(X, W, _decoder(decoder), mask, Q, THR, steps.MRPSpec("teacher", scope, norm, 0.75, True))
+    torch.testing.assert_close(out.D, D_star.detach(), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(out.loss, ref.detach())
+    _close(out.dW.double(), Wr.grad)
+
+
+@pytest.mark.parametrize("decoder", ["full", "diag"])
+def test_fitted_decoder_is_the_least_squares_solution(decoder):
+    g = torch.Generator().manual_seed(3)
+    h = torch.rand(R, 40, K, generator=g, dtype=torch.float64)
+    t = h @ torch.randn(K, K, generator=g, dtype=torch.float64) + 0.3 * torch.randn(R, 40, K, generator=g,
+                                                                                  dtype=torch.float64)
+    D = fit_decoder(h, t, decoder)
+    for r in range(R):
+        if decoder == "full":
+            direct = torch.linalg.lstsq(h[r], t[r]).solution  # [K, K]
+            torch.testing.assert_close(D[r], direct, rtol=1e-5, atol=1e-8)
+        else:
+            for j in range(K):
+                direct = torch.linalg.lstsq(h[r, :, j : j + 1], t[r, :, j : j + 1]).solution  # [1, 1]
+                torch.testing.assert_close(D[r, j], direct[0, 0], rtol=1e-10, atol=1e-12)
+    # a kernel that never fires gets D = 0, not nan
+    h[0, :, 2] = 0
+    assert fit_decoder(h, t, "diag")[0, 2] == 0
+
+
+@pytest.mark.parametrize("decoder", ["full", "diag"])
+@pytest.mark.parametrize("scope", ["all", "masked"])
+def test_fitted_decoder_leaves_no_radial_gradient_in_the_polynomial_phase(decoder, scope):
+    """In the polynomial phase h(c W) = c^q h(W): a fitted linear decoder absorbs any rescaling of the
+    encoder, so the loss is flat along W and the control's gradient is orthogonal to W (Euler). This is
+    why the control cannot grow a kernel's norm; only its direction can move."""
+    X, W, _, mask = _setup(R, scale=0.02)  # every |z| << thr
+    assert net.preact(X, W).abs().max() < THR
+    out = steps.mrp(X, W, _decoder(decoder), mask, Q, THR, steps.MRPSpec("teacher", scope, "per_kernel", 0.75, True))
+    for r in range(R):
+        cos = (out.dW[r] * W[r]).sum() / (out.dW[r].norm() * W[r].norm())
+        assert abs(float(cos)) < 1e-6, float(cos)
+    if scope == "masked":
+        return
+    # with a lagging decoder (identity at the start of training) the same step grows the kernels:
+    # the all-patch target exceeds what the visible patches give
+    lag = steps.mrp(X, W, net.init_decoder(R, K, decoder).double(), mask, Q, THR,
+                    steps.MRPSpec("teacher", scope, "per_kernel", 0.75))
+    assert all(float((lag.dW[r] * W[r]).sum()) < 0 for r in range(R))  # descent direction has a radial part
+
+
+@pytest.mark.parametrize("scope", ["masked", "all"])
+@pytest.mark.parametrize("fit", [False, True])
+def test_mae_pixel_gradient_matches_autograd(scope, fit):
+    X, W, _, mask = _setup(1)
+    Wr = W.clone().requires_grad_(True)
+    h_s = net.encode(X, Wr, Q, THR, keep=~mask)
+    if fit:
+        sel = mask if scope == "masked" else torch.ones_like(mask)
+        t = torch.einsum("rnp,rnpd->rnd", sel.double(), X.expand(R, *X.shape[1:]))
+        Dr = fit_decoder(h_s.detach(), t, "full").requires_grad_(True)
+    else:
+        Dr = (0.1 * torch.randn(R, K, d, dtype=torch.float64)).requires_grad_(True)
+    ref = mae_pixel_loss(torch.bmm(h_s, Dr), X, mask, 0.75, scope)
+    ref.sum().backward()
+    out = steps.mrp(X, W, Dr.detach().clone(), mask, Q, THR, steps.MRPSpec("pixels", scope, "per_run", 0.75, fit))
+    torch.testing.assert_close(out.loss, ref.detach())
+    torch.testing.assert_close(out.D, Dr.detach(), rtol=1e-5, atol=1e-6)
     _close(out.dW.double(), Wr.grad)
     _close(out.dD, Dr.grad)
 

@@ -7,9 +7,11 @@ sample X = (x_1, ..., x_P) has P patches and a label y:
   to U[1, c_hi];
 * single-view: one dominant feature of class y (uniform over L) sums to
   U[1, c_hi]; the other features of y sum to exactly ``rho``;
-* every other class j appears with probability s/k; its L features each sit in
-  C_p patches summing to U[c_lo, off_class_max] (multi-view) or ``Gamma``
-  (single-view); when the P patches run out the remaining ones are dropped;
+* every feature of every other class joins the sample on its own with
+  probability s/k (``off_class=per_class``: a whole class joins or not) and
+  sits in C_p patches summing to U[c_lo, off_class_max] (multi-view) or
+  ``Gamma`` (single-view); when the P patches run out the remaining ones are
+  dropped, in a random order;
 * every patch gets feature noise U[0, gamma] along every feature, plus
   Gaussian noise N(0, sigma_p^2 I); patches with no feature are noise only.
 
@@ -131,15 +133,21 @@ def sample(
     is_dom = torch.arange(L).unsqueeze(0) == dominant.unsqueeze(1)  # [N, L]
     own_total = torch.where(single.unsqueeze(1) & ~is_dom, torch.full_like(strong, cfg.rho), strong)
 
-    # off-class features: which classes appear, in a random order, up to the free patches
+    # off-class features, in units that join a sample or not: one feature at a time
+    # (the multi-view model) or a whole class at once (data.off_class=per_class);
+    # units are placed in a random order until the free patches run out
     cap = (P - L * C_p) // C_p  # how many more features fit, C_p patches each
-    present = torch.rand(n, k_cls, generator=g) < (cfg.s / bank.k)  # [N, k_cls]
-    present[torch.arange(n), y] = False
-    order = torch.argsort(torch.rand(n, k_cls, generator=g), dim=1)  # random class priority
+    u = L if cfg.off_class == "per_class" else 1  # features per unit
+    n_units = k_cls * L // u
+    present = torch.rand(n, n_units, generator=g) < (cfg.s / bank.k)  # [N, n_units]
+    own_unit = (y * L).unsqueeze(1) // u + torch.arange(L // u).unsqueeze(0)  # [N, L/u] units of class y
+    present.scatter_(1, own_unit, False)
+    order = torch.argsort(torch.rand(n, n_units, generator=g), dim=1)  # random unit priority
     present_sorted = torch.gather(present, 1, order)
-    rank = torch.cumsum(present_sorted.long(), 1) - 1  # rank among present classes
-    keep_sorted = present_sorted & ((rank + 1) * L <= cap)  # a class is kept whole or not at all
-    keep = torch.zeros_like(present).scatter(1, order, keep_sorted)  # [N, k_cls]
+    rank = torch.cumsum(present_sorted.long(), 1) - 1  # rank among present units
+    keep_sorted = present_sorted & ((rank + 1) * u <= cap)  # a unit is kept whole or not at all
+    keep = torch.zeros_like(present).scatter(1, order, keep_sorted)  # [N, n_units]
+    unit_slot = L + torch.zeros_like(rank).scatter(1, order, rank) * u  # [N, n_units] first slot of a kept unit
     off_hi = torch.where(single, torch.full((n,), cfg.Gamma), torch.full((n,), cfg.off_class_max))
     off_lo = torch.where(single, torch.full((n,), cfg.Gamma), torch.full((n,), cfg.c_lo))
     off_total = off_lo[:, None, None] + (off_hi - off_lo)[:, None, None] * torch.rand(n, k_cls, L, generator=g)
@@ -163,10 +171,10 @@ def sample(
     always = torch.ones(n, dtype=torch.bool)
     for l in range(L):
         place(torch.full((n,), l), y * L + l, own_total[:, l], always)
-    slot_of_class = L + torch.scatter(rank, 1, order, rank) * L  # [N, k_cls] first slot of a kept class
-    for j in range(k_cls):
-        for l in range(L):
-            place(slot_of_class[:, j] + l, torch.full((n,), j * L + l), off_total[:, j, l], keep[:, j])
+    for f in range(k_cls * L):
+        j, l = divmod(f, L)
+        unit = f // u
+        place(unit_slot[:, unit] + f % u, torch.full((n,), f), off_total[:, j, l], keep[:, unit])
 
     coef = coef + cfg.gamma * torch.rand(n, P, F, generator=g)  # feature noise on every patch
     coef = coef * shown  # features the data set does not show are absent entirely

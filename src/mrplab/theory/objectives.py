@@ -43,28 +43,63 @@ def _normalised_sq_error(pred: torch.Tensor, target: torch.Tensor, power: float,
     return sq.sum(-1)
 
 
-def mrp_teacher_loss(pred: torch.Tensor, target: torch.Tensor, power: float = 0.0, per_kernel: bool = True) -> torch.Tensor:
-    """data2vec-style: the decoder's prediction from the masked input vs the teacher's code of the full input.
+def normalise_target(t: torch.Tensor, norm: str, eps: float = 1e-12) -> torch.Tensor:
+    """The target as the loss sees it. per_sample: each sample's target centred and scaled to unit
+    variance across its channels (data2vec's instance-normalised targets); any other norm: t as is.
+    t [R, N, C]; the teacher side, so the result carries no gradient to the student."""
+    if norm != "per_sample":
+        return t
+    c = t - t.mean(-1, keepdim=True)
+    return c / (c.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def mrp_teacher_loss(pred: torch.Tensor, target: torch.Tensor, power: float = 0.0, norm: str = "per_kernel") -> torch.Tensor:
+    """data2vec-style: the decoder's prediction from the masked input vs the teacher's code.
 
     pred, target: [R, N, K]; target must already be detached (teacher side). Returns [R].
     In the polynomial phase the plain loss's gradient scales like c^(2q-1) in
     the correlations c, so no fixed step size serves both the start and the
     end; dividing each kernel's error by its own (teacher mean square)^power
-    with power = (q-1)/q keeps every kernel's leading correlation growing at
-    the same relative rate per step, so no kernel waits on another, while the
-    competition between features inside a kernel is untouched (see docs/regime.md).
+    with power = (q-1)/q (norm="per_kernel") keeps every kernel's leading
+    correlation growing at the same relative rate per step, so no kernel waits
+    on another, while the competition between features inside a kernel is
+    untouched (see docs/regime.md). norm: none | per_kernel | per_run |
+    per_sample (the target normalised per sample, no divisor).
     """
-    return _normalised_sq_error(pred, target, power, per_kernel)
+    if norm in ("none", "per_sample"):
+        return _normalised_sq_error(pred, normalise_target(target, norm), 0.0)
+    return _normalised_sq_error(pred, target, power, norm == "per_kernel")
 
 
-def mae_pixel_loss(pred: torch.Tensor, X: torch.Tensor, mask: torch.Tensor, power: float = 0.0) -> torch.Tensor:
-    """MAE-style: reconstruct the masked patches' pixels.
+def fit_decoder(h: torch.Tensor, t: torch.Tensor, kind: str, ridge: float = 1e-10) -> torch.Tensor:
+    """The linear decoder that minimises sum_n ||decode(h_n) - t_n||^2 for fixed codes: the fitted-decoder control.
+
+    h [R, N, K] student codes, t [R, N, C] targets. diag (C = K): D_r = <h_r, t_r> / <h_r, h_r> per
+    kernel ([R, K]; 0 for a kernel that never fires). full: the ridge solve (H^T H + lam I)^-1 H^T T
+    ([R, K, C]) with lam = ridge * mean diagonal of H^T H, a tie-breaker far below the data's scale.
+    Solved in float64: codes in the polynomial phase are ~1e-7. Any per-channel divisor of the loss
+    leaves this optimum unchanged (each output channel is its own least-squares problem).
+    """
+    h64, t64 = h.double(), t.double()
+    if kind == "diag":
+        num, den = (h64 * t64).sum(1), h64.pow(2).sum(1)  # [R, K]
+        return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num)).to(h.dtype)
+    G = h64.transpose(1, 2) @ h64  # [R, K, K]
+    lam = ridge * torch.diagonal(G, dim1=1, dim2=2).mean(-1).clamp(min=1e-300)  # [R]
+    G = G + lam[:, None, None] * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    return torch.linalg.solve(G, h64.transpose(1, 2) @ t64).to(h.dtype)  # [R, K, C]
+
+
+def mae_pixel_loss(pred: torch.Tensor, X: torch.Tensor, mask: torch.Tensor, power: float = 0.0,
+                   scope: str = "masked") -> torch.Tensor:
+    """MAE-style: reconstruct the masked patches' pixels (scope="all": every patch's).
 
     Patches in the data model are exchangeable (positions carry no
-    information), so the target is the content of the masked patches pooled:
+    information), so the target is the content of the patches pooled:
     t = sum_{p masked} x_p. pred [R, N, d], X [Rd, N, P, d], mask [R, N, P]. Returns [R].
     """
-    target = torch.einsum("rnp,rnpd->rnd", mask.to(X.dtype), X.expand(mask.shape[0], *X.shape[1:]))  # [R, N, d]
+    sel = mask if scope == "masked" else torch.ones_like(mask)
+    target = torch.einsum("rnp,rnpd->rnd", sel.to(X.dtype), X.expand(mask.shape[0], *X.shape[1:]))  # [R, N, d]
     return _normalised_sq_error(pred, target, power)
 
 

@@ -94,3 +94,43 @@ def sl_lottery(C0: torch.Tensor, C1: torch.Tensor, k: int, m: int, thr: float) -
         "init_phi": init_phi,
         "final_phi": final_phi,
     }
+
+
+def alignment(W: torch.Tensor, bank: FeatureBank) -> torch.Tensor:
+    """cos(w_r, v_{i,l}) maximised over kernels, per feature: [R, k_total, L].
+
+    The direction part of capture: it can grow while the kernels' norms do not (as under the
+    fitted-decoder control). At init it is ~sqrt(2 ln K / d) (0.17 at K = 80, d = 300)."""
+    Wn = W.float() / W.float().norm(dim=1, keepdim=True).clamp(min=1e-30)
+    return capture_matrix(Wn, bank).amax(dim=1)
+
+
+def pure_kernels(C: torch.Tensor, thr: float) -> dict[str, torch.Tensor]:
+    """Kernels that capture exactly one feature (pure) versus several (fused).
+
+    C [R, K, k_total, L]. Returns per run: capturing, pure and fused kernel counts [R], and
+    held_by_pure [R, k_total, L] bool: some pure kernel captures the feature.
+    """
+    hits = C >= thr  # [R, K, k_total, L]
+    count = hits.flatten(2).sum(-1)  # [R, K]
+    pure = count == 1
+    held = (hits & pure[:, :, None, None]).any(1)
+    return {"capturing": (count > 0).sum(-1), "pure": pure.sum(-1), "fused": (count > 1).sum(-1),
+            "held_by_pure": held}
+
+
+def representation_health(h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Collapse diagnostics of encoder outputs h [R, N, K]: per run the spread (mean over kernels of
+    the std over samples) and the effective rank (participation ratio of the centred outputs'
+    singular values: K for K equal independent directions, 1 for one direction)."""
+    hc = (h - h.mean(1, keepdim=True)).double()
+    spread = hc.pow(2).mean(1).sqrt().mean(-1)  # [R]
+    s2 = torch.linalg.svdvals(hc).pow(2)  # [R, min(N, K)]
+    rank = s2.sum(-1).pow(2) / s2.pow(2).sum(-1).clamp(min=1e-300)
+    return {"spread": spread.float(), "effective_rank": torch.where(s2.sum(-1) > 0, rank, torch.zeros_like(rank)).float()}
+
+
+def share_classes_one_feature(C: torch.Tensor, k: int, m: int, thr: float) -> torch.Tensor:
+    """Share of classes whose own kernels capture exactly one of their features at threshold thr: [R]."""
+    lot = sl_lottery(C, C, k, m, thr)
+    return (lot["captured_per_class"] == 1).float().mean(-1)

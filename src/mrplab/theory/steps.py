@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from mrplab import runtime
-from mrplab.theory import net
+from mrplab.theory import net, objectives
 
 Act = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -131,20 +131,42 @@ def run_rows(t: torch.Tensor, s: slice) -> torch.Tensor:
 
 def sl(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, q: int, thr: float, k: int, m: int,
        act: Act = net.act_and_grad):
-    """Cross-entropy on F_i = sum of class i's kernels. Returns (loss [R], dW [R, d, K])."""
+    """Cross-entropy on F_i = sum of class i's kernels.
+
+    Returns (loss [R], dW [R, d, K], fitted [R] bool: every sample classified correctly)."""
     loss, dW = W.new_empty(W.shape[0]), torch.empty_like(W)
+    fitted = torch.empty(W.shape[0], dtype=torch.bool, device=W.device)
     for s in chunks(X, W):
-        loss[s], dW[s] = _sl(run_rows(X, s), run_rows(y, s), W[s], q, thr, k, m, act)
-    return loss, dW
+        loss[s], dW[s], fitted[s] = _sl(run_rows(X, s), run_rows(y, s), W[s], q, thr, k, m, act)
+    return loss, dW, fitted
 
 
 def _sl(X, y, W, q, thr, k, m, act):
     A, G = act(net.preact(X, W), q, thr)  # [R, N, P, K]
     h = A.sum(2)  # [R, N, K]
-    loss, dlogits = _softmax_ce(net.sl_logits(h, k, m), y)  # [R, N, k]
+    logits = net.sl_logits(h, k, m)  # [R, N, k]
+    loss, dlogits = _softmax_ce(logits, y)
+    fitted = (logits.argmax(-1) == y.expand(logits.shape[:2])).all(-1)  # [R]
     dh = dlogits.repeat_interleave(m, dim=-1)  # [R, N, K]: every kernel of class i gets dF_i
     G.mul_(dh.unsqueeze(2))  # dZ, in place of act'
-    return loss, net.weight_grad(X, G)
+    return loss, net.weight_grad(X, G), fitted
+
+
+@dataclass(frozen=True)
+class MRPSpec:
+    """Which mask-reconstruction variant a step computes (config.MRPConfig documents each choice)."""
+
+    target: str = "teacher"  # teacher | pixels
+    scope: str = "all"  # all | masked: the patches the target pools
+    norm: str = "per_kernel"  # none | per_kernel | per_run | per_sample
+    power: float = 0.75  # power of the per_kernel / per_run divisor
+    fit_decoder: bool = False  # the decoder set to its least-squares optimum every step
+
+    @staticmethod
+    def of(cfg, q: int, fit_decoder: bool | None = None) -> "MRPSpec":
+        """From a config.MRPConfig; fit_decoder overrides its decoder_fit (the control run)."""
+        fit = cfg.decoder_fit == "lstsq" if fit_decoder is None else fit_decoder
+        return MRPSpec(cfg.target, cfg.scope, cfg.target_norm, cfg.norm_power(q), fit)
 
 
 @dataclass
@@ -152,6 +174,7 @@ class MRPGrads:
     loss: torch.Tensor  # [R]
     dW: torch.Tensor  # [R, d, K]
     dD: torch.Tensor  # like D
+    D: torch.Tensor  # the decoder this step used (the fitted one under the control)
     target_var: torch.Tensor | None
     pred_var: torch.Tensor
 
@@ -172,37 +195,40 @@ def _sq_error_grad(pred: torch.Tensor, target: torch.Tensor, power: float, per_c
 
 def mrp(
     X: torch.Tensor, W: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, q: int, thr: float,
-    target: str, power: float, per_kernel: bool, W_teacher: torch.Tensor | None = None,
-    act: Act = net.act_and_grad,
+    spec: MRPSpec, W_teacher: torch.Tensor | None = None, act: Act = net.act_and_grad,
 ) -> MRPGrads:
     """Mask reconstruction: student on the visible patches, teacher (or pixels) as the target.
 
     mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
     """
-    parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, target, power, per_kernel,
+    parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec,
                   None if W_teacher is None else W_teacher[s], act)
              for s in chunks(X, W)]
     if len(parts) == 1:
         return parts[0]
     return MRPGrads(
         loss=torch.cat([p.loss for p in parts]), dW=torch.cat([p.dW for p in parts]),
-        dD=torch.cat([p.dD for p in parts]), pred_var=torch.cat([p.pred_var for p in parts]),
+        dD=torch.cat([p.dD for p in parts]), D=torch.cat([p.D for p in parts]),
+        pred_var=torch.cat([p.pred_var for p in parts]),
         target_var=None if parts[0].target_var is None else torch.cat([p.target_var for p in parts]),
     )
 
 
-def _mrp(X, W, D, mask, q, thr, target, power, per_kernel, W_teacher, act) -> MRPGrads:
+def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, act) -> MRPGrads:
     A, G = act(net.preact(X, W), q, thr)  # [R, N, P, K]
     keep = (~mask).unsqueeze(-1).to(A.dtype)  # [R, N, P, 1]
     h_s = (A * keep).sum(2)  # [R, N, K] student sees visible patches only
     target_var = None
-    if target == "teacher":
-        if W_teacher is None:
-            t = A.sum(2)  # [R, N, K] teacher = the student on the full input, no gradient
-        else:
-            t = act(net.preact(X, W_teacher), q, thr)[0].sum(2)
+    if spec.target == "teacher":
+        A_t = A if W_teacher is None else act(net.preact(X, W_teacher), q, thr)[0]  # teacher, full input
+        t = A_t.sum(2) if spec.scope == "all" else (A_t * (1.0 - keep)).sum(2)  # [R, N, K]
+        t = objectives.normalise_target(t, spec.norm)
+        if spec.fit_decoder:
+            D = objectives.fit_decoder(h_s, t, "full" if D.dim() == 3 else "diag")
         pred = net.decode(h_s, D)
-        loss, dpred = _sq_error_grad(pred, t, power, per_kernel)
+        per_channel = spec.norm == "per_kernel"
+        loss, dpred = _sq_error_grad(pred, t, spec.power if spec.norm in ("per_kernel", "per_run") else 0.0,
+                                     per_channel)
         if D.dim() == 3:
             dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, K]
             dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
@@ -211,14 +237,18 @@ def _mrp(X, W, D, mask, q, thr, target, power, per_kernel, W_teacher, act) -> MR
             dh = dpred * D.unsqueeze(1)
         target_var = t.var(dim=1).mean(-1)
     else:
-        pred = torch.bmm(h_s, D)  # [R, N, d] pixel decoder D [R, K, d]
         Xf = X.float().expand(mask.shape[0], *X.shape[1:])
-        t = torch.einsum("rnp,rnpd->rnd", mask.to(Xf.dtype), Xf)  # content of the masked patches
-        loss, dpred = _sq_error_grad(pred, t, power, per_channel=False)
+        sel = mask if spec.scope == "masked" else torch.ones_like(mask)
+        t = torch.einsum("rnp,rnpd->rnd", sel.to(Xf.dtype), Xf)  # content of the patches in scope
+        if spec.fit_decoder:
+            D = objectives.fit_decoder(h_s, t, "full")
+        pred = torch.bmm(h_s, D)  # [R, N, d] pixel decoder D [R, K, d]
+        loss, dpred = _sq_error_grad(pred, t, spec.power if spec.norm in ("per_kernel", "per_run") else 0.0,
+                                     per_channel=False)
         dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, d]
         dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
     G.mul_(keep).mul_(dh.unsqueeze(2))  # dZ: only visible patches reach the student's output
-    return MRPGrads(loss=loss, dW=net.weight_grad(X, G), dD=dD, target_var=target_var,
+    return MRPGrads(loss=loss, dW=net.weight_grad(X, G), dD=dD, D=D, target_var=target_var,
                     pred_var=pred.var(dim=1).mean(-1))
 
 

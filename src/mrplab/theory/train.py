@@ -63,25 +63,49 @@ def _batch_idx(gens: list[torch.Generator], n: int, bs: int | None, device: torc
 # --------------------------------------------------------------------------- supervised from scratch
 
 
+@dataclass
+class SLResult:
+    W: torch.Tensor  # [R, d, K]
+    steps: torch.Tensor  # [R] steps each run trained
+    fitted: torch.Tensor  # [R] bool: every training sample classified correctly at the end
+
+
 def train_sl(
     W0: torch.Tensor, data: MultiViewData, cfg: SLConfig, netc: NetConfig, k: int, gens: RunGens,
     hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad,
-) -> torch.Tensor:
-    """Cross-entropy on F_i = sum of class i's kernels. Returns the trained kernels [R, d, K]."""
+) -> SLResult:
+    """Cross-entropy on F_i = sum of class i's kernels.
+
+    Every run trains ``cfg.steps`` steps; with ``until_fit`` a run that does not yet classify every
+    training sample correctly goes on, up to ``max_steps``, and stops at the first step where it does
+    (its kernels then stay as they are while other runs finish), so a run's result never depends on
+    which other runs share the batch.
+    """
     W = W0.clone()
+    R = W.shape[0]
     q, thr = netc.q, netc.threshold
-    for t in range(cfg.steps + 1):
+    last = max(cfg.max_steps, cfg.steps) if cfg.until_fit else cfg.steps
+    done = torch.zeros(R, dtype=torch.bool, device=W.device)
+    taken = torch.full((R,), last, dtype=torch.long)
+    fitted = torch.zeros(R, dtype=torch.bool, device=W.device)
+    for t in range(last + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, y = _select(data, idx)
-        loss, dW = steps.sl(X, y, W, q, thr, k, netc.m, act)  # [R], [R, d, K]
+        loss, dW, fits = steps.sl(X, y, W, q, thr, k, netc.m, act)  # [R], [R, d, K], [R]
         _check_finite(loss, "supervised training", t, "sl.lr")
-        if _is_log_step(t, cfg.steps, log_every):
+        fitted = torch.where(done, fitted, fits)
+        if t >= cfg.steps:
+            newly = ~done & (fits | torch.tensor(not cfg.until_fit, device=W.device))
+            taken[newly.cpu()] = t
+            done |= newly
+        stop = t == last or bool(done.all())
+        if _is_log_step(t, cfg.steps, log_every) or stop:
             hooks.log("sl", t, {"W": W, "loss": loss})
-        if t == cfg.steps:
+        if stop:
             break
-        W.sub_(dW, alpha=cfg.lr)
+        W.sub_(dW * (~done).to(dW.dtype)[:, None, None], alpha=cfg.lr)
         hooks.advance()
-    return W
+    return SLResult(W=W, steps=taken, fitted=fitted)
 
 
 # --------------------------------------------------------------------------- mask-reconstruction pretraining
@@ -95,13 +119,16 @@ class MRPResult:
 
 def pretrain_mrp(
     W0: torch.Tensor, data: MultiViewData, cfg: MRPConfig, netc: NetConfig, gens: RunGens,
-    hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad,
+    hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad, fit_decoder: bool | None = None,
+    phase: str = "mrp",
 ) -> MRPResult:
     """Teacher-student mask reconstruction (or its MAE pixel variant).
 
     Student: masked input -> encoder -> linear decoder. Teacher target: the
     encoder with EMA weights on the full input (momentum 0: the student's own
-    weights under stop-gradient, so one Z = X W serves both).
+    weights under stop-gradient, so one Z = X W serves both), pooled over all
+    patches or the masked ones. fit_decoder overrides cfg.decoder_fit (the
+    fitted-decoder control); ``phase`` names the run in the hooks' logs.
     """
     R, d, K = W0.shape
     q, thr = netc.q, netc.threshold
@@ -110,27 +137,32 @@ def pretrain_mrp(
         D = net.init_decoder(R, K, netc.decoder).to(W0.device)
     else:
         D = torch.zeros(R, K, d, device=W0.device)
-    W_t = W0.clone() if cfg.teacher_momentum > 0 else None
+    ema = cfg.teacher_momentum > 0 or (cfg.teacher_momentum_end or 0.0) > 0
+    W_t = W0.clone() if ema else None
     dec_lr = cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr
-    power = cfg.norm_power(q)
+    spec = steps.MRPSpec.of(cfg, q, fit_decoder)
     P = data.X.shape[-2]
     for t in range(cfg.steps + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, _ = _select(data, idx)
         mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
-        out = steps.mrp(X, W, D, mask, q, thr, cfg.target, power, cfg.loss_norm_per_kernel, W_t, act)
+        out = steps.mrp(X, W, D, mask, q, thr, spec, W_t, act)
         _check_finite(out.loss, "mask-reconstruction pretraining", t, "mrp.lr")
+        if spec.fit_decoder:
+            D = out.D  # the least-squares decoder for the current encoder
         if _is_log_step(t, cfg.steps, log_every):
             state = {"W": W, "D": D, "loss": out.loss, "pred_var": out.pred_var}
             if out.target_var is not None:
                 state["target_var"] = out.target_var
-            hooks.log("mrp", t, state)
+            hooks.log(phase, t, state)
         if t == cfg.steps:
             break
         W.sub_(out.dW, alpha=cfg.lr)
-        D.sub_(out.dD, alpha=dec_lr)
+        if not spec.fit_decoder:
+            D.sub_(out.dD, alpha=dec_lr)
         if W_t is not None:
-            W_t.mul_(cfg.teacher_momentum).add_(W, alpha=1.0 - cfg.teacher_momentum)
+            tau = cfg.momentum(t + 1)
+            W_t.mul_(tau).add_(W, alpha=1.0 - tau)
         hooks.advance()
     return MRPResult(W=W, D=D)
 
