@@ -61,6 +61,7 @@ class _Progress:
         self.phase_total = {
             "sl": cfg.sl.steps,
             "mrp": cfg.mrp.steps,
+            "mrp_control": cfg.mrp.steps,
             "lp": ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0,
             "ft": ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0,
         }
@@ -157,9 +158,13 @@ def _verdict_table(verdicts: list[dict]) -> Table:
     for col in ("id", "statement", "mean ± std", "min", "rule", "verdict"):
         table.add_column(col, overflow="fold")
     for v in verdicts:
-        style = "green" if v["verdict"] == "PASS" else "red"
-        table.add_row(Text(v["id"]), Text(v["statement"]), Text(f"{_num(v['mean'])} ± {_num(v['std'])}"),
-                      Text(_num(v["min"])), Text(v["rule"]), Text(v["verdict"], style=style))
+        style = {"PASS": "green", "FAIL": "red"}.get(v["verdict"], "yellow")
+        label = v["verdict"] + (f" ({v['reason']})" if v.get("reason") and v["verdict"] == "N/A" else "")
+        kind = v.get("kind", "claim")
+        statement = v["statement"] + ("" if kind == "claim" else
+                                      f" [derived from {v['derived_from']}]" if kind == "derived" else f" [{kind} check]")
+        table.add_row(Text(v["id"]), Text(statement), Text(f"{_num(v['mean'])} ± {_num(v['std'])}"),
+                      Text(_num(v["min"])), Text(v["rule"]), Text(label, style=style))
     return table
 
 
@@ -206,6 +211,8 @@ def theory(
         # imported after the config is valid, so that a config mistake is reported without loading torch
         from mrplab.report import run_folder
         from mrplab.theory import experiment
+        from mrplab.theory.claims import tally_line
+        from mrplab.theory.experiment import growth_drive
 
         with _sigterm_as_exit(), _Progress(cfg, experiment.planned_steps(cfg), quiet, console) as progress:
             result, path = run_folder.run_theory(cfg, out, on_record=progress.record, advance=progress.advance,
@@ -217,8 +224,8 @@ def theory(
         typer.echo(str(path))
         return
     console.print(_verdict_table(result.verdicts))
-    n_pass = sum(v["verdict"] == "PASS" for v in result.verdicts)
-    console.print(f"{n_pass}/{len(result.verdicts)} claims PASS")
+    console.print(tally_line(result.verdicts))
+    console.print(growth_drive(result.per_seed), soft_wrap=True, markup=False)
     console.print(f"run folder: {path}", soft_wrap=True, markup=False)
 
 

@@ -43,10 +43,10 @@ from mrplab import config as config_mod
 from mrplab.config import TheoryConfig
 from mrplab.errors import MrplabError
 from mrplab.report import figures
-from mrplab.theory import experiment
-from mrplab.theory.experiment import TheoryResult
+from mrplab.theory import claims, experiment
+from mrplab.theory.experiment import THRESHOLD_CURVE, TheoryResult, growth_drive
 
-PHASES = ("sl", "mrp", "lp", "ft")  # the order experiment.run trains and logs them
+PHASES = ("sl", "mrp", "mrp_control", "lp", "ft")  # the order experiment.run trains and logs them
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -168,8 +168,10 @@ def write_checkpoints(result: TheoryResult, ckpt_dir: Path, provenance: dict[str
     kinds: dict[str, tuple[str, dict[str, torch.Tensor], dict[str, int]]] = {
         "sl": ("supervised learning from scratch: encoder kernels", {"W": result.W_sl}, {"sl": steps["sl"]}),
         "mrp": (
-            "mask-reconstruction pretraining, full checkpoint: encoder kernels W and linear decoder D",
-            {"W": result.W_mrp, "D": result.D_mrp},
+            "mask-reconstruction pretraining, full checkpoint: encoder kernels W and linear decoder D "
+            "(W_control: the kernels under the fitted-decoder control, when it ran)",
+            {"W": result.W_mrp, "D": result.D_mrp,
+             **({"W_control": result.W_control} if result.W_control is not None else {})},
             {"mrp": steps["mrp"]},
         ),
         "ft": (
@@ -205,7 +207,7 @@ def build_summary(
     result: TheoryResult, folder_name: str, wall_s: float | None, provenance: dict[str, Any]
 ) -> dict[str, Any]:
     cfg = result.cfg
-    n_pass = sum(v["verdict"] == "PASS" for v in result.verdicts)
+    tally = claims.tally(result.verdicts)
     return {
         "name": cfg.name,
         "run_folder": folder_name,
@@ -216,8 +218,11 @@ def build_summary(
         "seeds": cfg.seeds,
         "capture_threshold": cfg.capture_threshold,
         "steps": _phase_steps(cfg),
-        "claims_passed": n_pass,
-        "claims_total": len(result.verdicts),
+        "claims_passed": tally["passed"],
+        "claims_total": tally["total"],
+        "claims_not_applicable": tally["not_applicable"],
+        "claims_line": claims.tally_line(result.verdicts),
+        "growth_drive": growth_drive(result.per_seed),
         "verdicts": result.verdicts,
         "per_seed": result.per_seed,
         "timings": result.timings,
@@ -241,33 +246,39 @@ def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list
         f"- git commit: `{s['git_commit'] or 'n/a'}`",
         f"- command: `{s['command']}`",
         "",
-        f"## Verdicts: {s['claims_passed']} of {s['claims_total']} claims PASS",
+        f"## Verdicts: {s.get('claims_line') or str(s['claims_passed']) + ' of ' + str(s['claims_total']) + ' claims PASS'}",
         "",
-        "Each claim reads one metric per seed and aggregates it over seeds as its rule says.",
+        "Each claim reads one metric per seed and aggregates it over seeds as its rule says. Rows marked "
+        "*derived* re-read another claim's measurement and *consistency* rows check the pipeline; neither is "
+        "counted above. N/A: nothing to judge (the reason is given), never a pass.",
         "",
-        "| id | claim | metric | rule | mean ± std | min | per seed | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| id | claim | kind | metric | rule | mean ± std | min | per seed | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in s["verdicts"]:
         per_seed = ", ".join(_fmt(x) for x in v["per_seed"])
-        lines.append(
-            "| "
-            + " | ".join(
-                _cell(c)
-                for c in (
-                    v["id"],
-                    v["statement"],
-                    f"`{v['metric']}`",
-                    v["rule"],
-                    f"{_fmt(v['mean'])} ± {_fmt(v['std'])}",
-                    _fmt(v["min"]),
-                    per_seed,
-                    f"**{v['verdict']}**",
-                )
-            )
-            + " |"
-        )
+        kind = v.get("kind", "claim")
+        if kind == "derived":
+            kind = f"derived from {v.get('derived_from')}"
+        verdict = f"**{v['verdict']}**" + (f" ({v['reason']})" if v.get("reason") else "")
+        cells = (v["id"], v["statement"], kind, f"`{v['metric']}`", v["rule"], f"{_fmt(v['mean'])} ± {_fmt(v['std'])}",
+                 _fmt(v["min"]), per_seed, verdict)
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
 
+    per_seed = s["per_seed"]
+    if s.get("growth_drive"):
+        lines += ["", "## Which drive grew MRP's features", "", s["growth_drive"], ""]
+    if per_seed and "mrp_pure_kernels" in per_seed[0]:
+        lines += ["## Kernel purity and the capture threshold", "",
+                  "| seed | capturing kernels | pure | fused | features held by a pure kernel | "
+                  + " | ".join(f"SL classes with exactly one feature at {f:g} x threshold" for f in THRESHOLD_CURVE)
+                  + " |", "|---|---|---|---|---|" + "---|" * len(THRESHOLD_CURVE)]
+        for m in per_seed:
+            lines.append(f"| {m['seed']} | {m['mrp_kernels_capturing']} | {m['mrp_pure_kernels']} | "
+                         f"{m['mrp_fused_kernels']} | {_fmt(m['mrp_features_held_by_pure_share'])} | "
+                         + " | ".join(_fmt(m.get(f"sl_share_classes_one_feature_at_{f:g}x")) for f in THRESHOLD_CURVE)
+                         + " |")
+        lines.append("")
     per_seed = s["per_seed"]
     keys = [k for k in per_seed[0] if k != "seed"] if per_seed else []
     lines += [

@@ -446,7 +446,7 @@ def write_report(folder: str | Path) -> SweepReport:
 
     claim_ids = [c[len("claim."):-len(".pass")] for c in all_metrics if c.startswith("claim.") and c.endswith(".pass")]
     if claim_ids:
-        lines += ["", "## Claims", "", "Runs whose verdict is PASS, out of the finished runs of the setting "
+        lines += ["", "## Claims", "", "Runs whose verdict is PASS, out of the finished runs of the setting where the claim applies (N/A runs left out) "
                   "(each run is one seed; the claims are listed in src/mrplab/theory/claims.py).", ""]
         head = [*(f"`{c}`" for c in labels), *claim_ids]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

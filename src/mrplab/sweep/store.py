@@ -107,7 +107,7 @@ def result_columns(summary: dict[str, Any]) -> dict[str, Any]:
         if k != "seed":
             cols[f"probe.{k}"] = _value(v)
     for v in summary.get("verdicts", []):
-        cols[f"claim.{v['id']}.pass"] = int(v["verdict"] == "PASS")
+        cols[f"claim.{v['id']}.pass"] = None if v["verdict"] == "N/A" else int(v["verdict"] == "PASS")
         cols[f"claim.{v['id']}.value"] = _value(v.get("value"))
     for k, v in (summary.get("timings") or {}).items():
         cols[f"time.{k}"] = _value(v)
