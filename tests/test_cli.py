@@ -194,7 +194,7 @@ def test_summary_json(tiny_run):
     assert {v["id"] for v in s["verdicts"]} == CLAIM_IDS
     for v in s["verdicts"]:
         assert len(v["per_seed"]) == 2
-        assert v["verdict"] in ("PASS", "FAIL")
+        assert v["verdict"] in ("PASS", "FAIL", "N/A")
         assert {"statement", "metric", "rule", "mean", "std", "min", "max", "value"} <= set(v)
     assert [m["seed"] for m in s["per_seed"]] == [0, 1]
     assert {"data_s", "sl_s", "mrp_s", "finetune_s", "total_s"} <= set(s["timings"])
@@ -224,7 +224,7 @@ def test_checkpoints(tiny_run):
 
     _, folder = tiny_run
     ck = folder / "checkpoints"
-    expect = {"sl": {"W"}, "mrp": {"W", "D"}, "ft": {"W", "H", "b", "center", "scale"}}
+    expect = {"sl": {"W"}, "mrp": {"W", "D", "W_control"}, "ft": {"W", "H", "b", "center", "scale"}}
     cfg = config_mod.load(None, TINY)
     for kind, keys in expect.items():
         tensors = load_file(str(ck / f"{kind}.safetensors"))
