@@ -224,7 +224,7 @@ def test_checkpoints(tiny_run):
 
     _, folder = tiny_run
     ck = folder / "checkpoints"
-    expect = {"sl": {"W"}, "mrp": {"W", "D", "W_control"}, "ft": {"W", "H", "b", "center", "scale"}}
+    expect = {"sl": {"W"}, "mrp": {"W", "D", "W_fitted_decoder", "W_shuffled_pairing"}, "ft": {"W", "H", "b", "center", "scale"}}
     cfg = config_mod.load(None, TINY)
     for kind, keys in expect.items():
         tensors = load_file(str(ck / f"{kind}.safetensors"))

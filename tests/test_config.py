@@ -234,3 +234,18 @@ def test_default_preset_file_is_the_defaults():
     text = (root / "configs" / "theory-default.yaml").read_text()
     assert text == cfgmod.commented_defaults()
     assert cfgmod.load(root / "configs" / "theory-default.yaml") == cfgmod.TheoryConfig()
+
+
+def test_teacher_momentum_schedule_is_linear_from_start_to_end():
+    from mrplab.config import MRPConfig
+
+    c = MRPConfig(steps=100, teacher_momentum=0.99, teacher_momentum_end=0.999)
+    assert c.momentum(0) == pytest.approx(0.99) and c.momentum(100) == pytest.approx(0.999)
+    assert c.momentum(50) == pytest.approx(0.9945) and c.momentum(500) == pytest.approx(0.999)
+    assert MRPConfig(teacher_momentum=0.9).momentum(77) == 0.9  # no end: constant
+    # the divisor's power applies to per_kernel / per_run only
+    assert MRPConfig(target_norm="per_sample").norm_power(4) == 0.0
+    assert MRPConfig().norm_power(4) == pytest.approx(0.75)
+    # the target's scope: all patches for the teacher, the masked ones for pixels, unless set
+    assert MRPConfig().scope == "all" and MRPConfig(target="pixels").scope == "masked"
+    assert MRPConfig(target_scope="masked").scope == "masked"

@@ -61,7 +61,7 @@ class _Progress:
         self.phase_total = {
             "sl": cfg.sl.steps,
             "mrp": cfg.mrp.steps,
-            "mrp_control": cfg.mrp.steps,
+            **{f"mrp_{c}": cfg.mrp.steps for c in ("fitted_decoder", "shuffled_pairing")},
             "lp": ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0,
             "ft": ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0,
         }

@@ -150,9 +150,14 @@ class MRPConfig(_Strict):
         None, ge=0.0, lt=1.0, description="momentum at the last step, reached linearly from teacher_momentum "
         "(data2vec's schedule); null = constant"
     )
-    control: bool = Field(
-        True, description="also run the fitted-decoder control (decoder_fit=lstsq, everything else the same) and "
-        "report which growth drive the features came from"
+    target_pairing: Literal["same", "shuffled"] = Field(
+        "same", description="same: each sample's target is its own; shuffled: sample n is given sample n+1's target "
+        "(a control: growth that survives it does not come from predicting the sample's own masked content)"
+    )
+    controls: list[Literal["fitted_decoder", "shuffled_pairing"]] = Field(
+        default_factory=lambda: ["fitted_decoder", "shuffled_pairing"],
+        description="control runs beside MRP (same init, data and masks, one thing changed), from which the report "
+        "says what grew the features: fitted_decoder = decoder_fit lstsq; shuffled_pairing = target_pairing shuffled"
     )
 
     @property

@@ -222,3 +222,21 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
     finally:
         steps.activation.cache_clear()
         steps._compiled_act.cache_clear()
+
+
+@pytest.mark.parametrize("decoder", ["full", "diag"])
+def test_shuffled_pairing_gradient_matches_autograd(decoder):
+    """The pairing control: sample n is asked for sample n+1's target (a detached teacher code)."""
+    X, W, _, mask = _setup(R)
+    D = _decoder(decoder)
+    Wr, Dr = W.clone().requires_grad_(True), D.clone().requires_grad_(True)
+    h_s = net.encode(X, Wr, Q, THR, keep=~mask)
+    target = _teacher_target(X, Wr, mask, "all", "per_kernel").roll(-1, dims=1)
+    ref = mrp_teacher_loss(net.decode(h_s, Dr), target, 0.75, "per_kernel")
+    ref.sum().backward()
+    out = steps.mrp(X, W, D, mask, Q, THR, steps.MRPSpec("teacher", "all", "per_kernel", 0.75, shuffled=True))
+    torch.testing.assert_close(out.loss, ref.detach())
+    _close(out.dW.double(), Wr.grad)
+    _close(out.dD, Dr.grad)
+    same = steps.mrp(X, W, D, mask, Q, THR, steps.MRPSpec("teacher", "all", "per_kernel", 0.75))
+    assert not torch.allclose(same.dW, out.dW)

@@ -46,7 +46,7 @@ from mrplab.report import figures
 from mrplab.theory import claims, experiment
 from mrplab.theory.experiment import THRESHOLD_CURVE, TheoryResult, growth_drive
 
-PHASES = ("sl", "mrp", "mrp_control", "lp", "ft")  # the order experiment.run trains and logs them
+PHASES = ("sl", "mrp", *(f"mrp_{c}" for c in experiment.CONTROLS), "lp", "ft")  # the order experiment.run trains and logs them
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -169,9 +169,8 @@ def write_checkpoints(result: TheoryResult, ckpt_dir: Path, provenance: dict[str
         "sl": ("supervised learning from scratch: encoder kernels", {"W": result.W_sl}, {"sl": steps["sl"]}),
         "mrp": (
             "mask-reconstruction pretraining, full checkpoint: encoder kernels W and linear decoder D "
-            "(W_control: the kernels under the fitted-decoder control, when it ran)",
-            {"W": result.W_mrp, "D": result.D_mrp,
-             **({"W_control": result.W_control} if result.W_control is not None else {})},
+            "(W_<control>: the kernels of each control run, e.g. W_fitted_decoder)",
+            {"W": result.W_mrp, "D": result.D_mrp, **{f"W_{c}": W for c, W in result.W_controls.items()}},
             {"mrp": steps["mrp"]},
         ),
         "ft": (

@@ -33,7 +33,7 @@ class Recorder:
                  share: runtime.CoreShare | None = None):
         self.cfg, self.data, self.emit, self._advance, self.share = cfg, data, emit, advance, share
         self.thr = cfg.capture_threshold
-        self.history: dict[str, list[dict]] = {"sl": [], "mrp": [], "mrp_control": [], "lp": [], "ft": []}
+        self.history: dict[str, list[dict]] = {"sl": [], "mrp": [], **{f"mrp_{c}": [] for c in CONTROLS}, "lp": [], "ft": []}
         self.seconds = 0.0  # time spent probing (inside the phases' times)
 
     def advance(self, n: int = 1) -> None:
@@ -86,7 +86,7 @@ class TheoryResult:
     D_mrp: torch.Tensor
     W_ft: torch.Tensor
     head: net.LinearHead
-    W_control: torch.Tensor | None  # MRP under the fitted-decoder control, None when not run
+    W_controls: dict[str, torch.Tensor]  # MRP under each control run (CONTROLS), by name
     per_seed: list[dict]
     verdicts: list[dict]
     history: dict[str, list[dict]]
@@ -101,9 +101,14 @@ def _eval_view_errors(logits: torch.Tensor, test: MultiViewData) -> dict[str, to
 
 THRESHOLD_CURVE = (0.5, 1.0, 2.0, 4.0)  # C3a read at these multiples of the capture threshold
 
+# Control runs of MRP: same init, data and masks, one thing changed (config.MRPConfig.controls).
+#   fitted_decoder    the decoder at its least-squares optimum every step: does growth need a lagging decoder?
+#   shuffled_pairing  sample n is given sample n+1's target: does growth need the sample's own masked content?
+CONTROLS = {"fitted_decoder": {"fit_decoder": True}, "shuffled_pairing": {"shuffled": True}}
 
-def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head, W_control=None,
-            sl_steps=None, sl_fitted=None) -> list[dict]:
+
+def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head,
+            W_controls: dict[str, torch.Tensor] | None = None, sl_steps=None, sl_fitted=None) -> list[dict]:
     """Per-seed metrics that the claims read, from the final weights."""
     bank, thr = data.bank, cfg.capture_threshold
     q, thr_act, k, m = cfg.net.q, cfg.net.threshold, bank.k, cfg.net.m
@@ -126,10 +131,12 @@ def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head
         growth = (W_mrp.float().norm(dim=1) / norm0).mean(-1)  # [R]
         health0 = probes.representation_health(steps.encode(data.pretrain.X, W_init, q, thr_act))
         health = probes.representation_health(steps.encode(data.pretrain.X, W_mrp, q, thr_act))
-        if W_control is not None:
-            cap_ctrl = probes.captured(probes.capture_matrix(W_control, bank), thr)
-            align_ctrl = probes.alignment(W_control, bank)
-            growth_ctrl = (W_control.float().norm(dim=1) / norm0).mean(-1)
+        ctrl = {}
+        for name in CONTROLS:
+            Wc = (W_controls or {}).get(name)
+            if Wc is not None:
+                ctrl[name] = (probes.captured(probes.capture_matrix(Wc, bank), thr), probes.alignment(Wc, bank),
+                              (Wc.float().norm(dim=1) / norm0).mean(-1))
     out = []
     for r, seed in enumerate(cfg.seeds):
         n_shown = int(shown.sum())
@@ -162,10 +169,12 @@ def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head
             "mrp_spread_ratio": spread_ratio,
             "mrp_effective_rank": eff_rank,
             "mrp_collapsed": int(not math.isfinite(spread_ratio) or spread_ratio < 0.1 or eff_rank < 1.5),
-            "mrp_control_captured_share": (float((cap_ctrl[r] & shown).sum()) / max(n_shown, 1)
-                                           if W_control is not None else float("nan")),
-            "mrp_control_alignment": mean_over_shown(align_ctrl[r]) if W_control is not None else float("nan"),
-            "mrp_control_norm_growth": float(growth_ctrl[r]) if W_control is not None else float("nan"),
+            **{key: val for name in CONTROLS for key, val in (
+                (f"mrp_{name}_captured_share",
+                 float((ctrl[name][0][r] & shown).sum()) / max(n_shown, 1) if name in ctrl else float("nan")),
+                (f"mrp_{name}_alignment", mean_over_shown(ctrl[name][1][r]) if name in ctrl else float("nan")),
+                (f"mrp_{name}_norm_growth", float(ctrl[name][2][r]) if name in ctrl else float("nan")),
+            )},
             "sl_captured": int(cap_sl[r, :k].sum()),
             "sl_captured_per_class_mean": float(lot["captured_per_class"][r].float().mean()),
             "sl_share_classes_one_feature": float((lot["captured_per_class"][r] == 1).float().mean()),
@@ -192,35 +201,53 @@ def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head
 
 
 def growth_drive(per_seed: list[dict]) -> str:
-    """One sentence: which drive the run's MRP features came from, read off the fitted-decoder control.
+    """One paragraph: what grew the run's MRP features, read off the control runs.
 
-    With the decoder at its least-squares optimum every step, a kernel's norm cannot grow in the
-    polynomial phase (a fitted linear decoder absorbs any rescaling of the encoder), so what the
-    control can still show is direction: kernels that turn toward features are pulled there by
-    predicting masked content from visible content. "Turned toward" means the mean alignment got at
-    least halfway from its value at init to a pure feature direction (cos = 1).
+    fitted_decoder: with the decoder at its least-squares optimum every step, a kernel's norm cannot
+    grow in the polynomial phase (a fitted linear decoder absorbs any rescaling of the encoder), so
+    the control shows whether features still reach the threshold, or at least whether the kernels
+    turn toward them ("turned": the mean alignment got at least halfway from its value at init to a
+    pure feature direction, cos = 1). shuffled_pairing: each sample is asked for another sample's
+    target; features that still grow do not come from predicting the sample's own masked content.
     """
-    ctrl = [m for m in per_seed if not math.isnan(m["mrp_control_captured_share"])]
-    if not ctrl:
-        return "The fitted-decoder control was not run (mrp.control=false), so the growth drive is not identified."
-    mean = lambda key: sum(m[key] for m in ctrl) / len(ctrl)  # noqa: E731
-    c_main, c_ctrl = mean("mrp_captured_share"), mean("mrp_control_captured_share")
-    a0, a_main, a_ctrl = mean("mrp_alignment_init"), mean("mrp_alignment"), mean("mrp_control_alignment")
-    g_ctrl = mean("mrp_control_norm_growth")
-    nums = (f"captured share {c_main:.2f} as trained vs {c_ctrl:.2f} under the fitted-decoder control; kernel "
-            f"norms x{g_ctrl:.2f} under the control; feature alignment {a0:.2f} at init, {a_main:.2f} as trained, "
-            f"{a_ctrl:.2f} under the control")
-    turned = a_ctrl >= a0 + 0.5 * (1.0 - a0)
-    if c_main == 0:
-        return f"MRP captured no feature, so there is no growth to attribute ({nums})."
-    if c_ctrl >= c_main - 1e-9:
-        return (f"The features grow by masked reconstruction: they reach the capture threshold with the decoder "
-                f"fitted at every step too ({nums}).")
-    if turned:
-        return (f"Masked reconstruction chose the features and the decoder's lag grew them: under the fitted-decoder "
-                f"control the kernels turned toward the features but their norms could not grow ({nums}).")
-    return (f"The features came from the decoder's lag, not from masked reconstruction: under the fitted-decoder "
-            f"control the kernels neither grew nor turned toward the features ({nums}).")
+    def mean(key: str) -> float:
+        vals = [m[key] for m in per_seed if not math.isnan(m.get(key, math.nan))]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    c_main = mean("mrp_captured_share")
+    if not c_main > 0:
+        return f"MRP captured no feature (captured share {c_main:.2f}), so there is no growth to attribute."
+    c_fit, c_shuf = mean("mrp_fitted_decoder_captured_share"), mean("mrp_shuffled_pairing_captured_share")
+    out = []
+    if not math.isnan(c_shuf):
+        if c_shuf <= 0.5 * c_main:
+            out.append(f"The features grow from predicting each sample's own masked content: with every sample "
+                       f"given another sample's target the same run captures {c_shuf:.2f} of the features "
+                       f"(as trained: {c_main:.2f}).")
+        elif c_shuf >= c_main - 1e-9:
+            out.append(f"The features do not need the sample's own masked content: with every sample given another "
+                       f"sample's target the run captures as much ({c_shuf:.2f} vs {c_main:.2f}); they grow by "
+                       f"self-amplification of the kernels' initial correlations, not by reconstruction.")
+        else:
+            out.append(f"The features partly need the sample's own masked content: with every sample given another "
+                       f"sample's target the run captures {c_shuf:.2f} of the features (as trained: {c_main:.2f}).")
+    if not math.isnan(c_fit):
+        a0, a_main, a_fit = mean("mrp_alignment_init"), mean("mrp_alignment"), mean("mrp_fitted_decoder_alignment")
+        g_fit = mean("mrp_fitted_decoder_norm_growth")
+        nums = (f"captured share {c_fit:.2f}, kernel norms x{g_fit:.2f}, feature alignment {a_fit:.2f} "
+                f"(at init {a0:.2f}, as trained {a_main:.2f})")
+        if c_fit >= c_main - 1e-9:
+            out.append(f"They reach the capture threshold with the decoder fitted at every step too ({nums}).")
+        elif a_fit >= a0 + 0.5 * (1.0 - a0):
+            out.append(f"With the decoder fitted at every step the kernels turn toward the features but cannot grow "
+                       f"({nums}): the decoder's lag is what lets their norms grow.")
+        else:
+            out.append(f"With the decoder fitted at every step the kernels neither grow nor turn toward the features "
+                       f"({nums}): the growth needs a decoder that lags its optimum (it starts at the identity and "
+                       f"learns slowly), which leaves the student under-predicting the masked content.")
+    if not out:
+        return "No control run (mrp.controls is empty), so the growth drive is not identified."
+    return " ".join(out)
 
 
 def run(
@@ -252,7 +279,7 @@ def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Cho
     shapes = [(N * P, d, K * (c if shared else 1))]  # one matmul of the engine: X[N*P, d] @ W[d, K] per run
     precision, p_why, rates = runtime.choose_precision(cfg.precision, device, shapes)
     ft = cfg.finetune
-    calls = len(chunks) * (cfg.sl.steps + cfg.mrp.steps * (2 if run_control(cfg) else 1) + 2
+    calls = len(chunks) * (cfg.sl.steps + cfg.mrp.steps * (1 + len(controls(cfg))) + 2
                            + (ft.ft_steps + 1 if ft.mode in ("ft", "lp_ft") else 0))
     shape = (c, N, P, K)
     q, thr = cfg.net.q, cfg.net.threshold
@@ -298,15 +325,14 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     W_sl = sl.W
     t_sl = time.perf_counter()
     mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, act)
-    W_control = None
-    if run_control(cfg):  # same init, data and masks; only the decoder differs
-        W_control = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, act,
-                                 fit_decoder=True, phase="mrp_control").W
+    W_controls = {name: pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, act,
+                                     phase=f"mrp_{name}", **CONTROLS[name]).W
+                  for name in controls(cfg)}  # same init, data and masks; one thing changed
     t_mrp = time.perf_counter()
     ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every, act)
     t_ft = time.perf_counter()
 
-    per_seed = measure(cfg, data, W_init, W_sl, mrp.W, ft.W, ft.head, W_control, sl.steps, sl.fitted)
+    per_seed = measure(cfg, data, W_init, W_sl, mrp.W, ft.W, ft.head, W_controls, sl.steps, sl.fitted)
     with torch.no_grad():
         for r, m in enumerate(per_seed):
             m["noise_memorisation_sl"] = rec.history["sl"][-1]["noise_memorisation"][r]
@@ -322,14 +348,16 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     info["threads_seen"] = sorted(set(share.seen))
     info["matmul_flops"] = runtime.matmul_flops.total - flops0
     return TheoryResult(cfg=cfg, data=data, W_init=W_init, W_sl=W_sl, W_mrp=mrp.W, D_mrp=mrp.D, W_ft=ft.W,
-                        head=ft.head, W_control=W_control, per_seed=per_seed, verdicts=verdicts, history=rec.history, timings=timings,
+                        head=ft.head, W_controls=W_controls, per_seed=per_seed, verdicts=verdicts, history=rec.history,
+                        timings=timings,
                         runtime=info)
 
 
-def run_control(cfg: TheoryConfig) -> bool:
-    """The fitted-decoder control runs beside MRP unless turned off or MRP itself fits its decoder."""
-    return cfg.mrp.control and cfg.mrp.decoder_fit == "sgd"
+def controls(cfg: TheoryConfig) -> list[str]:
+    """The control runs this config asks for, less any that would repeat MRP itself."""
+    same = {"fitted_decoder": cfg.mrp.decoder_fit == "lstsq", "shuffled_pairing": cfg.mrp.target_pairing == "shuffled"}
+    return [c for c in CONTROLS if c in cfg.mrp.controls and not same[c]]
 
 
 def planned_steps(cfg: TheoryConfig) -> int:
-    return total_steps(cfg.sl, cfg.mrp, cfg.finetune) + (cfg.mrp.steps if run_control(cfg) else 0)
+    return total_steps(cfg.sl, cfg.mrp, cfg.finetune) + cfg.mrp.steps * len(controls(cfg))

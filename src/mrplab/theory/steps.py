@@ -161,12 +161,14 @@ class MRPSpec:
     norm: str = "per_kernel"  # none | per_kernel | per_run | per_sample
     power: float = 0.75  # power of the per_kernel / per_run divisor
     fit_decoder: bool = False  # the decoder set to its least-squares optimum every step
+    shuffled: bool = False  # sample n gets sample n+1's target (within-sample prediction removed)
 
     @staticmethod
-    def of(cfg, q: int, fit_decoder: bool | None = None) -> "MRPSpec":
-        """From a config.MRPConfig; fit_decoder overrides its decoder_fit (the control run)."""
+    def of(cfg, q: int, fit_decoder: bool | None = None, shuffled: bool | None = None) -> "MRPSpec":
+        """From a config.MRPConfig; fit_decoder / shuffled override decoder_fit / target_pairing (control runs)."""
         fit = cfg.decoder_fit == "lstsq" if fit_decoder is None else fit_decoder
-        return MRPSpec(cfg.target, cfg.scope, cfg.target_norm, cfg.norm_power(q), fit)
+        shuf = cfg.target_pairing == "shuffled" if shuffled is None else shuffled
+        return MRPSpec(cfg.target, cfg.scope, cfg.target_norm, cfg.norm_power(q), fit, shuf)
 
 
 @dataclass
@@ -222,6 +224,8 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, act) -> MRPGrads:
     if spec.target == "teacher":
         A_t = A if W_teacher is None else act(net.preact(X, W_teacher), q, thr)[0]  # teacher, full input
         t = A_t.sum(2) if spec.scope == "all" else (A_t * (1.0 - keep)).sum(2)  # [R, N, K]
+        if spec.shuffled:
+            t = t.roll(-1, dims=1)  # sample n's target is sample n+1's
         t = objectives.normalise_target(t, spec.norm)
         if spec.fit_decoder:
             D = objectives.fit_decoder(h_s, t, "full" if D.dim() == 3 else "diag")
@@ -240,6 +244,8 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, act) -> MRPGrads:
         Xf = X.float().expand(mask.shape[0], *X.shape[1:])
         sel = mask if spec.scope == "masked" else torch.ones_like(mask)
         t = torch.einsum("rnp,rnpd->rnd", sel.to(Xf.dtype), Xf)  # content of the patches in scope
+        if spec.shuffled:
+            t = t.roll(-1, dims=1)
         if spec.fit_decoder:
             D = objectives.fit_decoder(h_s, t, "full")
         pred = torch.bmm(h_s, D)  # [R, N, d] pixel decoder D [R, K, d]

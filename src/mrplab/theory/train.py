@@ -120,15 +120,15 @@ class MRPResult:
 def pretrain_mrp(
     W0: torch.Tensor, data: MultiViewData, cfg: MRPConfig, netc: NetConfig, gens: RunGens,
     hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad, fit_decoder: bool | None = None,
-    phase: str = "mrp",
+    shuffled: bool | None = None, phase: str = "mrp",
 ) -> MRPResult:
     """Teacher-student mask reconstruction (or its MAE pixel variant).
 
     Student: masked input -> encoder -> linear decoder. Teacher target: the
     encoder with EMA weights on the full input (momentum 0: the student's own
     weights under stop-gradient, so one Z = X W serves both), pooled over all
-    patches or the masked ones. fit_decoder overrides cfg.decoder_fit (the
-    fitted-decoder control); ``phase`` names the run in the hooks' logs.
+    patches or the masked ones. fit_decoder / shuffled override cfg.decoder_fit /
+    cfg.target_pairing (the control runs); ``phase`` names the run in the hooks' logs.
     """
     R, d, K = W0.shape
     q, thr = netc.q, netc.threshold
@@ -140,7 +140,7 @@ def pretrain_mrp(
     ema = cfg.teacher_momentum > 0 or (cfg.teacher_momentum_end or 0.0) > 0
     W_t = W0.clone() if ema else None
     dec_lr = cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr
-    spec = steps.MRPSpec.of(cfg, q, fit_decoder)
+    spec = steps.MRPSpec.of(cfg, q, fit_decoder, shuffled)
     P = data.X.shape[-2]
     for t in range(cfg.steps + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
