@@ -34,7 +34,7 @@ import torch
 
 from mrplab import config as config_mod
 from mrplab.errors import MrplabError
-from mrplab.report.run_folder import git_commit
+from mrplab.io import git_commit
 from mrplab.sweep import runner, spec
 from mrplab.sweep.executors import cpu_cores
 from mrplab.sweep.worker import run_one

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mrplab.report.run_folder import atomic_write_text
+from mrplab.io import atomic_write_text
 from mrplab.vision.models import VIT_SIZES, build_encoder, choose_attention
 from mrplab.vision.objectives import MAE, patch_mask
 

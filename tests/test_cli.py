@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mrplab import config as config_mod
+from mrplab import io as mrplab_io
 from mrplab.cli import app
 from mrplab.report import figures, run_folder
 
@@ -285,6 +286,6 @@ def test_atomic_write_text_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
-        run_folder.atomic_write_text(target, "new")
+        mrplab_io.atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

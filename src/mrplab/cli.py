@@ -8,10 +8,6 @@ stderr and exits 2; usage errors also exit 2.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,6 +19,7 @@ from rich.text import Text
 
 from mrplab import config as config_mod
 from mrplab.config import TheoryConfig
+from mrplab.console import fail, make_console, sigterm_as_exit
 from mrplab.errors import MrplabError
 
 app = typer.Typer(
@@ -32,17 +29,11 @@ app = typer.Typer(
     help="mrplab: why mask-reconstruction pretraining helps, made runnable and measurable.",
 )
 
-EXIT_USER_ERROR = 2
 
 
 @app.callback()
 def _main() -> None:
     """mrplab: why mask-reconstruction pretraining helps, made runnable and measurable."""
-
-
-def _fail(err: MrplabError) -> None:
-    typer.echo(f"error: {' '.join(str(err).split())}", err=True)
-    raise typer.Exit(EXIT_USER_ERROR)
 
 
 # --------------------------------------------------------------------------- progress
@@ -171,28 +162,6 @@ def _verdict_table(verdicts: list[dict]) -> Table:
 # --------------------------------------------------------------------------- commands
 
 
-def _console() -> Console:
-    """Stdout console; wider than rich's 80-column default when output goes to a file or pipe."""
-    probe = Console()
-    if probe.is_terminal or "COLUMNS" in os.environ:
-        return Console(highlight=False)
-    return Console(highlight=False, width=120)
-
-
-@contextlib.contextmanager
-def _sigterm_as_exit():
-    """Turn SIGTERM into SystemExit while a run is in progress, so its partial folder is removed."""
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @app.command()
 def theory(
     config: Optional[Path] = typer.Option(
@@ -205,7 +174,7 @@ def theory(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no table; print only the run folder"),
 ) -> None:
     """Train SL from scratch and MRP -> fine-tuning on multi-view data, measure the claims, write a run folder."""
-    console = _console()
+    console = make_console()
     try:
         cfg = config_mod.load(config, set_)
         # imported after the config is valid, so that a config mistake is reported without loading torch
@@ -214,11 +183,11 @@ def theory(
         from mrplab.theory.claims import tally_line
         from mrplab.theory.experiment import growth_drive
 
-        with _sigterm_as_exit(), _Progress(cfg, experiment.planned_steps(cfg), quiet, console) as progress:
+        with sigterm_as_exit(), _Progress(cfg, experiment.planned_steps(cfg), quiet, console) as progress:
             result, path = run_folder.run_theory(cfg, out, on_record=progress.record, advance=progress.advance,
                                                  on_runtime=progress.runtime)
     except MrplabError as err:
-        _fail(err)
+        fail(err)
         return
     if quiet:
         typer.echo(str(path))
@@ -249,7 +218,7 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress; print only the sweep folder"),
 ) -> None:
     """Run every config of a sweep file (grid x zip x seeds) into one results store; re-running resumes."""
-    console = _console()
+    console = make_console()
     try:
         from mrplab.sweep import spec
 
@@ -258,11 +227,11 @@ def sweep(
         from mrplab.sweep import runner
         from mrplab.sweep.progress import SweepProgress
 
-        with _sigterm_as_exit(), SweepProgress(console, quiet) as progress:
+        with sigterm_as_exit(), SweepProgress(console, quiet) as progress:
             outcome = runner.run_sweep(plan, out, executor=executor, address=address, workers=workers,
                                        progress=progress)
     except MrplabError as err:
-        _fail(err)
+        fail(err)
         return
     except KeyboardInterrupt:
         typer.echo("interrupted: finished runs are in the store; run the same command again to resume", err=True)
@@ -291,7 +260,7 @@ def sweep_report(
 
         rep = report.write_report(sweep_dir)
     except MrplabError as err:
-        _fail(err)
+        fail(err)
         return
     typer.echo(str(rep.report))
 
@@ -317,7 +286,7 @@ def evidence(
     out: Path = typer.Option(Path("runs"), "--out", metavar="DIR", help="parent folder of the evidence folder"),
 ) -> None:
     """Class-activation maps (Eigen-CAM, Grad-CAM) and multi-view measures for SL vs MRP models, side by side."""
-    console = _console()
+    console = make_console()
     try:
         if cam not in ("eigencam", "gradcam", "both"):
             raise MrplabError(f"--cam {cam} is not a CAM method", "use eigencam, gradcam or both")
@@ -331,6 +300,6 @@ def evidence(
         path = ev_mod.run_evidence(models, data, out, n_images, methods,
                                    progress=lambda s: console.print(f"[dim]{s}[/dim]"))
     except MrplabError as err:
-        _fail(err)
+        fail(err)
         return
     console.print(f"evidence folder: {path}", soft_wrap=True, markup=False)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from mrplab.stats import mean_std
 from mrplab.theory import probes
 from mrplab.theory.experiment import TheoryResult
 
@@ -151,13 +152,6 @@ def phi_curves(result: TheoryResult, path: Path, seed_index: int = 0) -> None:
 # --------------------------------------------------------------------------- per-view accuracy
 
 
-def _mean_std(values: list[float | None]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-
-
 def accuracy_bars(result: TheoryResult, path: Path) -> None:
     per_seed = result.per_seed
     groups = [("multi-view", "multi"), ("single-view", "single")]
@@ -167,7 +161,7 @@ def accuracy_bars(result: TheoryResult, path: Path) -> None:
     width = 0.36
     x = np.arange(len(groups))
     for j, (label, key, colour) in enumerate(models):
-        stats = [_mean_std([1.0 - m[f"{key}_err_{view}"] for m in per_seed]) for _, view in groups]
+        stats = [mean_std([1.0 - m[f"{key}_err_{view}"] for m in per_seed]) for _, view in groups]
         means = np.array([s[0] for s in stats])
         stds = np.array([s[1] for s in stats])
         pos = x + (j - 0.5) * width

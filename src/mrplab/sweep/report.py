@@ -30,7 +30,8 @@ from matplotlib.figure import Figure
 
 from mrplab.config import TheoryConfig
 from mrplab.errors import MrplabError
-from mrplab.report.run_folder import atomic_write_text, atomic_write_with
+from mrplab.stats import describe
+from mrplab.io import atomic_write_text, atomic_write_with
 from mrplab.sweep.spec import StudySpec, SweepFile, read_sweep_yaml
 from mrplab.sweep.store import DB_NAME, Store, config_flat
 
@@ -91,12 +92,8 @@ class Stat:
 
     @classmethod
     def of(cls, values: list[Any]) -> "Stat":
-        vals = [x for x in (_num(v) for v in values) if x is not None]
-        if not vals:
-            return cls(math.nan, math.nan, 0)
-        mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-        return cls(mean, std, len(vals))
+        d = describe(x for x in (_num(v) for v in values) if x is not None)
+        return cls(d["mean"], d["std"], d["n"])
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from mrplab.errors import MrplabError
-from mrplab.report.run_folder import atomic_write_text, command_line, git_commit
+from mrplab.io import atomic_write_text, command_line, git_commit
 from mrplab.sweep import executors
 from mrplab.sweep.spec import PlannedRun, Sweep
 from mrplab.sweep.store import DB_NAME, Store

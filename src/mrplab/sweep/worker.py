@@ -27,7 +27,8 @@ def run_one(cfg_json: dict[str, Any], threads: int, provenance: dict[str, Any]) 
     out: dict[str, Any] = {"started": started, "host": socket.gethostname(), "pid": os.getpid(), "threads": threads}
     try:
         from mrplab.config import TheoryConfig
-        from mrplab.report.run_folder import build_summary, jsonable
+        from mrplab.io import jsonable
+        from mrplab.report.run_folder import build_summary
         from mrplab.theory import experiment
 
         cfg = TheoryConfig.model_validate({**cfg_json, "threads": threads})

@@ -40,6 +40,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from mrplab.stats import describe
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -86,12 +88,8 @@ def claims_for(L: int, mu_test: float) -> list[Claim]:
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}
+    d = describe(values)
+    return {k: d[k] for k in ("mean", "std", "min", "max")}
 
 
 # Rates are ratios of counts (e.g. 650/1000); compare with a tolerance far below

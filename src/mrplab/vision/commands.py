@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mrplab.console import EXIT_INTERRUPTED, fail, make_console, sigterm_as_exit
 from mrplab.errors import MrplabError
 
 app = typer.Typer(
@@ -31,7 +32,6 @@ app = typer.Typer(
     help="The vision track: MAE / data2vec pretraining -> fine-tuning versus SL from scratch on images.",
 )
 
-EXIT_INTERRUPTED = 130
 
 
 class _Progress:
@@ -130,22 +130,21 @@ def _load(command: str, config: Optional[Path], set_: list[str], resume: Optiona
 
 def _execute(command: str, config: Optional[Path], set_: list[str], out: Path, resume: Optional[Path],
              init: Optional[Path], quiet: bool) -> None:
-    from mrplab.cli import _console, _fail, _sigterm_as_exit
-    from mrplab.report.run_folder import command_line
+    from mrplab.io import command_line
     from mrplab.vision import train
 
-    console = _console()
+    console = make_console()
     progress = _Progress(console, quiet or int(os.environ.get("RANK", "0")) != 0)
     try:
         cfg, init = _load(command, config, set_, resume, init)
-        with _sigterm_as_exit():
+        with sigterm_as_exit():
             try:
                 result = train.run(cfg, command, out, init=init, resume=resume, on_record=progress.record,
                                    advance=progress.advance, on_plan=progress.plan, argv=command_line())
             finally:
                 progress.close()
     except MrplabError as err:
-        _fail(err)
+        fail(err)
         return
     except train.RunInterrupted as stop:
         typer.echo(f"interrupted; continue with: mrplab vision {command} --resume {stop.path}", err=True)

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from mrplab.errors import MrplabError
-from mrplab.report.run_folder import atomic_write_text, dumps, git_commit, timestamp
+from mrplab.stats import mean_std
+from mrplab.io import atomic_write_text, dumps, git_commit, timestamp
 from mrplab.vision import measures
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, VisionDataConfig, channel_stats, load_split, normalize
@@ -215,14 +216,6 @@ def single_view_by_motif(pred: torch.Tensor, test: ImageSet) -> dict:
             "motifs_recognised_share": sum(v >= SINGLE_VIEW_RECOGNISED for v in vals) / len(vals) if vals else math.nan}
 
 
-def _mean_std(vals: list[float]) -> tuple[float, float]:
-    v = [x for x in vals if x is not None and not math.isnan(x)]
-    if not v:
-        return math.nan, math.nan
-    m = sum(v) / len(v)
-    return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
-
-
 def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods: tuple[str, ...],
             window: int | None = None, progress: Callable[[str], None] = lambda s: None) -> tuple[Evidence, dict]:
     """Every measure for every model on the same test images; returns the evidence and the maps for figures."""
@@ -292,11 +285,11 @@ def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods:
         agg: dict = {"approach": approach, "seeds": [r["seed"] for r in recs]}
         keys = sorted({k for r in recs for k, v in r.items() if isinstance(v, float)})
         for k in keys:
-            agg[k] = _mean_std([r.get(k) for r in recs])
+            agg[k] = mean_std([r.get(k) for r in recs])
         occ = [o for o in ev.occlusion if o["approach"] == approach]
         for target in sorted({o["map_of"] for o in occ}):
-            agg[f"occlusion.{target}.retained"] = _mean_std([o["retained"] for o in occ if o["map_of"] == target])
-            agg[f"occlusion.{target}.retained_se"] = _mean_std(
+            agg[f"occlusion.{target}.retained"] = mean_std([o["retained"] for o in occ if o["map_of"] == target])
+            agg[f"occlusion.{target}.retained_se"] = mean_std(
                 [o["retained_se"] for o in occ if o["map_of"] == target])
         ev.per_approach.append(agg)
     return ev, {"maps": maps, "preds": preds, "raw": raw, "labels": y, "classes": test.classes,

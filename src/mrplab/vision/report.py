@@ -16,8 +16,9 @@ import torch
 from matplotlib.figure import Figure
 
 import mrplab
-from mrplab.report.run_folder import atomic_write_with
+from mrplab.io import atomic_write_with
 from mrplab.rng import generator
+from mrplab.stats import mean_std
 from mrplab.vision.data import ImageSet, normalize
 
 if TYPE_CHECKING:
@@ -48,10 +49,6 @@ def accuracy_table(stage_records: list[dict]) -> list[dict]:
     return rows
 
 
-def _finite(xs: list) -> list[float]:
-    return [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-
-
 def mean_rows(table: list[dict]) -> list[dict]:
     """Per approach (in first-seen order): mean and std over seeds of every accuracy column."""
     out = []
@@ -59,9 +56,9 @@ def mean_rows(table: list[dict]) -> list[dict]:
         rows = [r for r in table if r["approach"] == name]
         agg = {"approach": name, "seeds": len(rows)}
         for k, _ in ACC_KEYS:
-            vals = _finite([r[k] for r in rows])
-            agg[k] = float(np.mean(vals)) if vals else None
-            agg[f"{k}_std"] = float(np.std(vals)) if vals else None
+            mean, std = mean_std(r[k] for r in rows)
+            agg[k] = None if math.isnan(mean) else mean
+            agg[f"{k}_std"] = None if math.isnan(std) else std  # sample std, as every report
         out.append(agg)
     return out
 

@@ -50,7 +50,7 @@ from torch import nn
 from mrplab import config as config_mod
 from mrplab import runtime
 from mrplab.errors import MrplabError
-from mrplab.report.run_folder import RunFolder, atomic_write_text, atomic_write_with, dumps, git_commit, timestamp
+from mrplab.io import RunFolder, atomic_write_text, atomic_write_with, dumps, git_commit
 from mrplab.rng import generator, stream_seed
 from mrplab.runtime import resolve_device
 from mrplab.vision import report
@@ -299,9 +299,7 @@ class VisionRunFolder(RunFolder):
 
     def __init__(self, out_dir: str | Path, cfg: VisionConfig, command_name: str, init: Path | None = None,
                  resume_dir: Path | None = None, command: str | None = None):
-        super().__init__(out_dir, cfg, command=command)  # type: ignore[arg-type]
-        self.name = f"{cfg.name}-{command_name}-{timestamp(self.started)}"
-        self.partial = self.parent / f".{self.name}.{os.getpid()}.partial"
+        super().__init__(out_dir, cfg, command=command, label=command_name)
         self.command_name, self.init, self.resume_dir = command_name, init, resume_dir
         self.records: list[dict] = []
         self.interrupted = False
@@ -365,11 +363,10 @@ class VisionRunFolder(RunFolder):
 
     def complete(self, summary: dict, report_md: str) -> Path:
         """Write summary.json and report.md, move the folder into place."""
-        self._close_metrics()
-        os.replace(self.partial / "metrics.jsonl.tmp", self.partial / "metrics.jsonl")
+        self.close_metrics()
         atomic_write_text(self.partial / "report.md", report_md)
         atomic_write_text(self.partial / "summary.json", dumps(summary, indent=2) + "\n")
-        self.final = self._rename_into_place()
+        self.final = self.rename_into_place()
         return self.final
 
 
