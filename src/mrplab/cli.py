@@ -18,8 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mrplab import config as config_mod
-from mrplab.config import TheoryConfig
-from mrplab.console import fail, make_console, sigterm_as_exit
+from mrplab.console import fail, fmt_secs, make_console, sigterm_as_exit
 from mrplab.errors import MrplabError
 
 app = typer.Typer(
@@ -39,24 +38,12 @@ def _main() -> None:
 # --------------------------------------------------------------------------- progress
 
 
-def _fmt_secs(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 class _Progress:
     """Progress of one run: a rich bar on a terminal, plain lines every ~10% otherwise, nothing when quiet."""
 
-    def __init__(self, cfg: TheoryConfig, total: int, quiet: bool, console: Console):
-        ft = cfg.finetune
-        self.phase_total = {
-            "sl": cfg.sl.steps,
-            "mrp": cfg.mrp.steps,
-            **{f"mrp_{c}": cfg.mrp.steps for c in ("fitted_decoder", "shuffled_pairing")},
-            "lp": ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0,
-            "ft": ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0,
-        }
-        self.total = max(total, 1)
+    def __init__(self, phase_total: dict[str, int], quiet: bool, console: Console):
+        self.phase_total = phase_total
+        self.total = max(sum(phase_total.values()), 1)
         self.quiet = quiet
         self.console = console
         self.tty = console.is_terminal
@@ -130,7 +117,7 @@ class _Progress:
             eta = elapsed * (self.total - self.done) / max(self.done, 1)
             self.console.print(
                 f"{self._status()}  overall {self.done}/{self.total} ({100 * self.done // self.total}%)"
-                f"  elapsed {_fmt_secs(elapsed)}  eta {_fmt_secs(eta)}",
+                f"  elapsed {fmt_secs(elapsed)}  eta {fmt_secs(eta)}",
                 markup=False, soft_wrap=True,
             )
 
@@ -183,7 +170,7 @@ def theory(
         from mrplab.theory.claims import tally_line
         from mrplab.theory.experiment import growth_drive
 
-        with sigterm_as_exit(), _Progress(cfg, experiment.planned_steps(cfg), quiet, console) as progress:
+        with sigterm_as_exit(), _Progress(experiment.planned_phase_steps(cfg), quiet, console) as progress:
             result, path = run_folder.run_theory(cfg, out, on_record=progress.record, advance=progress.advance,
                                                  on_runtime=progress.runtime)
     except MrplabError as err:

@@ -18,6 +18,12 @@ EXIT_USER_ERROR = 2  # a bad config, data, checkpoint or command line
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT)
 
 
+def fmt_secs(s: float) -> str:
+    """Seconds as h:mm:ss (negative values as 0)."""
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def fail(err: MrplabError) -> NoReturn:
     """Print ``error: <what> (<how to fix>)`` on one line of stderr and exit 2."""
     typer.echo(f"error: {' '.join(str(err).split())}", err=True)

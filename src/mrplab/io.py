@@ -78,6 +78,14 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 120, tight: bool = True) -> Path:
+    """A matplotlib figure as a PNG, written atomically (the parent folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(path, lambda p: fig.savefig(p, dpi=dpi, format="png", **({"bbox_inches": "tight"} if tight else {})))
+    return path
+
+
 def git_commit(cwd: Path | None = None) -> str | None:
     """``git rev-parse HEAD`` of the source tree mrplab is imported from; None if not a git checkout."""
     where = cwd or Path(mrplab.__file__).resolve().parent

@@ -17,13 +17,13 @@ atomically (temp file, then rename).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from mrplab.io import save_figure
 from mrplab.stats import mean_std
 from mrplab.theory import probes
 from mrplab.theory.experiment import TheoryResult
@@ -32,12 +32,7 @@ DPI = 120
 
 
 def _save(fig: Figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path, DPI)
 
 
 def _class_colours(n: int) -> list:

@@ -64,13 +64,7 @@ def _cell(text: str) -> str:
 
 
 def _phase_steps(cfg: TheoryConfig) -> dict[str, int]:
-    ft = cfg.finetune
-    return {
-        "sl": cfg.sl.steps,
-        "mrp": cfg.mrp.steps,
-        "lp": ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0,
-        "ft": ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0,
-    }
+    return experiment.planned_phase_steps(cfg)
 
 
 def write_checkpoints(result: TheoryResult, ckpt_dir: Path, provenance: dict[str, Any]) -> list[str]:

@@ -7,12 +7,8 @@ from typing import Any
 
 from rich.console import Console
 
+from mrplab.console import fmt_secs
 from mrplab.sweep.spec import PlannedRun
-
-
-def fmt_secs(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def describe_run(run: PlannedRun) -> str:

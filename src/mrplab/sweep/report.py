@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from mrplab.config import TheoryConfig
 from mrplab.errors import MrplabError
 from mrplab.stats import describe
-from mrplab.io import atomic_write_text, atomic_write_with
+from mrplab.io import atomic_write_text, save_figure
 from mrplab.sweep.spec import StudySpec, SweepFile, read_sweep_yaml
 from mrplab.sweep.store import DB_NAME, Store, config_flat
 
@@ -254,7 +254,7 @@ def trend(rows: list[dict[str, Any]], x: str, metric: str, predicted: str, toler
 
 
 def _save(fig: Figure, path: Path) -> None:
-    atomic_write_with(path, lambda p: fig.savefig(p, dpi=DPI, format="png", bbox_inches="tight"))
+    save_figure(fig, path, DPI)
 
 
 def _panels(n: int) -> tuple[int, int]:

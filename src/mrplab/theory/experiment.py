@@ -19,7 +19,7 @@ from mrplab.runtime import resolve_device
 from mrplab.rng import generator
 from mrplab.theory import claims, net, probes, steps
 from mrplab.theory.data import MultiViewData, TheoryData, make_data
-from mrplab.theory.train import RunGens, finetune, pretrain_mrp, total_steps, train_sl
+from mrplab.theory.train import RunGens, finetune, finetune_steps, pretrain_mrp, train_sl
 
 
 def _tolist(t: torch.Tensor) -> list:
@@ -278,9 +278,8 @@ def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Cho
     shared = cfg.data.share_across_runs
     shapes = [(N * P, d, K * (c if shared else 1))]  # one matmul of the engine: X[N*P, d] @ W[d, K] per run
     precision, p_why, rates = runtime.choose_precision(cfg.precision, device, shapes)
-    ft = cfg.finetune
-    calls = len(chunks) * (cfg.sl.steps + cfg.mrp.steps * (1 + len(controls(cfg))) + 2
-                           + (ft.ft_steps + 1 if ft.mode in ("ft", "lp_ft") else 0))
+    # every phase but linear probing calls the activation once per step and once more at its end
+    calls = len(chunks) * sum(n + 1 for phase, n in planned_phase_steps(cfg).items() if phase != "lp" and n > 0)
     shape = (c, N, P, K)
     q, thr = cfg.net.q, cfg.net.threshold
     compiled, c_why, probed = runtime.choose_compile(
@@ -359,5 +358,11 @@ def controls(cfg: TheoryConfig) -> list[str]:
     return [c for c in CONTROLS if c in cfg.mrp.controls and not same[c]]
 
 
+def planned_phase_steps(cfg: TheoryConfig) -> dict[str, int]:
+    """Steps each phase trains, in training order (SL's are a minimum when sl.until_fit)."""
+    return {"sl": cfg.sl.steps, "mrp": cfg.mrp.steps, **{f"mrp_{c}": cfg.mrp.steps for c in controls(cfg)},
+            **finetune_steps(cfg.finetune)}
+
+
 def planned_steps(cfg: TheoryConfig) -> int:
-    return total_steps(cfg.sl, cfg.mrp, cfg.finetune) + cfg.mrp.steps * len(controls(cfg))
+    return sum(planned_phase_steps(cfg).values())

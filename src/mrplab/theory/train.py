@@ -227,8 +227,9 @@ def finetune(
     return FinetuneResult(W=W, head=head)
 
 
-def total_steps(sl: SLConfig, mrp: MRPConfig, ft: FinetuneConfig) -> int:
-    lp = ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0
-    f = ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0
-    return sl.steps + mrp.steps + lp + f
+def finetune_steps(ft: FinetuneConfig) -> dict[str, int]:
+    """Steps of linear probing and of full fine-tuning that ``ft.mode`` runs (0 for a phase it skips)."""
+    return {"lp": ft.lp_steps if ft.mode in ("lp", "lp_ft") else 0,
+            "ft": ft.ft_steps if ft.mode in ("ft", "lp_ft") else 0}
+
 

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mrplab.console import EXIT_INTERRUPTED, fail, make_console, sigterm_as_exit
+from mrplab.console import EXIT_INTERRUPTED, fail, fmt_secs, make_console, sigterm_as_exit
 from mrplab.errors import MrplabError
 
 app = typer.Typer(
@@ -88,12 +88,7 @@ class _Progress:
             eta = (self.total - self.done) / max(speed, 1e-9)
             self.console.print(
                 f"{self._status()}  {self.done}/{self.total} images ({100 * self.done // self.total}%)  "
-                f"{speed:.0f} img/s  elapsed {_hms(elapsed)}  eta {_hms(eta)}", markup=False, soft_wrap=True)
-
-
-def _hms(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+                f"{speed:.0f} img/s  elapsed {fmt_secs(elapsed)}  eta {fmt_secs(eta)}", markup=False, soft_wrap=True)
 
 
 def _table(rows: list[dict]) -> Table:

@@ -48,6 +48,7 @@ from pydantic import Field, model_validator
 
 from mrplab.config import _Strict
 from mrplab.errors import MrplabError
+from mrplab.io import save_figure
 from mrplab.rng import generator
 
 Split = Literal["train", "test"]
@@ -620,12 +621,4 @@ def save_examples(imageset: ImageSet, path: str | Path, n: int = 16, cols: int =
                 if bool(imageset.motif_present[k, l]):
                     ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=0.8,
                                            edgecolor="white" if l % 2 == 0 else "black"))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_figure(fig, Path(path), 120)

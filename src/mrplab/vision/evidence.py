@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from mrplab.errors import MrplabError
 from mrplab.stats import mean_std
-from mrplab.io import atomic_write_text, dumps, git_commit, timestamp
+from mrplab.io import atomic_write_text, dumps, git_commit, save_figure, timestamp
 from mrplab.vision import measures
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, VisionDataConfig, channel_stats, load_split, normalize
@@ -321,10 +321,10 @@ def figure_grid(path: Path, models: list[Model], extra: dict, method: str, n: in
         ax.axis("off")
     fig.suptitle(f"{method}: image | each model's map", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        save_figure(fig, path, 110, tight=False)
+    finally:
+        plt.close(fig)
 
 
 def _fmt(v) -> str:

@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 
 import mrplab
-from mrplab.io import atomic_write_with
+from mrplab.io import save_figure
 from mrplab.rng import generator
 from mrplab.stats import mean_std
 from mrplab.vision.data import ImageSet, normalize
@@ -88,8 +88,7 @@ def markdown_table(table: list[dict]) -> str:
 
 
 def _save(fig: Figure, path: Path) -> str:
-    atomic_write_with(path, lambda p: fig.savefig(p, dpi=DPI, format="png", bbox_inches="tight"))
-    return path.name
+    return save_figure(fig, path, DPI).name
 
 
 def curves_figure(records: list[dict], path: Path) -> str | None:
