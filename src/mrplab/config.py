@@ -19,11 +19,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mrplab.errors import MrplabError
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Every mrplab config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
+def config_hash(cfg: BaseModel | dict[str, Any], drop: tuple[str, ...] = ()) -> str:
+    """12 hex digits of the SHA-256 of the config as sorted JSON, without the top-level keys ``drop``:
+    the key of a run folder, a checkpoint and a sweep row."""
+    dumped = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
+    for key in drop:
+        dumped.pop(key, None)
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class DataConfig(Strict):
     """The multi-view data model (theory/data.py)."""
 
     k: int = Field(10, ge=2, description="number of classes")
@@ -91,7 +102,7 @@ class DataConfig(_Strict):
         return self.sigma_p if self.sigma_p is not None else 0.2 / math.sqrt(self.d)
 
 
-class NetConfig(_Strict):
+class NetConfig(Strict):
     """The two-layer conv encoder and the heads (theory/net.py)."""
 
     m: int = Field(8, ge=1, description="kernels per class: K = k * m")
@@ -101,7 +112,7 @@ class NetConfig(_Strict):
     decoder: Literal["full", "diag"] = Field("diag", description="linear decoder: full K x K or diagonal (see docs/regime.md)")
 
 
-class SLConfig(_Strict):
+class SLConfig(Strict):
     """Supervised learning from scratch with the analysed head F_i = sum of class i's kernels."""
 
     steps: int = Field(1200, ge=1, description="steps every run trains")
@@ -114,7 +125,7 @@ class SLConfig(_Strict):
     batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
 
 
-class MRPConfig(_Strict):
+class MRPConfig(Strict):
     """Mask-reconstruction pretraining (theory/objectives.py)."""
 
     steps: int = Field(1200, ge=1)
@@ -179,7 +190,7 @@ class MRPConfig(_Strict):
         return self.teacher_momentum + (self.teacher_momentum_end - self.teacher_momentum) * frac
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(Strict):
     """Fine-tuning the pretrained encoder with a linear head on the labelled data."""
 
     mode: Literal["lp_ft", "ft", "lp"] = Field(
@@ -194,14 +205,14 @@ class FinetuneConfig(_Strict):
     batch_size: int | None = Field(None, ge=1, description="null = full-batch gradient descent")
 
 
-class ProbeConfig(_Strict):
+class ProbeConfig(Strict):
     log_every: int = Field(50, ge=1, description="probe and log every this many steps")
     capture_threshold: float | None = Field(
         None, gt=0.0, description="Phi above this counts as captured; null = net.threshold (rho_t)"
     )
 
 
-class TheoryConfig(_Strict):
+class TheoryConfig(Strict):
     name: str = Field("theory", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -236,8 +247,7 @@ class TheoryConfig(_Strict):
         return t if t is not None else self.net.threshold
 
     def hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return config_hash(self)
 
 
 # --------------------------------------------------------------------------- loading

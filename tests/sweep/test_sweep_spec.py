@@ -163,3 +163,14 @@ def test_an_unreachable_ray_head_is_one_line_not_a_hang(tmp_path):
                                       "--address", "127.0.0.1:1"])
     assert result.exit_code == 2 and "cannot reach the Ray head at 127.0.0.1:1" in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_study_metric_is_rejected_when_the_sweep_is_loaded(tmp_path):
+    path = write_sweep(tmp_path, grid={"mrp.mask_ratio": [0.3, 0.6]},
+                       study={"prediction": "p", "metrics": ["probe.ft_err_singel"]})
+    with pytest.raises(MrplabError, match=r"unknown metric 'probe.ft_err_singel'.*did you mean 'probe.ft_err_single'"):
+        spec.load_sweep(path)
+    path = write_sweep(tmp_path, grid={"mrp.mask_ratio": [0.3, 0.6]},
+                       study={"prediction": "p", "trends": {"probe.nothing_like_it": "increase"}})
+    with pytest.raises(MrplabError, match="study trends: unknown metric 'probe.nothing_like_it'"):
+        spec.load_sweep(path)

@@ -31,32 +31,14 @@ from matplotlib.figure import Figure
 from mrplab.config import TheoryConfig
 from mrplab.errors import MrplabError
 from mrplab.stats import describe
+from mrplab.theory.metrics import METRICS
 from mrplab.io import atomic_write_text, save_figure
 from mrplab.sweep.spec import StudySpec, SweepFile, read_sweep_yaml
 from mrplab.sweep.store import DB_NAME, Store, config_flat
 
 DPI = 120
 
-LABELS = {
-    "probe.mrp_captured": "MRP: features captured",
-    "probe.mrp_captured_shown": "MRP: shown features captured",
-    "probe.mrp_captured_share": "MRP: share of shown features captured",
-    "probe.mrp_max_features_per_kernel": "MRP: most features on one kernel",
-    "probe.sl_captured": "SL: features captured",
-    "probe.sl_captured_per_class_mean": "SL: features captured per class",
-    "probe.sl_share_classes_one_feature": "SL: share of classes with exactly one feature",
-    "probe.sl_lottery_hit_rate": "SL: lottery predicted by init",
-    "probe.ft_captured": "MRP+FT: features captured",
-    "probe.ft_retained_share": "MRP+FT: share of MRP features kept",
-    "probe.sl_err": "SL test error",
-    "probe.sl_err_multi": "SL multi-view test error",
-    "probe.sl_err_single": "SL single-view test error",
-    "probe.ft_err": "MRP+FT test error",
-    "probe.ft_err_multi": "MRP+FT multi-view test error",
-    "probe.ft_err_single": "MRP+FT single-view test error",
-    "probe.single_view_gap": "single-view error gap, SL minus MRP+FT",
-    "claims_passed": "claims passed",
-}
+LABELS = {**{f"probe.{m.name}": m.label for m in METRICS.values()}, "claims_passed": "claims passed"}
 DEFAULT_METRICS = [
     "probe.mrp_captured_share",
     "probe.sl_captured_per_class_mean",

@@ -29,7 +29,7 @@ to the same row of the store, whichever sweep file produced it.
 from __future__ import annotations
 
 import copy
-import hashlib
+import difflib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -37,25 +37,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mrplab import config as config_mod
-from mrplab.config import TheoryConfig
+from mrplab.config import Strict, TheoryConfig, config_hash
+from mrplab.theory.claims import claims_for
+from mrplab.theory.metrics import store_columns
 from mrplab.errors import MrplabError
 
 SEE_DOCS = "see docs/sweeps.md"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Trend(_Strict):
+class Trend(Strict):
     trend: Literal["increase", "decrease", "flat"]
     tolerance: float = Field(0.05, ge=0.0, description="flat: |last - first| at most this")
 
 
-class StudySpec(_Strict):
+class StudySpec(Strict):
     prediction: str = Field(min_length=1, description="one sentence: what the theory predicts")
     x: str | None = Field(None, description="axis of the line plots and the trends; default: the first axis")
     metrics: list[str] = Field(default_factory=list, description="store columns to tabulate and plot")
@@ -70,7 +68,7 @@ class StudySpec(_Strict):
         return v
 
 
-class SweepFile(_Strict):
+class SweepFile(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     description: str | None = None
     base: str | dict[str, Any] | None = None
@@ -130,9 +128,7 @@ class Sweep:
 
 def setting_hash(cfg: TheoryConfig) -> str:
     """Hash of the resolved config without its seeds: runs that differ only in seed share it."""
-    dumped = cfg.model_dump(mode="json")
-    dumped.pop("seeds")
-    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:12]
+    return config_hash(cfg, drop=("seeds",))
 
 
 # --------------------------------------------------------------------------- keys
@@ -302,6 +298,14 @@ def _check_study(spec: SweepFile, source: Path | None) -> None:
         if key is not None and key not in axes:
             raise _err(source, f"study {label} '{key}' is not one of the axes ({', '.join(axes) or 'none'})",
                        "name a grid or zip axis")
+    known = store_columns([c.id for c in claims_for(2, 0.5)])
+    for where, names in (("metrics", st.metrics), ("trends", list(st.trends))):
+        for name in names:
+            if name not in known and f"probe.{name}" not in known:  # a bare metric name means probe.<name>
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                raise _err(source, f"study {where}: unknown metric '{name}'",
+                           f"did you mean '{close[0]}'? (src/mrplab/theory/metrics.py lists them)" if close
+                           else "see src/mrplab/theory/metrics.py for the metrics")
 
 
 def _locate(err: ValidationError) -> str:

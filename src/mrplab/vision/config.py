@@ -7,15 +7,13 @@ validated against ``VisionConfig``: unknown keys and out-of-range values fail wi
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
 from mrplab import config as config_mod
-from mrplab.config import _Strict
+from mrplab.config import Strict, config_hash
 from mrplab.errors import MrplabError
 from mrplab.vision.data import MIN_IMAGE_SIZE, VisionDataConfig
 from mrplab.vision.models import ENCODER_NAMES
@@ -32,7 +30,7 @@ class DataConfig(VisionDataConfig):
     n_train: int = Field(1000, ge=1, description="embedded: training images (labelled, and the pretraining data)")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """The encoder (vision/models.py) and the pretraining decoder."""
 
     name: ModelName = Field("vit_micro", description="vit_tiny, vit_micro, resnet18 or resnet_small")
@@ -41,7 +39,7 @@ class ModelConfig(_Strict):
     decoder_depth: int = Field(1, ge=1, description="ViT decoder blocks (the CNN decoder is three convs)")
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(Strict):
     """Mask-reconstruction pretraining on the unlabelled training images (vision/objectives.py)."""
 
     method: Method = Field("mae", description="mae: pixels of the masked patches; data2vec: EMA-teacher features")
@@ -59,7 +57,7 @@ class PretrainConfig(_Strict):
     collapse_patience: int = Field(3, ge=1, description="data2vec: consecutive collapsed logs that stop the run")
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(Strict):
     """Supervised training of the whole network: fine-tuning, and SL from scratch with the same recipe."""
 
     epochs: int = Field(10, ge=1, description="fine-tuning epochs; SL from scratch gets pretrain.epochs + this")
@@ -71,7 +69,7 @@ class FinetuneConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-class LinprobeConfig(_Strict):
+class LinprobeConfig(Strict):
     """A linear classifier on the frozen pretrained encoder."""
 
     epochs: int = Field(10, ge=1)
@@ -81,7 +79,7 @@ class LinprobeConfig(_Strict):
     warmup_epochs: float = Field(0.0, ge=0.0)
 
 
-class VisionConfig(_Strict):
+class VisionConfig(Strict):
     name: str = Field("vision", min_length=1, pattern=r"^[A-Za-z0-9._-]+$",
                       description="run folder prefix: runs/<name>-<command>-<YYYYmmdd-HHMMSS>/")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, description="independent runs")
@@ -128,8 +126,7 @@ class VisionConfig(_Strict):
         return self.pretrain.epochs + self.finetune.epochs
 
     def hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return config_hash(self)
 
 
 DEFAULT_PRESET = "configs/vision/embedded-compare.yaml"

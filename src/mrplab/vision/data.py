@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from mrplab.config import _Strict
+from mrplab.config import Strict
 from mrplab.errors import MrplabError
 from mrplab.io import save_figure
 from mrplab.rng import generator
@@ -61,7 +61,7 @@ CACHE_VERSION = 1
 PROGRESS_MIN_IMAGES = 5000  # decoding fewer images than this shows no progress by default
 
 
-class VisionDataConfig(_Strict):
+class VisionDataConfig(Strict):
     """Where the vision track's images come from (vision/data.py)."""
 
     source: Literal["embedded", "folder"] = Field(
