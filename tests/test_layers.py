@@ -2,7 +2,7 @@
 
 Every ``import``/``from ... import`` of mrplab in src/, at module level or inside a function, is an
 edge. Ground-floor modules import only the ground floor; a track (theory with its run folder and
-report, vision) imports the ground floor and itself; sweep imports the ground floor and the tracks;
+figures, vision) imports the ground floor and itself; sweep imports the ground floor and the tracks;
 only the command line sits on top.
 """
 
@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mrplab"
 
 GROUND = {"mrplab", "mrplab.errors", "mrplab.rng", "mrplab.runtime", "mrplab.config", "mrplab.stats",
           "mrplab.console", "mrplab.io"}
-TRACKS = {"theory": ("mrplab.theory", "mrplab.report"), "vision": ("mrplab.vision",)}
+TRACKS = {"theory": ("mrplab.theory",), "vision": ("mrplab.vision",)}
 TOP = {"mrplab.cli", "mrplab.__main__"}
 
 

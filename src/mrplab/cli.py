@@ -165,7 +165,7 @@ def theory(
     try:
         cfg = config_mod.load(config, set_)
         # imported after the config is valid, so that a config mistake is reported without loading torch
-        from mrplab.report import run_folder
+        from mrplab.theory import run_folder
         from mrplab.theory import experiment
         from mrplab.theory.claims import tally_line
         from mrplab.theory.experiment import growth_drive

@@ -22,7 +22,7 @@ Columns (a column is added the first time a value for it arrives):
   ``claims_passed``, ``claims_total``;
 * timings: ``time.data_s``, ``time.sl_s``, ``time.mrp_s``, ``time.finetune_s``,
   ``time.total_s``;
-* ``summary``: the run's full summary (``report.run_folder.build_summary``) as JSON.
+* ``summary``: the run's full summary (``theory.run_folder.build_summary``) as JSON.
 """
 
 from __future__ import annotations

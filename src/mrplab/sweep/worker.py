@@ -28,7 +28,7 @@ def run_one(cfg_json: dict[str, Any], threads: int, provenance: dict[str, Any]) 
     try:
         from mrplab.config import TheoryConfig
         from mrplab.io import jsonable
-        from mrplab.report.run_folder import build_summary
+        from mrplab.theory.run_folder import build_summary
         from mrplab.theory import experiment
 
         cfg = TheoryConfig.model_validate({**cfg_json, "threads": threads})

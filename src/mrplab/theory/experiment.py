@@ -1,7 +1,7 @@
 """One theory experiment: SL from scratch vs MRP -> fine-tuning, R seeds at once.
 
 ``run(cfg)`` trains and measures and returns a ``TheoryResult`` (no files);
-the run folder is written by ``mrplab.report.run_folder``.
+the run folder is written by ``mrplab.theory.run_folder``.
 """
 
 from __future__ import annotations

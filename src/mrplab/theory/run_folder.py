@@ -37,7 +37,7 @@ from mrplab import config as config_mod
 from mrplab import io
 from mrplab.config import TheoryConfig
 from mrplab.io import atomic_write_text, atomic_write_with, dumps
-from mrplab.report import figures
+from mrplab.theory import figures
 from mrplab.theory import claims, experiment
 from mrplab.theory.experiment import THRESHOLD_CURVE, TheoryResult, growth_drive
 
