@@ -369,34 +369,48 @@ def write_report(folder: str | Path) -> SweepReport:
         [m for m in DEFAULT_METRICS if m in all_metrics]
     settings = aggregate(rows, labels, [*all_metrics, *(m for m in wanted if m not in all_metrics)])
 
-    fig_dir = folder / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    figures: list[str] = []
     varied = [c for c in labels if len({json.dumps(r.get(c)) for r in rows}) > 1]  # axes with 2+ values
     x = study.x if study and study.x in labels else (varied or labels or [None])[0]
+    pair = study.heatmap if study and study.heatmap else varied[:2]
+    figures = _write_figures(folder / "figures", rows, settings, labels, wanted, x, pair)
+    checks: list[TrendCheck] = []
+    if study and x is not None:
+        for m, t in study.trends.items():
+            c = trend(rows, x, resolve_metric(m, columns), t.trend, t.tolerance, [c for c in varied if c != x])
+            if c is not None:
+                checks.append(c)
+
+    lines = _head_lines(spec, folder, counts, settings, labels) + _study_lines(study, checks, x)
+    lines += _results_lines(settings, labels, wanted) + _claims_lines(settings, labels, all_metrics)
+    lines += _figure_lines(figures, labels, x, pair) + _failed_lines(failed)
+    lines += ["", "All aggregates, for every numeric column of the store: `aggregate.csv`.", ""]
+    atomic_write_text(folder / "aggregate.csv", _csv(settings, labels, all_metrics))
+    report = folder / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    return SweepReport(folder=folder, report=report, settings=settings, labels=labels, metrics=wanted,
+                       figures=figures, trends=checks)
+
+
+def _write_figures(fig_dir: Path, rows, settings, labels, wanted, x, pair) -> list[str]:
+    fig_dir.mkdir(exist_ok=True)
+    figures: list[str] = []
     if x is not None:
         line_plot(settings, x, labels, wanted, fig_dir / "lines.png")
         figures.append("lines.png")
-    pair = study.heatmap if study and study.heatmap else varied[:2]
     if len(pair) == 2 and all(p in labels for p in pair):
         heatmap(rows, pair[0], pair[1], wanted, fig_dir / "heatmap.png")
         figures.append("heatmap.png")
     for stale in {"lines.png", "heatmap.png"} - set(figures):  # from an earlier report of this folder
         (fig_dir / stale).unlink(missing_ok=True)
+    return figures
 
-    checks: list[TrendCheck] = []
-    if study and x is not None:
-        for m, t in study.trends.items():
-            others = [c for c in varied if c != x]
-            c = trend(rows, x, resolve_metric(m, columns), t.trend, t.tolerance, others)
-            if c is not None:
-                checks.append(c)
 
+def _head_lines(spec, folder: Path, counts: dict, settings, labels) -> list[str]:
     name = spec.name if spec else folder.name
     lines = [f"# Sweep `{name}`", ""]
     if spec and spec.description:
         lines += [spec.description, ""]
-    lines += [
+    return lines + [
         f"- runs: {counts['done']} done, {counts['failed']} failed, {counts['pending'] + counts['running']} not run "
         f"(store: `{DB_NAME}`)",
         f"- settings: {len(settings)}; seeds per setting: "
@@ -404,58 +418,72 @@ def write_report(folder: str | Path) -> SweepReport:
         f"- axes: {', '.join(f'`{c}`' for c in labels) or 'none (seeds only)'}",
         "",
     ]
-    if study:
-        lines += ["## Study", "", f"**Prediction.** {study.prediction.strip()}", ""]
-        if checks:
-            n_ok = sum(c.consistent for c in checks)
-            lines += [f"**Measured.** {n_ok} of {len(checks)} predicted trends hold.", ""]
-            lines += [f"- {c.sentence()}" for c in checks] + [""]
-        elif x is None:
-            lines += ["**Measured.** The sweep has no axis to measure a trend along.", ""]
-        else:
-            lines += ["**Measured.** No trend was predicted in the study block; see the table.", ""]
 
-    lines += ["## Results", "", "Mean ± std over seeds; n = finished runs of the setting.", ""]
+
+def _study_lines(study, checks: list[TrendCheck], x) -> list[str]:
+    if not study:
+        return []
+    lines = ["## Study", "", f"**Prediction.** {study.prediction.strip()}", ""]
+    if checks:
+        n_ok = sum(c.consistent for c in checks)
+        lines += [f"**Measured.** {n_ok} of {len(checks)} predicted trends hold.", ""]
+        lines += [f"- {c.sentence()}" for c in checks] + [""]
+    elif x is None:
+        lines += ["**Measured.** The sweep has no axis to measure a trend along.", ""]
+    else:
+        lines += ["**Measured.** No trend was predicted in the study block; see the table.", ""]
+    return lines
+
+
+def _results_lines(settings, labels, wanted) -> list[str]:
+    lines = ["## Results", "", "Mean ± std over seeds; n = finished runs of the setting.", ""]
     head = [*(f"`{c}`" for c in labels), "n", *(label(m) for m in wanted)]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in settings:
         cells = [_fmt(s.labels[c]) for c in labels] + [str(s.n)]
         cells += [f"{_fmt(s.stats[m].mean)} ± {_fmt(s.stats[m].std)}" for m in wanted]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
 
+
+def _claims_lines(settings, labels, all_metrics) -> list[str]:
     claim_ids = [c[len("claim."):-len(".pass")] for c in all_metrics if c.startswith("claim.") and c.endswith(".pass")]
-    if claim_ids:
-        lines += ["", "## Claims", "", "Runs whose verdict is PASS, out of the finished runs of the setting where the claim applies (N/A runs left out) "
-                  "(each run is one seed; the claims are listed in src/mrplab/theory/claims.py).", ""]
-        head = [*(f"`{c}`" for c in labels), *claim_ids]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for s in settings:
-            cells = [_fmt(s.labels[c]) for c in labels]
-            for cid in claim_ids:
-                st = s.stats[f"claim.{cid}.pass"]
-                cells.append(f"{round(st.mean * st.n) if st.n else 0}/{st.n}")
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if not claim_ids:
+        return []
+    lines = ["", "## Claims", "", "Runs whose verdict is PASS, out of the finished runs of the setting where the claim "
+             "applies (N/A runs left out) (each run is one seed; the claims are listed in src/mrplab/theory/claims.py).",
+             ""]
+    head = [*(f"`{c}`" for c in labels), *claim_ids]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in settings:
+        cells = [_fmt(s.labels[c]) for c in labels]
+        for cid in claim_ids:
+            st = s.stats[f"claim.{cid}.pass"]
+            cells.append(f"{round(st.mean * st.n) if st.n else 0}/{st.n}")
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
 
-    if figures:
-        lines += ["", "## Figures", ""]
-        for f in figures:
-            if f == "lines.png":
-                caption = f"Mean ± std over seeds along `{x}`" + (
-                    ", one line per value of the other axes." if len(labels) > 1 else ".")
-            else:
-                caption = f"Phase diagram over `{pair[0]}` x `{pair[1]}`: mean over seeds" + (
-                    " and the other axes." if len(labels) > 2 else ".")
-            lines += [f"![{f}](figures/{f})", "", caption, ""]
 
-    if failed:
-        lines += ["", "## Failed runs", "", "| key | axes | seed | attempts | error |", "|---|---|---|---|---|"]
-        for r in failed:
-            lines.append("| " + " | ".join(_cell(c) for c in (r["key"], r.get("axes") or "", r.get("seed"),
-                                                                r.get("attempts"), (r.get("error") or "")[:300])) + " |")
-    lines += ["", "All aggregates, for every numeric column of the store: `aggregate.csv`.", ""]
+def _figure_lines(figures: list[str], labels, x, pair) -> list[str]:
+    if not figures:
+        return []
+    lines = ["", "## Figures", ""]
+    for f in figures:
+        if f == "lines.png":
+            caption = f"Mean ± std over seeds along `{x}`" + (
+                ", one line per value of the other axes." if len(labels) > 1 else ".")
+        else:
+            caption = f"Phase diagram over `{pair[0]}` x `{pair[1]}`: mean over seeds" + (
+                " and the other axes." if len(labels) > 2 else ".")
+        lines += [f"![{f}](figures/{f})", "", caption, ""]
+    return lines
 
-    atomic_write_text(folder / "aggregate.csv", _csv(settings, labels, all_metrics))
-    report = folder / "report.md"
-    atomic_write_text(report, "\n".join(lines))
-    return SweepReport(folder=folder, report=report, settings=settings, labels=labels, metrics=wanted,
-                       figures=figures, trends=checks)
+
+def _failed_lines(failed: list[dict]) -> list[str]:
+    if not failed:
+        return []
+    lines = ["", "## Failed runs", "", "| key | axes | seed | attempts | error |", "|---|---|---|---|---|"]
+    for r in failed:
+        lines.append("| " + " | ".join(_cell(c) for c in (r["key"], r.get("axes") or "", r.get("seed"),
+                                                            r.get("attempts"), (r.get("error") or "")[:300])) + " |")
+    return lines

@@ -109,59 +109,54 @@ CONTROLS = {"fitted_decoder": {"fit_decoder": True}, "shuffled_pairing": {"shuff
 
 def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head,
             W_controls: dict[str, torch.Tensor] | None = None, sl_steps=None, sl_fitted=None) -> list[dict]:
-    """Per-seed metrics that the claims read, from the final weights."""
-    bank, thr = data.bank, cfg.capture_threshold
-    q, thr_act, k, m = cfg.net.q, cfg.net.threshold, bank.k, cfg.net.m
+    """Per-seed metrics that the claims read, from the final weights (names: theory/metrics.py)."""
     with torch.no_grad():
-        C0, C_sl, C_mrp, C_ft = (probes.capture_matrix(W, bank) for W in (W_init, W_sl, W_mrp, W_ft))
-        lot = probes.sl_lottery(C0, C_sl, k, m, thr)
-        curve = {f: probes.share_classes_one_feature(C_sl, k, m, f * thr) for f in THRESHOLD_CURVE}
-        sl_err = _eval_view_errors(net.sl_logits(steps.encode(data.test.X, W_sl, q, thr_act), k, m), data.test)
-        ft_err = _eval_view_errors(head(steps.encode(data.test.X, W_ft, q, thr_act)), data.test)
-        shown = bank.covered  # [k_total, L] features the pretraining data shows
-        cap_mrp = probes.captured(C_mrp, thr)  # [R, k_total, L]
-        cap_ft = probes.captured(C_ft, thr)
-        cap_sl = probes.captured(C_sl, thr)
-        down = torch.zeros_like(shown)
-        down[:k] = True
-        purity = probes.pure_kernels(C_mrp, thr)
-        per_kernel = probes.kernel_purity(C_mrp, thr)  # [R, K]
-        align0, align = probes.alignment(W_init, bank), probes.alignment(W_mrp, bank)
-        norm0 = W_init.float().norm(dim=1)  # [R, K]
-        growth = (W_mrp.float().norm(dim=1) / norm0).mean(-1)  # [R]
-        health0 = probes.representation_health(steps.encode(data.pretrain.X, W_init, q, thr_act))
-        health = probes.representation_health(steps.encode(data.pretrain.X, W_mrp, q, thr_act))
-        ctrl = {}
-        for name in CONTROLS:
-            Wc = (W_controls or {}).get(name)
-            if Wc is not None:
-                ctrl[name] = (probes.captured(probes.capture_matrix(Wc, bank), thr), probes.alignment(Wc, bank),
-                              (Wc.float().norm(dim=1) / norm0).mean(-1))
-    out = []
-    for r, seed in enumerate(cfg.seeds):
-        n_shown = int(shown.sum())
-        mrp_cap_shown = int((cap_mrp[r] & shown).sum())
-        kept_base = cap_mrp[r] & down
-        retained = float((cap_ft[r] & kept_base).sum()) / max(int(kept_base.sum()), 1) if kept_base.any() else float("nan")
+        mrp = _mrp_metrics(cfg, data, W_init, W_mrp, W_controls or {})
+        sl = _sl_metrics(cfg, data, W_init, W_sl, sl_steps, sl_fitted)
+        ft = _ft_capture_metrics(cfg, data, W_mrp, W_ft)
+        err = _error_metrics(cfg, data, W_sl, W_ft, head)
+    return [{"seed": seed, **mrp[r], **sl[r], **ft[r], **err[r]} for r, seed in enumerate(cfg.seeds)]
+
+
+def _mrp_metrics(cfg: TheoryConfig, data: TheoryData, W_init, W_mrp, W_controls: dict) -> list[dict]:
+    """Capture, purity, alignment, growth and collapse of the MRP encoder, and of each control run."""
+    bank, thr, q, thr_act = data.bank, cfg.capture_threshold, cfg.net.q, cfg.net.threshold
+    shown = bank.covered  # [k_total, L] features the pretraining data shows
+    n_shown = int(shown.sum())
+    C_mrp = probes.capture_matrix(W_mrp, bank)
+    cap = probes.captured(C_mrp, thr)  # [R, k_total, L]
+    purity = probes.pure_kernels(C_mrp, thr)
+    per_kernel = probes.kernel_purity(C_mrp, thr)  # [R, K]
+    align0, align = probes.alignment(W_init, bank), probes.alignment(W_mrp, bank)
+    norm0 = W_init.float().norm(dim=1)  # [R, K]
+    growth = (W_mrp.float().norm(dim=1) / norm0).mean(-1)  # [R]
+    health0 = probes.representation_health(steps.encode(data.pretrain.X, W_init, q, thr_act))
+    health = probes.representation_health(steps.encode(data.pretrain.X, W_mrp, q, thr_act))
+    ctrl = {name: (probes.captured(probes.capture_matrix(W_controls[name], bank), thr),
+                   probes.alignment(W_controls[name], bank), (W_controls[name].float().norm(dim=1) / norm0).mean(-1))
+            for name in CONTROLS if name in W_controls}
+    nan = float("nan")
+    mean_over_shown = lambda t: float(t[shown].mean())  # noqa: E731
+    rows = []
+    for r in range(W_mrp.shape[0]):
+        captured_shown = int((cap[r] & shown).sum())
         capturing = per_kernel[r][per_kernel[r] > 0]
         n_capturing = int(purity["capturing"][r])
         spread_ratio = float(health["spread"][r] / health0["spread"][r].clamp(min=1e-30))
         eff_rank = float(health["effective_rank"][r])
-        mean_over_shown = lambda t: float(t[shown].mean())  # noqa: E731
-        row = {
-            "seed": seed,
-            "mrp_captured": int(cap_mrp[r].sum()),
-            "mrp_captured_shown": mrp_cap_shown,
+        rows.append({
+            "mrp_captured": int(cap[r].sum()),
+            "mrp_captured_shown": captured_shown,
             "n_features_shown": n_shown,
-            "mrp_captured_share": mrp_cap_shown / max(n_shown, 1),
-            "mrp_captured_half": int(mrp_cap_shown >= 0.5 * n_shown),
-            "mrp_captured_hidden": int((cap_mrp[r] & ~shown).sum()),
+            "mrp_captured_share": captured_shown / max(n_shown, 1),
+            "mrp_captured_half": int(captured_shown >= 0.5 * n_shown),
+            "mrp_captured_hidden": int((cap[r] & ~shown).sum()),
             "mrp_max_features_per_kernel": int(per_kernel[r].max()),
-            "mrp_max_features_per_capturing_kernel": float(capturing.max()) if capturing.numel() else float("nan"),
+            "mrp_max_features_per_capturing_kernel": float(capturing.max()) if capturing.numel() else nan,
             "mrp_kernels_capturing": n_capturing,
             "mrp_pure_kernels": int(purity["pure"][r]),
             "mrp_fused_kernels": int(purity["fused"][r]),
-            "mrp_pure_kernel_share": int(purity["pure"][r]) / n_capturing if n_capturing else float("nan"),
+            "mrp_pure_kernel_share": int(purity["pure"][r]) / n_capturing if n_capturing else nan,
             "mrp_features_held_by_pure_share": float((purity["held_by_pure"][r] & shown).sum()) / max(n_shown, 1),
             "mrp_alignment_init": mean_over_shown(align0[r]),
             "mrp_alignment": mean_over_shown(align[r]),
@@ -171,33 +166,63 @@ def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head
             "mrp_collapsed": int(not math.isfinite(spread_ratio) or spread_ratio < 0.1 or eff_rank < 1.5),
             **{key: val for name in CONTROLS for key, val in (
                 (f"mrp_{name}_captured_share",
-                 float((ctrl[name][0][r] & shown).sum()) / max(n_shown, 1) if name in ctrl else float("nan")),
-                (f"mrp_{name}_alignment", mean_over_shown(ctrl[name][1][r]) if name in ctrl else float("nan")),
-                (f"mrp_{name}_norm_growth", float(ctrl[name][2][r]) if name in ctrl else float("nan")),
+                 float((ctrl[name][0][r] & shown).sum()) / max(n_shown, 1) if name in ctrl else nan),
+                (f"mrp_{name}_alignment", mean_over_shown(ctrl[name][1][r]) if name in ctrl else nan),
+                (f"mrp_{name}_norm_growth", float(ctrl[name][2][r]) if name in ctrl else nan),
             )},
-            "sl_captured": int(cap_sl[r, :k].sum()),
-            "sl_captured_per_class_mean": float(lot["captured_per_class"][r].float().mean()),
-            "sl_share_classes_one_feature": float((lot["captured_per_class"][r] == 1).float().mean()),
+        })
+    return rows
+
+
+def _sl_metrics(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, sl_steps, sl_fitted) -> list[dict]:
+    """What SL from scratch captured, the lottery, C3a at several thresholds, and how long it trained."""
+    bank, thr, k, m = data.bank, cfg.capture_threshold, data.bank.k, cfg.net.m
+    C0, C_sl = probes.capture_matrix(W_init, bank), probes.capture_matrix(W_sl, bank)
+    lot = probes.sl_lottery(C0, C_sl, k, m, thr)
+    curve = {f: probes.share_classes_one_feature(C_sl, k, m, f * thr) for f in THRESHOLD_CURVE}
+    cap = probes.captured(C_sl, thr)
+    rows = []
+    for r in range(W_sl.shape[0]):
+        per_class = lot["captured_per_class"][r]
+        rows.append({
+            "sl_captured": int(cap[r, :k].sum()),
+            "sl_captured_per_class_mean": float(per_class.float().mean()),
+            "sl_share_classes_one_feature": float((per_class == 1).float().mean()),
             **{f"sl_share_classes_one_feature_at_{f:g}x": float(curve[f][r]) for f in THRESHOLD_CURVE},
             "sl_lottery_hit_rate": float(lot["lottery_hit_rate"][r]),
             # per class: the feature l that won SL, and the one the initial correlations predicted
-            "sl_winner_per_class": [int(x) if c > 0 else -1 for x, c in
-                                    zip(lot["winner"][r].tolist(), lot["captured_per_class"][r].tolist())],
+            "sl_winner_per_class": [int(x) if c > 0 else -1 for x, c in zip(lot["winner"][r].tolist(), per_class.tolist())],
             "sl_predicted_winner_per_class": lot["predicted"][r].tolist(),
             "sl_steps": int(sl_steps[r]) if sl_steps is not None else cfg.sl.steps,
             "sl_fitted": int(sl_fitted[r]) if sl_fitted is not None else -1,
-            "ft_captured": int(cap_ft[r, :k].sum()),
-            "ft_retained_share": retained,
-            "sl_err": float(sl_err["err"][r]),
-            "sl_err_multi": float(sl_err["err_multi"][r]),
-            "sl_err_single": float(sl_err["err_single"][r]),
-            "ft_err": float(ft_err["err"][r]),
-            "ft_err_multi": float(ft_err["err_multi"][r]),
-            "ft_err_single": float(ft_err["err_single"][r]),
-            "single_view_gap": float(sl_err["err_single"][r] - ft_err["err_single"][r]),
-        }
-        out.append(row)
-    return out
+        })
+    return rows
+
+
+def _ft_capture_metrics(cfg: TheoryConfig, data: TheoryData, W_mrp, W_ft) -> list[dict]:
+    """Features the fine-tuned encoder holds, and the share of MRP's downstream features it kept."""
+    bank, thr, k = data.bank, cfg.capture_threshold, data.bank.k
+    cap_mrp = probes.captured(probes.capture_matrix(W_mrp, bank), thr)
+    cap_ft = probes.captured(probes.capture_matrix(W_ft, bank), thr)
+    down = torch.zeros_like(bank.covered)
+    down[:k] = True
+    rows = []
+    for r in range(W_ft.shape[0]):
+        base = cap_mrp[r] & down
+        kept = float((cap_ft[r] & base).sum()) / max(int(base.sum()), 1) if base.any() else float("nan")
+        rows.append({"ft_captured": int(cap_ft[r, :k].sum()), "ft_retained_share": kept})
+    return rows
+
+
+def _error_metrics(cfg: TheoryConfig, data: TheoryData, W_sl, W_ft, head) -> list[dict]:
+    """Test errors of SL and MRP+FT, overall and per view, and the single-view gap."""
+    q, thr_act, k, m = cfg.net.q, cfg.net.threshold, data.bank.k, cfg.net.m
+    sl = _eval_view_errors(net.sl_logits(steps.encode(data.test.X, W_sl, q, thr_act), k, m), data.test)
+    ft = _eval_view_errors(head(steps.encode(data.test.X, W_ft, q, thr_act)), data.test)
+    return [{"sl_err": float(sl["err"][r]), "sl_err_multi": float(sl["err_multi"][r]),
+             "sl_err_single": float(sl["err_single"][r]), "ft_err": float(ft["err"][r]),
+             "ft_err_multi": float(ft["err_multi"][r]), "ft_err_single": float(ft["err_single"][r]),
+             "single_view_gap": float(sl["err_single"][r] - ft["err_single"][r])} for r in range(W_sl.shape[0])]
 
 
 def growth_drive(per_seed: list[dict]) -> str:

@@ -139,6 +139,16 @@ def build_summary(
     }
 
 
+_CAPTIONS = {
+    "capture.png": "Capture matrix C[r, (i, l)] = <w_r, v_{i,l}> of the final kernels (seed 0); "
+    "squares mark C at or above the capture threshold.",
+    "phi.png": "Phi_{i,l} = max_r <w_r, v_{i,l}> over training (seed 0), one line per feature; "
+    "dashed: capture threshold.",
+    "accuracy.png": "Test accuracy per view, mean ± std over seeds.",
+    "loss.png": "Training loss per phase, mean over seeds.",
+}
+
+
 def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list[str]) -> str:
     s = summary
     lines = [
@@ -154,7 +164,21 @@ def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list
         f"- git commit: `{s['git_commit'] or 'n/a'}`",
         f"- command: `{s['command']}`",
         "",
-        f"## Verdicts: {s.get('claims_line') or str(s['claims_passed']) + ' of ' + str(s['claims_total']) + ' claims PASS'}",
+    ]
+    lines += _verdict_lines(s) + _drive_and_purity_lines(s) + _per_seed_lines(s["per_seed"])
+    lines += ["", "## Figures", ""]
+    for name in figure_files:
+        lines += [f"![{name}](figures/{name})", "", _CAPTIONS.get(name, ""), ""]
+    lines += _runtime_lines(s)
+    lines += ["", "## Config", "", "The exact resolved config (also in `config.yaml`):", "", "```yaml",
+              config_mod.dump_yaml(cfg).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _verdict_lines(s: dict[str, Any]) -> list[str]:
+    title = s.get("claims_line") or f"{s['claims_passed']} of {s['claims_total']} claims PASS"
+    lines = [
+        f"## Verdicts: {title}",
         "",
         "Each claim reads one metric per seed and aggregates it over seeds as its rule says. Rows marked "
         "*derived* re-read another claim's measurement and *consistency* rows check the pipeline; neither is "
@@ -172,7 +196,11 @@ def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list
         cells = (v["id"], v["statement"], kind, f"`{v['metric']}`", v["rule"], f"{_fmt(v['mean'])} ± {_fmt(v['std'])}",
                  _fmt(v["min"]), per_seed, verdict)
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
 
+
+def _drive_and_purity_lines(s: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     per_seed = s["per_seed"]
     if s.get("growth_drive"):
         lines += ["", "## Which drive grew MRP's features", "", s["growth_drive"], ""]
@@ -187,30 +215,20 @@ def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list
                          + " | ".join(_fmt(m.get(f"sl_share_classes_one_feature_at_{f:g}x")) for f in THRESHOLD_CURVE)
                          + " |")
         lines.append("")
-    per_seed = s["per_seed"]
+    return lines
+
+
+def _per_seed_lines(per_seed: list[dict]) -> list[str]:
     keys = [k for k in per_seed[0] if k != "seed"] if per_seed else []
-    lines += [
-        "",
-        "## Per-seed metrics",
-        "",
-        "| metric | " + " | ".join(f"seed {m['seed']}" for m in per_seed) + " |",
-        "|---|" + "---|" * len(per_seed),
-    ]
+    lines = ["", "## Per-seed metrics", "", "| metric | " + " | ".join(f"seed {m['seed']}" for m in per_seed) + " |",
+             "|---|" + "---|" * len(per_seed)]
     for k in keys:
         lines.append(f"| `{k}` | " + " | ".join(_cell(_fmt(m.get(k))) for m in per_seed) + " |")
+    return lines
 
-    captions = {
-        "capture.png": "Capture matrix C[r, (i, l)] = <w_r, v_{i,l}> of the final kernels (seed 0); "
-        "squares mark C at or above the capture threshold.",
-        "phi.png": "Phi_{i,l} = max_r <w_r, v_{i,l}> over training (seed 0), one line per feature; "
-        "dashed: capture threshold.",
-        "accuracy.png": "Test accuracy per view, mean ± std over seeds.",
-        "loss.png": "Training loss per phase, mean over seeds.",
-    }
-    lines += ["", "## Figures", ""]
-    for name in figure_files:
-        lines += [f"![{name}](figures/{name})", "", captions.get(name, ""), ""]
 
+def _runtime_lines(s: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     rt = s.get("runtime") or {}
     if rt:
         lines += ["## Runtime", "", "| choice | value | why |", "|---|---|---|"]
@@ -229,19 +247,7 @@ def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list
         lines.append(f"| wall, start to end of training | {_fmt(s['wall_s'])} |")
     if s.get("wall_with_report_s") is not None:
         lines.append(f"| wall, including checkpoints and figures | {_fmt(s['wall_with_report_s'])} |")
-
-    lines += [
-        "",
-        "## Config",
-        "",
-        "The exact resolved config (also in `config.yaml`):",
-        "",
-        "```yaml",
-        config_mod.dump_yaml(cfg).rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 # --------------------------------------------------------------------------- the folder
