@@ -71,7 +71,7 @@ def test_local_sweep_stores_one_done_row_per_run_with_every_column(local_sweep):
         assert summary["config_hash"] == run.key
         assert row["time.total_s"] > 0
     # a single-seed run inside the sweep measures what a standalone run of that config measures
-    alone = run_one(sw.runs[0].cfg.model_dump(mode="json"), 1, {})
+    alone = run_one(sw.runs[0].cfg.model_dump(mode="json"), 1, {"config_hash": sw.runs[0].key})
     assert alone["summary"]["per_seed"] == json.loads(rows[sw.runs[0].key]["summary"])["per_seed"]
 
 

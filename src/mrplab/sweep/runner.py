@@ -138,7 +138,7 @@ def _drive(ex: Any, store: Store, todo: list[PlannedRun], progress: Progress, ru
                 run = queue.popleft()
                 store.mark_running(run.key, now_iso(), ex.threads)
                 cfg_json = run.cfg.model_dump(mode="json")
-                in_flight[ex.submit(run_fn, cfg_json, ex.threads, provenance)] = run
+                in_flight[ex.submit(run_fn, cfg_json, ex.threads, {**provenance, "config_hash": run.key})] = run
             done, _ = wait(list(in_flight), timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in done:
                 run = in_flight.pop(fut)

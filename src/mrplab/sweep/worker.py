@@ -1,7 +1,8 @@
 """One sweep run, executed in a worker process (local pool) or a Ray task.
 
 ``run_one`` takes plain data (the resolved config as a JSON mapping, the
-number of torch threads, the driver's provenance) and returns plain data, so
+number of torch threads, the driver's provenance with the run's store key as
+``config_hash``) and returns plain data, so
 it pickles the same way for both executors. It never raises for a failed run:
 the error comes back as text and the driver records the run as failed.
 """
@@ -32,7 +33,7 @@ def run_one(cfg_json: dict[str, Any], threads: int, provenance: dict[str, Any]) 
         from mrplab.theory import experiment
 
         cfg = TheoryConfig.model_validate({**cfg_json, "threads": threads})
-        key = TheoryConfig.model_validate(cfg_json).hash()  # the store's key: threads as the sweep gave them
+        key = provenance["config_hash"]  # the store's key, from the driver: threads as the sweep gave them
         result = experiment.run(cfg)
         wall = time.perf_counter() - t0
         summary = build_summary(result, key, wall, {**provenance, "config_hash": key, "created": started})

@@ -636,7 +636,7 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
 
         d2v = isinstance(pre, Data2Vec)
         collapse = CollapseCheck(p.min_target_var, p.collapse_patience) if d2v else None
-        info = fit(loop, pre, groups, _pretrain_compute, p.mask_ratio, ema if d2v else None, collapse)
+        info = fit(loop, pre, groups, _pretrain_compute, pre.mask_ratio, ema if d2v else None, collapse)
         module, test_acc = pre, {}
         encoders[stage.key] = _cpu_state(pre.encoder)
     else:
