@@ -8,7 +8,6 @@ stderr and exits 2; usage errors also exit 2.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mrplab import config as config_mod
-from mrplab.console import fail, fmt_secs, make_console, sigterm_as_exit
+from mrplab.console import ProgressDisplay, fail, fmt_secs, make_console, sigterm_as_exit
 from mrplab.errors import MrplabError
 
 app = typer.Typer(
@@ -38,40 +37,26 @@ def _main() -> None:
 # --------------------------------------------------------------------------- progress
 
 
-class _Progress:
-    """Progress of one run: a rich bar on a terminal, plain lines every ~10% otherwise, nothing when quiet."""
+class _Progress(ProgressDisplay):
+    """Progress of one theory run in steps, over its phases."""
 
     def __init__(self, phase_total: dict[str, int], quiet: bool, console: Console):
+        super().__init__(console, quiet)
         self.phase_total = phase_total
         self.total = max(sum(phase_total.values()), 1)
-        self.quiet = quiet
-        self.console = console
-        self.tty = console.is_terminal
-        self.done = 0
         self.phase = "data"
         self.phase_done = 0
         self.last: dict = {}
-        self.next_line = 1
-        self.t0 = time.perf_counter()
-        self._bar = None
-        self._task = None
 
     def __enter__(self) -> "_Progress":
         if not self.quiet and self.tty:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self._bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
-            self._bar.__enter__()
-            self._task = self._bar.add_task("[data] sampling", total=self.total)
+            self.open_bar("[data] sampling", self.total)
         elif not self.quiet:
             self.console.print(f"theory run: {self.total} steps planned", markup=False)
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+        self.close_bar()
         return False
 
     def _status(self) -> str:
@@ -111,10 +96,8 @@ class _Progress:
         if self._bar is not None:
             self._bar.update(self._task, advance=n, description=self._status())
             return
-        if self.done * 10 >= self.next_line * self.total or self.done == self.total:
-            self.next_line = self.done * 10 // self.total + 1
-            elapsed = time.perf_counter() - self.t0
-            eta = elapsed * (self.total - self.done) / max(self.done, 1)
+        if self.line_due():
+            elapsed, eta = self.elapsed_eta()
             self.console.print(
                 f"{self._status()}  overall {self.done}/{self.total} ({100 * self.done // self.total}%)"
                 f"  elapsed {fmt_secs(elapsed)}  eta {fmt_secs(eta)}",

@@ -7,7 +7,8 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Iterator, NoReturn
+import time
+from typing import Any, Iterator, NoReturn
 
 import typer
 from rich.console import Console
@@ -50,3 +51,45 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class ProgressDisplay:
+    """What every progress display shares: a rich bar on a terminal, a plain line about every 10% of
+    ``total`` otherwise, nothing when quiet. Subclasses count in their own unit (steps, runs, images)
+    and say what a bar description and a plain line hold."""
+
+    def __init__(self, console: Console, quiet: bool):
+        self.console, self.quiet = console, quiet
+        self.tty = console.is_terminal
+        self.total, self.done, self.next_line = 1, 0, 1
+        self.t0 = time.perf_counter()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def open_bar(self, description: str, total: int, *extra_columns: Any, **fields: Any) -> None:
+        """Start the rich bar (call only on a terminal): description, bar, n/total, [extra], elapsed, eta."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                             *extra_columns, TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                             console=self.console)
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total, **fields)
+
+    def close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def line_due(self) -> bool:
+        """True when the count has passed the next tenth of the total (or reached it): time for a plain line."""
+        if self.done * 10 >= self.next_line * self.total or self.done == self.total:
+            self.next_line = self.done * 10 // max(self.total, 1) + 1
+            return True
+        return False
+
+    def elapsed_eta(self, remaining: float | None = None) -> tuple[float, float]:
+        """Seconds since the start and the estimated seconds left at the rate so far."""
+        elapsed = time.perf_counter() - self.t0
+        left = max(self.total - self.done if remaining is None else remaining, 0)
+        return elapsed, elapsed * left / max(self.done, 1)

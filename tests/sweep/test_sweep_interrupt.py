@@ -46,6 +46,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        return b"multiprocessing.resource_tracker" in (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = (Path("/proc") / str(pid) / "stat").read_text()
@@ -73,7 +80,9 @@ def _start_and_kill(tmp_path: Path, sig: int) -> tuple[Path, dict[str, dict], li
             time.sleep(0.05)
         else:
             pytest.fail("no run finished within 90 s")
-        workers = _children(proc.pid)
+        # the pool's workers; not multiprocessing's resource tracker, which is also a child of the driver but
+        # no worker: it exits by itself once the driver has gone (it reads EOF), a moment after the driver
+        workers = [p for p in _children(proc.pid) if not _is_resource_tracker(p)]
         proc.send_signal(sig)
         proc.wait(timeout=30)
     finally:

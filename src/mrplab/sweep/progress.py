@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from mrplab.console import fmt_secs
+from mrplab.console import ProgressDisplay, fmt_secs
 from mrplab.sweep.spec import PlannedRun
 
 
@@ -16,49 +16,33 @@ def describe_run(run: PlannedRun) -> str:
     return " ".join(parts)
 
 
-class SweepProgress:
-    """Runner progress callbacks; a context manager that owns the rich bar."""
+class SweepProgress(ProgressDisplay):
+    """Runner progress callbacks, counted in runs; a context manager that owns the rich bar."""
 
     def __init__(self, console: Console, quiet: bool = False):
-        self.console = console
-        self.quiet = quiet
-        self.tty = console.is_terminal
-        self.total = 0
+        super().__init__(console, quiet)
         self.todo = 0
-        self.done = 0
         self.failed = 0
-        self.next_line = 1
-        self.t0 = time.perf_counter()
-        self._bar: Any = None
-        self._task: Any = None
 
     def __enter__(self) -> "SweepProgress":
         return self
 
     def __exit__(self, *exc: Any) -> bool:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-            self._bar = None
+        self.close_bar()
         return False
 
     def start(self, total: int, done_before: int, todo: int, executor: str) -> None:
-        self.total, self.todo, self.t0 = total, todo, time.perf_counter()
+        self.todo, self.t0 = todo, time.perf_counter()
+        self.total = max(todo, 1)
         if self.quiet:
             return
         self.console.print(f"sweep: {total} runs, {done_before} already done, {todo} to run; {executor}",
                            markup=False, soft_wrap=True)
         if self.tty:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self._bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
-            self._bar.__enter__()
-            self._task = self._bar.add_task("runs", total=todo)
+            self.open_bar("runs", todo)
 
     def _line(self) -> str:
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed * (self.todo - self.done) / max(self.done, 1)
+        elapsed, eta = self.elapsed_eta(self.todo - self.done)
         return (f"{self.done}/{self.todo} runs ({100 * self.done // max(self.todo, 1)}%), {self.failed} failed"
                 f"  elapsed {fmt_secs(elapsed)}  eta {fmt_secs(eta)}")
 
@@ -74,8 +58,7 @@ class SweepProgress:
         if self._bar is not None:
             self._bar.update(self._task, advance=1, description=f"runs ({self.failed} failed)" if self.failed else "runs")
             return
-        if self.done * 10 >= self.next_line * self.todo or self.done == self.todo:
-            self.next_line = self.done * 10 // max(self.todo, 1) + 1
+        if self.line_due():
             self.console.print(f"{self._line()}  last: {describe_run(run)}", markup=False, soft_wrap=True)
 
     def tick(self) -> None:

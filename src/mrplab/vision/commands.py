@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mrplab.console import EXIT_INTERRUPTED, fail, fmt_secs, make_console, sigterm_as_exit
+from mrplab.console import EXIT_INTERRUPTED, ProgressDisplay, fail, fmt_secs, make_console, sigterm_as_exit
 from mrplab.errors import MrplabError
 
 app = typer.Typer(
@@ -34,37 +34,27 @@ app = typer.Typer(
 
 
 
-class _Progress:
-    """Images trained over all stages: a rich bar with images/s and ETA on a terminal, a plain line
-    every ~10% otherwise, nothing when quiet."""
+class _Progress(ProgressDisplay):
+    """Images trained over all stages, with images/s."""
 
     def __init__(self, console: Console, quiet: bool):
-        self.console, self.quiet = console, quiet
-        self.total, self.done, self.next_line = 1, 0, 1
+        super().__init__(console, quiet)
         self.stage, self.loss = "data", None
-        self.t0 = time.perf_counter()
-        self._bar = self._task = None
 
     def plan(self, total_images: int) -> None:
         self.total, self.t0 = max(total_images, 1), time.perf_counter()
         if self.quiet:
             return
-        if self.console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+        if self.tty:
+            from rich.progress import TaskProgressColumn, TextColumn
 
-            self._bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                                 TaskProgressColumn(), TextColumn("{task.fields[speed]} img/s"), TimeElapsedColumn(),
-                                 TextColumn("eta"), TimeRemainingColumn(), console=self.console)
-            self._bar.start()
-            self._task = self._bar.add_task(self._status(), total=self.total, speed="-")
+            self.open_bar(self._status(), self.total, TaskProgressColumn(), TextColumn("{task.fields[speed]} img/s"),
+                          speed="-")
         else:
             self.console.print(f"vision run: {self.total} training images planned", markup=False)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        self.close_bar()
 
     def _status(self) -> str:
         return f"[{self.stage}]" + (f" loss {self.loss:.4g}" if self.loss is not None else "")
@@ -78,14 +68,12 @@ class _Progress:
         self.done += n
         if self.quiet:
             return
-        elapsed = time.perf_counter() - self.t0
+        elapsed, eta = self.elapsed_eta()
         speed = self.done / max(elapsed, 1e-9)
         if self._bar is not None:
             self._bar.update(self._task, advance=n, description=self._status(), speed=f"{speed:.0f}")
             return
-        if self.done * 10 >= self.next_line * self.total or self.done >= self.total:
-            self.next_line = self.done * 10 // self.total + 1
-            eta = (self.total - self.done) / max(speed, 1e-9)
+        if self.line_due():
             self.console.print(
                 f"{self._status()}  {self.done}/{self.total} images ({100 * self.done // self.total}%)  "
                 f"{speed:.0f} img/s  elapsed {fmt_secs(elapsed)}  eta {fmt_secs(eta)}", markup=False, soft_wrap=True)
