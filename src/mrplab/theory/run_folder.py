@@ -63,16 +63,12 @@ def _cell(text: str) -> str:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _phase_steps(cfg: TheoryConfig) -> dict[str, int]:
-    return experiment.planned_phase_steps(cfg)
-
-
 def write_checkpoints(result: TheoryResult, ckpt_dir: Path, provenance: dict[str, Any]) -> list[str]:
     """Three safetensors checkpoints, each with a JSON sidecar. Returns the file names."""
     from safetensors.torch import save_file
 
     cfg = result.cfg
-    steps = _phase_steps(cfg)
+    steps = experiment.planned_phase_steps(cfg)
     head = result.head
     kinds: dict[str, tuple[str, dict[str, torch.Tensor], dict[str, int]]] = {
         "sl": ("supervised learning from scratch: encoder kernels", {"W": result.W_sl}, {"sl": steps["sl"]}),
@@ -125,7 +121,7 @@ def build_summary(
         "device": str(result.W_sl.device),
         "seeds": cfg.seeds,
         "capture_threshold": cfg.capture_threshold,
-        "steps": _phase_steps(cfg),
+        "steps": experiment.planned_phase_steps(cfg),
         "claims_passed": tally["passed"],
         "claims_total": tally["total"],
         "claims_not_applicable": tally["not_applicable"],

@@ -163,6 +163,11 @@ class MRPSpec:
     fit_decoder: bool = False  # the decoder set to its least-squares optimum every step
     shuffled: bool = False  # sample n gets sample n+1's target (within-sample prediction removed)
 
+    @property
+    def divisor_power(self) -> float:
+        """The power of the loss's target-mean-square divisor: only per_kernel and per_run divide."""
+        return self.power if self.norm in ("per_kernel", "per_run") else 0.0
+
     @staticmethod
     def of(cfg, q: int, fit_decoder: bool | None = None, shuffled: bool | None = None) -> "MRPSpec":
         """From a config.MRPConfig; fit_decoder / shuffled override decoder_fit / target_pairing (control runs)."""
@@ -230,9 +235,7 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, act) -> MRPGrads:
         if spec.fit_decoder:
             D = objectives.fit_decoder(h_s, t, "full" if D.dim() == 3 else "diag")
         pred = net.decode(h_s, D)
-        per_channel = spec.norm == "per_kernel"
-        loss, dpred = _sq_error_grad(pred, t, spec.power if spec.norm in ("per_kernel", "per_run") else 0.0,
-                                     per_channel)
+        loss, dpred = _sq_error_grad(pred, t, spec.divisor_power, spec.norm == "per_kernel")
         if D.dim() == 3:
             dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, K]
             dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
@@ -249,8 +252,7 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, act) -> MRPGrads:
         if spec.fit_decoder:
             D = objectives.fit_decoder(h_s, t, "full")
         pred = torch.bmm(h_s, D)  # [R, N, d] pixel decoder D [R, K, d]
-        loss, dpred = _sq_error_grad(pred, t, spec.power if spec.norm in ("per_kernel", "per_run") else 0.0,
-                                     per_channel=False)
+        loss, dpred = _sq_error_grad(pred, t, spec.divisor_power, per_channel=False)
         dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, d]
         dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
     G.mul_(keep).mul_(dh.unsqueeze(2))  # dZ: only visible patches reach the student's output

@@ -95,7 +95,7 @@ def train_sl(
         _check_finite(loss, "supervised training", t, "sl.lr")
         fitted = torch.where(done, fitted, fits)
         if t >= cfg.steps:
-            newly = ~done & (fits | torch.tensor(not cfg.until_fit, device=W.device))
+            newly = ~done & fits if cfg.until_fit else ~done
             taken[newly.cpu()] = t
             done |= newly
         stop = t == last or bool(done.all())
