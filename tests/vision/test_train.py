@@ -16,9 +16,8 @@ from typer.testing import CliRunner
 
 from mrplab.errors import MrplabError
 from mrplab.vision import config as vconfig
-from mrplab.vision import train
+from mrplab.vision import run_folder, train
 from mrplab.vision.commands import app
-from mrplab.vision.models import build_encoder
 from mrplab.runtime import native_bf16
 
 _NATIVE_BF16, _BF16_WHY = native_bf16(torch.device("cpu"))
@@ -92,7 +91,7 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
     assert (partial / "checkpoints" / "resume.json").exists()
     assert json.loads((partial / "stages.json").read_text())["done"].keys() == {"s0-scratch"}
 
-    cfg2, command, init = train.open_resume(partial)
+    cfg2, command, init = run_folder.open_resume(partial)
     assert command == "compare" and init is None and cfg2 == cfg
     resumed = train.run(cfg2, command, resume=partial).path
     assert not partial.exists() and resumed.parent == tmp_path / "b"
@@ -106,7 +105,7 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
             assert torch.equal(a[name][k], b[name][k]), (name, k)
     assert _records(straight) == _records(resumed)  # lines logged after the checkpoint were dropped, then redone
     with pytest.raises(MrplabError, match="complete"):
-        train.open_resume(resumed)
+        run_folder.open_resume(resumed)
 
 
 def test_ctrl_c_after_a_checkpoint_keeps_the_partial_folder(tmp_path):
@@ -271,22 +270,6 @@ def test_presets_load_and_the_embedded_one_is_the_default():
     assert vconfig.load(root / "embedded-compare.yaml") == vconfig.VisionConfig()
     cifar = vconfig.load(root / "cifar10.yaml")
     assert cifar.data.source == "folder" and cifar.data.image_size % cifar.model.patch_size == 0
-
-
-def test_layer_decay_groups_and_schedule():
-    enc = build_encoder("vit_micro", 16, 4, 3)
-    groups = train.param_groups(enc.layer_groups(), lr=1.0, weight_decay=0.05, layer_decay=0.5)
-    n = len(enc.layer_groups())  # embed, 4 blocks, norm + head
-    lrs = sorted({g["lr"] for g in groups})
-    assert lrs == sorted(0.5 ** k for k in range(n))
-    head = next(g for g in groups if any(p is enc.head.weight for p in g["params"]))
-    assert head["lr"] == 1.0 and head["weight_decay"] == 0.05
-    pos = next(g for g in groups if any(p is enc.vit.pos_embed for p in g["params"]))
-    assert pos["lr"] == 0.5 ** (n - 1) and pos["weight_decay"] == 0.0  # embeddings and biases: no decay
-    assert sum(len(g["params"]) for g in groups) == len(list(enc.parameters()))
-    assert train.warmup_cosine(0, 4, 20) == 0.25 and train.warmup_cosine(3, 4, 20) == 1.0
-    assert train.warmup_cosine(4, 4, 20) == 1.0 and train.warmup_cosine(20, 4, 20) == pytest.approx(0.0)
-
 
 
 @needs_native_bf16

@@ -99,7 +99,7 @@ def _load(command: str, config: Optional[Path], set_: list[str], resume: Optiona
           init: Optional[Path]):
     """(config, init) of a new run, or of the stopped run that --resume continues."""
     from mrplab.vision import config as vconfig
-    from mrplab.vision.train import open_resume
+    from mrplab.vision.run_folder import open_resume
 
     if resume is None:
         return vconfig.load(config, set_), init

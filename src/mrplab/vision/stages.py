@@ -1,0 +1,134 @@
+"""A vision command as a list of stages, and each stage's recipe (epochs, batch, lr) and step count.
+
+``compare`` with seeds [0, 1] and method mae runs, in this order:
+
+    s0-scratch, s0-mae-pretrain, s0-mae-finetune, s1-scratch, s1-mae-pretrain, s1-mae-finetune
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from mrplab.errors import MrplabError
+from mrplab.vision.config import VisionConfig
+
+COMMANDS: tuple[str, ...] = ("pretrain", "finetune", "scratch", "linprobe", "compare")
+Kind = Literal["pretrain", "finetune", "scratch", "linprobe"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: Kind
+    seed: int
+    method: str | None = None  # pretraining method; for finetune/linprobe the one that made the encoder
+    init: str | None = None  # finetune/linprobe: encoder checkpoint file, or the key of an earlier stage
+
+    @property
+    def key(self) -> str:
+        return "-".join(p for p in (f"s{self.seed}", self.method, self.kind) if p)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    epochs: int
+    batch: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+
+
+def section(kind: Kind) -> str:
+    """The config section that holds a stage kind's recipe (SL from scratch uses fine-tuning's)."""
+    return {"pretrain": "pretrain", "linprobe": "linprobe"}.get(kind, "finetune")
+
+
+def hyper(cfg: VisionConfig, kind: Kind) -> Hyper:
+    if kind == "pretrain":
+        s = cfg.pretrain
+        return Hyper(s.epochs, s.batch, s.lr, s.weight_decay, s.warmup_epochs)
+    if kind == "linprobe":
+        s = cfg.linprobe
+        return Hyper(s.epochs, s.batch, s.lr, s.weight_decay, s.warmup_epochs)
+    f = cfg.finetune
+    epochs = cfg.scratch_epochs if kind == "scratch" else f.epochs
+    return Hyper(epochs, f.batch, f.lr, f.weight_decay, f.warmup_epochs)
+
+
+def _encoder_files(init: Path, seed: int) -> list[tuple[str, Path]]:
+    """(method, encoder checkpoint) for one seed from --init: a pretrain run folder or one .safetensors file."""
+    if init.is_file():
+        sidecar = init.with_name(init.name.replace(".encoder.safetensors", ".json"))
+        method = None
+        if sidecar.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                method = json.loads(sidecar.read_text()).get("method")
+        return [(method or "init", init)]
+    if not init.is_dir():
+        raise MrplabError(f"--init {init} does not exist", "give a pretrain run folder or an .encoder.safetensors file")
+    found = sorted((init / "checkpoints").glob(f"s{seed}-*-pretrain.encoder.safetensors"))
+    if not found:
+        raise MrplabError(
+            f"--init {init} holds no pretrained encoder for seed {seed}",
+            "run `mrplab vision pretrain` with the same seeds first, or pass an .encoder.safetensors file",
+        )
+    return [(p.name.split("-")[1], p) for p in found]
+
+
+def plan(cfg: VisionConfig, command: str, init: Path | None = None) -> list[Stage]:
+    """The stages of a command, in the order they run."""
+    if command not in COMMANDS:
+        raise MrplabError(f"unknown vision command '{command}'", f"use one of {', '.join(COMMANDS)}")
+    stages: list[Stage] = []
+    for seed in cfg.seeds:
+        if command == "pretrain":
+            stages += [Stage("pretrain", seed, m) for m in cfg.compare_methods]
+        elif command == "scratch":
+            stages.append(Stage("scratch", seed))
+        elif command in ("finetune", "linprobe"):
+            if init is None:
+                raise MrplabError(f"{command} needs a pretrained encoder", "pass --init PRETRAIN_RUN_FOLDER")
+            stages += [Stage(command, seed, m, str(p)) for m, p in _encoder_files(init, seed)]
+        else:  # compare
+            stages.append(Stage("scratch", seed))
+            for m in cfg.compare_methods:
+                pre = Stage("pretrain", seed, m)
+                stages += [pre, Stage("finetune", seed, m, pre.key)]
+    return stages
+
+
+def stage_steps(cfg: VisionConfig, stage: Stage, n_train: int) -> tuple[int, int]:
+    """(steps per epoch, total steps); the last incomplete batch of an epoch is dropped."""
+    h = hyper(cfg, stage.kind)
+    per_epoch = n_train // h.batch
+    if per_epoch < 1:
+        raise MrplabError(
+            f"batch {h.batch} is larger than the {n_train} training images",
+            f"lower {section(stage.kind)}.batch",
+        )
+    return per_epoch, per_epoch * h.epochs
+
+
+def planned_images(cfg: VisionConfig, stages: list[Stage], n_train: int) -> int:
+    return sum(stage_steps(cfg, s, n_train)[1] * hyper(cfg, s.kind).batch for s in stages)
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    steps: int
+    wall_s: float
+    test: dict[str, float] = field(default_factory=dict)
+    module: nn.Module | None = None
+
+    def record(self) -> dict:
+        s = self.stage
+        return {"stage": s.key, "kind": s.kind, "seed": s.seed, "method": s.method, "steps": self.steps,
+                "wall_s": self.wall_s, **{f"test_{k}": v for k, v in self.test.items()}}
+
+
