@@ -11,10 +11,10 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mrplab.errors import MrplabError
 
@@ -32,6 +32,16 @@ def config_hash(cfg: BaseModel | dict[str, Any], drop: tuple[str, ...] = ()) -> 
     for key in drop:
         dumped.pop(key, None)
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _distinct(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds must be distinct")
+    return seeds
+
+
+Seeds = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct)]
+"""A run's seeds (theory and vision): at least one, no repeats (a repeated seed would be the same run twice)."""
 
 
 class DataConfig(Strict):
@@ -214,7 +224,7 @@ class ProbeConfig(Strict):
 
 class TheoryConfig(Strict):
     name: str = Field("theory", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compile: Literal["auto", True, False] = Field(
         "auto", description="fuse the smoothed ReLU's elementwise work with torch.compile; auto = only where a "
@@ -234,12 +244,6 @@ class TheoryConfig(Strict):
     mrp: MRPConfig = Field(default_factory=MRPConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     probes: ProbeConfig = Field(default_factory=ProbeConfig)
-
-    @model_validator(mode="after")
-    def _seeds_unique(self) -> "TheoryConfig":
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds must be distinct")
-        return self
 
     @property
     def capture_threshold(self) -> float:

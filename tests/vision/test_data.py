@@ -1,4 +1,4 @@
-"""vision/data.py: the embedded motif generator, ImageFolder loading with its cache, batch transforms."""
+"""vision/data/: the embedded motif generator, ImageFolder loading with its cache, batch transforms."""
 
 from __future__ import annotations
 
@@ -251,7 +251,7 @@ def test_folder_loads_skips_bad_files_and_caches(tmp_path, capsys, monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("the cached split was decoded again")
 
-    monkeypatch.setattr(vd, "decode_files", no_decode)
+    monkeypatch.setattr(vd.folder, "decode_files", no_decode)
     again = load_split(cfg, "train")
     assert torch.equal(again.images, s.images) and torch.equal(again.labels, s.labels)
     assert again.classes == s.classes and again.skipped == 3

@@ -153,37 +153,29 @@ _INIT = typer.Option(None, "--init", metavar="PATH",
                      help="pretrained encoder: a `vision pretrain` run folder or an .encoder.safetensors file")
 
 
-@app.command()
-def compare(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, out: Path = _OUT,
-            resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
-    """Per seed: SL from scratch, and MRP pretraining -> fine-tuning with the same total epochs and augmentation;
-    prints test accuracy on multi-view and single-view images."""
-    _execute("compare", config, set_, out, resume, None, quiet)
+_DOCS = {
+    "compare": "Per seed: SL from scratch, and MRP pretraining -> fine-tuning with the same total epochs and "
+               "augmentation; prints test accuracy on multi-view and single-view images.",
+    "pretrain": "Mask-reconstruction pretraining (pretrain.method, or every entry of methods) on the training images.",
+    "finetune": "Fine-tune a pretrained encoder with a new head (layer-wise lr decay), then test it.",
+    "scratch": "Supervised learning from scratch for pretrain.epochs + finetune.epochs, then test.",
+    "linprobe": "Train a linear head on a frozen pretrained encoder, then test it.",
+}
 
 
-@app.command()
-def pretrain(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, out: Path = _OUT,
-             resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
-    """Mask-reconstruction pretraining (pretrain.method, or every entry of methods) on the training images."""
-    _execute("pretrain", config, set_, out, resume, None, quiet)
+def _register(command: str) -> None:
+    """One ``mrplab vision`` subcommand; finetune and linprobe also take --init."""
+    if command in ("finetune", "linprobe"):
+        def run(init: Optional[Path] = _INIT, config: Optional[Path] = _CONFIG, set_: list[str] = _SET,
+                out: Path = _OUT, resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
+            _execute(command, config, set_, out, resume, init, quiet)
+    else:
+        def run(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, out: Path = _OUT,
+                resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
+            _execute(command, config, set_, out, resume, None, quiet)
+    run.__doc__ = _DOCS[command]
+    app.command(command)(run)
 
 
-@app.command()
-def finetune(init: Optional[Path] = _INIT, config: Optional[Path] = _CONFIG, set_: list[str] = _SET,
-             out: Path = _OUT, resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
-    """Fine-tune a pretrained encoder with a new head (layer-wise lr decay), then test it."""
-    _execute("finetune", config, set_, out, resume, init, quiet)
-
-
-@app.command()
-def scratch(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, out: Path = _OUT,
-            resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
-    """Supervised learning from scratch for pretrain.epochs + finetune.epochs, then test."""
-    _execute("scratch", config, set_, out, resume, None, quiet)
-
-
-@app.command()
-def linprobe(init: Optional[Path] = _INIT, config: Optional[Path] = _CONFIG, set_: list[str] = _SET,
-             out: Path = _OUT, resume: Optional[Path] = _RESUME, quiet: bool = _QUIET) -> None:
-    """Train a linear head on a frozen pretrained encoder, then test it."""
-    _execute("linprobe", config, set_, out, resume, init, quiet)
+for _command in _DOCS:
+    _register(_command)

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from mrplab import config as config_mod
-from mrplab.config import Strict, config_hash
+from mrplab.config import Seeds, Strict, config_hash
 from mrplab.errors import MrplabError
 from mrplab.vision.data import MIN_IMAGE_SIZE, VisionDataConfig
 from mrplab.vision.models import ENCODER_NAMES
@@ -23,7 +23,7 @@ ModelName = Literal[ENCODER_NAMES]  # type: ignore[valid-type]
 
 
 class DataConfig(VisionDataConfig):
-    """Where the images come from (vision/data.py), with the defaults of the embedded comparison."""
+    """Where the images come from (vision/data/), with the defaults of the embedded comparison."""
 
     image_size: int = Field(24, ge=MIN_IMAGE_SIZE, description="side of the square images; 24 px: a motif spans several 4-px "
                             "patches; folder images are fitted to it if they differ")
@@ -82,7 +82,7 @@ class LinprobeConfig(Strict):
 class VisionConfig(Strict):
     name: str = Field("vision", min_length=1, pattern=r"^[A-Za-z0-9._-]+$",
                       description="run folder prefix: runs/<name>-<command>-<YYYYmmdd-HHMMSS>/")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, description="independent runs")
+    seeds: Seeds = Field(default_factory=lambda: [0, 1], description="independent runs")
     methods: list[Method] | None = Field(
         None, min_length=1, description="compare: pretraining methods to fine-tune, e.g. [mae, data2vec]; "
         "null = [pretrain.method]"
@@ -105,8 +105,6 @@ class VisionConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "VisionConfig":
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds must be distinct")
         if self.data.image_size % self.model.patch_size:
             raise ValueError(
                 f"image size {self.data.image_size} is not divisible by patch size {self.model.patch_size}; "
