@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from mrplab.config import TheoryConfig
 from mrplab.errors import MrplabError
-from mrplab.stats import describe
+from mrplab.stats import describe, diff_noise, fmt, md_table
 from mrplab.theory.metrics import METRICS
 from mrplab.io import atomic_write_text, save_figure
 from mrplab.sweep.spec import StudySpec, SweepFile, read_sweep_yaml
@@ -137,15 +137,7 @@ def resolve_metric(name: str, columns: list[str]) -> str:
 
 
 def _fmt(x: Any) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return "n/a" if math.isnan(x) else f"{x:.3g}"
-    return str(x)
-
-
-def _cell(text: Any) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    return fmt(x, 3)  # sweep reports: three significant digits
 
 
 # --------------------------------------------------------------------------- the study's sentences
@@ -171,8 +163,7 @@ class TrendCheck:
     @property
     def noise(self) -> float:
         """Two standard errors of the difference of the two means."""
-        var = sum((s.std**2 / s.n) for s in (self.first, self.last) if s.n > 0)
-        return 2.0 * math.sqrt(var)
+        return diff_noise((self.first.std, self.first.n), (self.last.std, self.last.n))
 
     @property
     def measured(self) -> str:
@@ -438,12 +429,9 @@ def _study_lines(study, checks: list[TrendCheck], x) -> list[str]:
 def _results_lines(settings, labels, wanted) -> list[str]:
     lines = ["## Results", "", "Mean ± std over seeds; n = finished runs of the setting.", ""]
     head = [*(f"`{c}`" for c in labels), "n", *(label(m) for m in wanted)]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in settings:
-        cells = [_fmt(s.labels[c]) for c in labels] + [str(s.n)]
-        cells += [f"{_fmt(s.stats[m].mean)} ± {_fmt(s.stats[m].std)}" for m in wanted]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return lines
+    rows = [[*(_fmt(s.labels[c]) for c in labels), s.n,
+             *(f"{_fmt(s.stats[m].mean)} ± {_fmt(s.stats[m].std)}" for m in wanted)] for s in settings]
+    return lines + md_table(head, rows)
 
 
 def _claims_lines(settings, labels, all_metrics) -> list[str]:
@@ -454,14 +442,12 @@ def _claims_lines(settings, labels, all_metrics) -> list[str]:
              "applies (N/A runs left out) (each run is one seed; the claims are listed in src/mrplab/theory/claims.py).",
              ""]
     head = [*(f"`{c}`" for c in labels), *claim_ids]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for s in settings:
-        cells = [_fmt(s.labels[c]) for c in labels]
-        for cid in claim_ids:
-            st = s.stats[f"claim.{cid}.pass"]
-            cells.append(f"{round(st.mean * st.n) if st.n else 0}/{st.n}")
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return lines
+        passed = [s.stats[f"claim.{cid}.pass"] for cid in claim_ids]
+        rows.append([*(_fmt(s.labels[c]) for c in labels),
+                     *(f"{round(st.mean * st.n) if st.n else 0}/{st.n}" for st in passed)])
+    return lines + md_table(head, rows)
 
 
 def _figure_lines(figures: list[str], labels, x, pair) -> list[str]:
@@ -482,8 +468,6 @@ def _figure_lines(figures: list[str], labels, x, pair) -> list[str]:
 def _failed_lines(failed: list[dict]) -> list[str]:
     if not failed:
         return []
-    lines = ["", "## Failed runs", "", "| key | axes | seed | attempts | error |", "|---|---|---|---|---|"]
-    for r in failed:
-        lines.append("| " + " | ".join(_cell(c) for c in (r["key"], r.get("axes") or "", r.get("seed"),
-                                                            r.get("attempts"), (r.get("error") or "")[:300])) + " |")
-    return lines
+    rows = [(r["key"], r.get("axes") or "", r.get("seed"), r.get("attempts"), (r.get("error") or "")[:300])
+            for r in failed]
+    return ["", "## Failed runs", "", *md_table(("key", "axes", "seed", "attempts", "error"), rows)]

@@ -25,7 +25,6 @@ Every tensor's leading axis is the run axis: index r belongs to ``seeds[r]``.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,28 +36,12 @@ from mrplab import config as config_mod
 from mrplab import io
 from mrplab.config import TheoryConfig
 from mrplab.io import atomic_write_text, atomic_write_with, dumps
+from mrplab.stats import fmt, md_table
 from mrplab.theory import figures
 from mrplab.theory import claims, experiment
 from mrplab.theory.experiment import THRESHOLD_CURVE, TheoryResult, growth_drive
 
 PHASES = ("sl", "mrp", *(f"mrp_{c}" for c in experiment.CONTROLS), "lp", "ft")  # the order experiment.run trains and logs them
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        return "n/a" if math.isnan(x) else f"{x:.4g}"
-    return str(x)
-
-
-def _cell(text: str) -> str:
-    """A markdown table cell: pipes escaped, no newlines."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
 
 # --------------------------------------------------------------------------- checkpoints
 
@@ -155,7 +138,7 @@ def render_report(summary: dict[str, Any], cfg: TheoryConfig, figure_files: list
         "",
         f"- config hash: `{s['config_hash']}`",
         f"- seeds: {', '.join(str(x) for x in s['seeds'])}",
-        f"- capture threshold (Phi counts as captured at or above): {_fmt(s['capture_threshold'])}",
+        f"- capture threshold (Phi counts as captured at or above): {fmt(s['capture_threshold'])}",
         f"- created: {s['created']}",
         f"- git commit: `{s['git_commit'] or 'n/a'}`",
         f"- command: `{s['command']}`",
@@ -180,19 +163,16 @@ def _verdict_lines(s: dict[str, Any]) -> list[str]:
         "*derived* re-read another claim's measurement and *consistency* rows check the pipeline; neither is "
         "counted above. N/A: nothing to judge (the reason is given), never a pass.",
         "",
-        "| id | claim | kind | metric | rule | mean ± std | min | per seed | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for v in s["verdicts"]:
-        per_seed = ", ".join(_fmt(x) for x in v["per_seed"])
         kind = v.get("kind", "claim")
         if kind == "derived":
             kind = f"derived from {v.get('derived_from')}"
         verdict = f"**{v['verdict']}**" + (f" ({v['reason']})" if v.get("reason") else "")
-        cells = (v["id"], v["statement"], kind, f"`{v['metric']}`", v["rule"], f"{_fmt(v['mean'])} ± {_fmt(v['std'])}",
-                 _fmt(v["min"]), per_seed, verdict)
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return lines
+        rows.append((v["id"], v["statement"], kind, f"`{v['metric']}`", v["rule"], f"{fmt(v['mean'])} ± {fmt(v['std'])}",
+                     fmt(v["min"]), ", ".join(fmt(x) for x in v["per_seed"]), verdict))
+    return lines + md_table(("id", "claim", "kind", "metric", "rule", "mean ± std", "min", "per seed", "verdict"), rows)
 
 
 def _drive_and_purity_lines(s: dict[str, Any]) -> list[str]:
@@ -201,49 +181,40 @@ def _drive_and_purity_lines(s: dict[str, Any]) -> list[str]:
     if s.get("growth_drive"):
         lines += ["", "## Which drive grew MRP's features", "", s["growth_drive"], ""]
     if per_seed and "mrp_pure_kernels" in per_seed[0]:
-        lines += ["## Kernel purity and the capture threshold", "",
-                  "| seed | capturing kernels | pure | fused | features held by a pure kernel | "
-                  + " | ".join(f"SL classes with exactly one feature at {f:g} x threshold" for f in THRESHOLD_CURVE)
-                  + " |", "|---|---|---|---|---|" + "---|" * len(THRESHOLD_CURVE)]
-        for m in per_seed:
-            lines.append(f"| {m['seed']} | {m['mrp_kernels_capturing']} | {m['mrp_pure_kernels']} | "
-                         f"{m['mrp_fused_kernels']} | {_fmt(m['mrp_features_held_by_pure_share'])} | "
-                         + " | ".join(_fmt(m.get(f"sl_share_classes_one_feature_at_{f:g}x")) for f in THRESHOLD_CURVE)
-                         + " |")
+        head = ["seed", "capturing kernels", "pure", "fused", "features held by a pure kernel"]
+        head += [f"SL classes with exactly one feature at {f:g} x threshold" for f in THRESHOLD_CURVE]
+        rows = [[m["seed"], m["mrp_kernels_capturing"], m["mrp_pure_kernels"], m["mrp_fused_kernels"],
+                 fmt(m["mrp_features_held_by_pure_share"]),
+                 *(fmt(m.get(f"sl_share_classes_one_feature_at_{f:g}x")) for f in THRESHOLD_CURVE)] for m in per_seed]
+        lines += ["## Kernel purity and the capture threshold", "", *md_table(head, rows)]
         lines.append("")
     return lines
 
 
 def _per_seed_lines(per_seed: list[dict]) -> list[str]:
     keys = [k for k in per_seed[0] if k != "seed"] if per_seed else []
-    lines = ["", "## Per-seed metrics", "", "| metric | " + " | ".join(f"seed {m['seed']}" for m in per_seed) + " |",
-             "|---|" + "---|" * len(per_seed)]
-    for k in keys:
-        lines.append(f"| `{k}` | " + " | ".join(_cell(_fmt(m.get(k))) for m in per_seed) + " |")
-    return lines
+    head = ["metric", *(f"seed {m['seed']}" for m in per_seed)]
+    rows = [[f"`{k}`", *(fmt(m.get(k)) for m in per_seed)] for k in keys]
+    return ["", "## Per-seed metrics", "", *md_table(head, rows)]
 
 
 def _runtime_lines(s: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     rt = s.get("runtime") or {}
     if rt:
-        lines += ["## Runtime", "", "| choice | value | why |", "|---|---|---|"]
-        for key in ("threads", "precision", "compile"):
-            lines.append(f"| {key} | {_fmt(rt.get(key))} | {_cell(str(rt.get(key + '_reason', '')))} |")
+        rows = [(key, fmt(rt.get(key)), rt.get(key + "_reason", "")) for key in ("threads", "precision", "compile")]
         if rt.get("matmul_flops"):
-            lines.append(f"| matmul FLOPs counted | {rt['matmul_flops'] / 1e12:.2f} TFLOP | |")
+            rows.append(("matmul FLOPs counted", f"{rt['matmul_flops'] / 1e12:.2f} TFLOP", ""))
         if rt.get("matmul_limit_gflops"):
-            lines.append(f"| matmul limit at this precision and the run's shapes | "
-                         f"{rt['matmul_limit_gflops']:.0f} GFLOP/s | measured or cached (runtime.py) |")
-        lines.append("")
-    lines += ["## Timings", "", "| phase | seconds |", "|---|---|"]
-    for k, v in s["timings"].items():
-        lines.append(f"| {k} | {_fmt(v)} |")
+            rows.append(("matmul limit at this precision and the run's shapes",
+                         f"{rt['matmul_limit_gflops']:.0f} GFLOP/s", "measured or cached (runtime.py)"))
+        lines += ["## Runtime", "", *md_table(("choice", "value", "why"), rows), ""]
+    rows = [(k, fmt(v)) for k, v in s["timings"].items()]
     if s.get("wall_s") is not None:
-        lines.append(f"| wall, start to end of training | {_fmt(s['wall_s'])} |")
+        rows.append(("wall, start to end of training", fmt(s["wall_s"])))
     if s.get("wall_with_report_s") is not None:
-        lines.append(f"| wall, including checkpoints and figures | {_fmt(s['wall_with_report_s'])} |")
-    return lines
+        rows.append(("wall, including checkpoints and figures", fmt(s["wall_with_report_s"])))
+    return lines + ["## Timings", "", *md_table(("phase", "seconds"), rows)]
 
 
 # --------------------------------------------------------------------------- the folder

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from mrplab.errors import MrplabError
-from mrplab.stats import mean_std
+from mrplab.stats import md_table, mean_std
 from mrplab.io import atomic_write_text, dumps, git_commit, save_figure, timestamp
 from mrplab.vision import measures
 from mrplab.vision.config import VisionConfig
@@ -381,18 +381,15 @@ def render_report(ev: Evidence, figures: list[str], n_images: int, data: VisionD
     if any(len(a["seeds"]) == 1 for a in ev.per_approach):
         lines += ["With one seed there is no spread over seeds: such cells show ± the image-level standard error,"
                   " marked (SE); a cell without one shows the value alone.", ""]
-    lines.append("| approach | seeds | " + " | ".join(keys) + " |")
-    lines.append("|---|---|" + "---|" * len(keys))
-    for a in ev.per_approach:
-        lines.append(f"| {a['approach']} | {', '.join(map(str, a['seeds']))} | "
-                     + " | ".join(_cell(a, k) for k in keys) + " |")
+    lines += md_table(("approach", "seeds", *keys),
+                      [(a["approach"], ", ".join(map(str, a["seeds"])), *(_cell(a, k) for k in keys))
+                       for a in ev.per_approach])
     lines += ["", "## What was measured", ""]
     lines += measured_sentences(ev)
-    lines += ["", "## Occlusion, per model", "", "| model | map of | clean acc | occluded acc | retained |",
-              "|---|---|---|---|---|"]
-    for o in ev.occlusion:
-        lines.append(f"| {o['model']} | {o['map_of']} ({o['map_model']}) | {o['acc_clean']:.3f} | "
-                     f"{o['acc_occluded']:.3f} | {o['retained']:.3f} |")
+    lines += ["", "## Occlusion, per model", "",
+              *md_table(("model", "map of", "clean acc", "occluded acc", "retained"),
+                        [(o["model"], f"{o['map_of']} ({o['map_model']})", f"{o['acc_clean']:.3f}",
+                          f"{o['acc_occluded']:.3f}", f"{o['retained']:.3f}") for o in ev.occlusion])]
     lines += ["", "## Figures", ""] + [f"![{f}](figures/{f})" for f in figures]
     return "\n".join(lines) + "\n"
 

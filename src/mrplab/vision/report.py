@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 import mrplab
 from mrplab.io import save_figure
 from mrplab.rng import generator
-from mrplab.stats import mean_std
+from mrplab.stats import md_table, mean_std
 from mrplab.vision.data import ImageSet, normalize
 
 if TYPE_CHECKING:
@@ -74,14 +74,10 @@ def table_columns(table: list[dict]) -> list[tuple[str, str]]:
 
 def markdown_table(table: list[dict]) -> str:
     cols = table_columns(table)
-    head = "| approach | seed | " + " | ".join(f"{label} acc (%)" for _, label in cols) + " |"
-    lines = [head, "|---|---|" + "---|" * len(cols)]
-    for r in table:
-        lines.append(f"| {r['approach']} | {r['seed']} | " + " | ".join(_pct(r[k]) for k, _ in cols) + " |")
-    for m in mean_rows(table):
-        cells = " | ".join(f"**{_pct(m[k])}** ± {_pct(m[k + '_std'])}" for k, _ in cols)
-        lines.append(f"| **{m['approach']}** | mean of {m['seeds']} | {cells} |")
-    return "\n".join(lines)
+    rows = [(r["approach"], r["seed"], *(_pct(r[k]) for k, _ in cols)) for r in table]
+    rows += [(f"**{m['approach']}**", f"mean of {m['seeds']}",
+              *(f"**{_pct(m[k])}** ± {_pct(m[k + '_std'])}" for k, _ in cols)) for m in mean_rows(table)]
+    return "\n".join(md_table(("approach", "seed", *(f"{label} acc (%)" for _, label in cols)), rows))
 
 
 # --------------------------------------------------------------------------- figures
