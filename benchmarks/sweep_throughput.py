@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"one run alone (seed 0, {cores} threads) ...", flush=True)
     t0 = time.perf_counter()
-    out = run_one(cfg.model_dump(mode="json"), cores, {})
+    out = run_one("theory", cfg.model_dump(mode="json"), cores, {"config_hash": cfg.hash()})
     one = time.perf_counter() - t0
     if not out["ok"]:
         print(f"error: the single run failed: {out['error']}", file=sys.stderr)

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mrplab.cli import app
-from mrplab.sweep import report, spec
+from mrplab.sweep import report, spec, tracks
 from mrplab.sweep.store import DB_NAME, Store
 
 from sweep_helpers import TINY_BASE
@@ -62,8 +62,9 @@ def make_store(folder: Path, trends: dict) -> spec.Sweep:
                 st.finish(r.key, {"ok": False, "error": "MrplabError: fine-tuning diverged", "started": "t0",
                                   "finished": "t1"})
             else:
-                st.finish(r.key, {"ok": True, "summary": fake_summary(x, L, r.seed), "started": "t0",
-                                  "finished": "t1", "wall_s": 1.0, "threads": 1})
+                summary = fake_summary(x, L, r.seed)
+                st.finish(r.key, {"ok": True, "summary": summary, "columns": tracks.THEORY.columns(summary),
+                                  "started": "t0", "finished": "t1", "wall_s": 1.0, "threads": 1})
     return sw
 
 

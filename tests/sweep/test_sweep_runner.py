@@ -71,7 +71,7 @@ def test_local_sweep_stores_one_done_row_per_run_with_every_column(local_sweep):
         assert summary["config_hash"] == run.key
         assert row["time.total_s"] > 0
     # a single-seed run inside the sweep measures what a standalone run of that config measures
-    alone = run_one(sw.runs[0].cfg.model_dump(mode="json"), 1, {"config_hash": sw.runs[0].key})
+    alone = run_one("theory", sw.runs[0].cfg.model_dump(mode="json"), 1, {"config_hash": sw.runs[0].key})
     assert alone["summary"]["per_seed"] == json.loads(rows[sw.runs[0].key]["summary"])["per_seed"]
 
 
@@ -97,11 +97,11 @@ def test_rerun_skips_done_runs(local_sweep):
         {k: (r["finished"], r["attempts"]) for k, r in before.items()}
 
 
-def fail_while_marker(marker: str, cfg_json: dict, threads: int, provenance: dict) -> dict:
+def fail_while_marker(marker: str, track: str, cfg_json: dict, threads: int, provenance: dict) -> dict:
     """Raises for (ft_lr 0.01, seed 1) while ``marker`` exists; otherwise the real run."""
     if cfg_json["seeds"] == [1] and cfg_json["finetune"]["ft_lr"] == 0.01 and Path(marker).exists():
         raise RuntimeError("injected failure for seed 1")
-    return run_one(cfg_json, threads, provenance)
+    return run_one(track, cfg_json, threads, provenance)
 
 
 def test_failed_runs_are_recorded_and_do_not_stop_the_sweep_then_retried(tmp_path):

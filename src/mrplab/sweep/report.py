@@ -28,26 +28,16 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from mrplab.config import TheoryConfig
 from mrplab.errors import MrplabError
 from mrplab.stats import describe, diff_noise, fmt, md_table
-from mrplab.theory.metrics import METRICS
 from mrplab.io import atomic_write_text, save_figure
+from mrplab.sweep import tracks
 from mrplab.sweep.spec import StudySpec, SweepFile, read_sweep_yaml
 from mrplab.sweep.store import DB_NAME, Store, config_flat
 
 DPI = 120
 
-LABELS = {**{f"probe.{m.name}": m.label for m in METRICS.values()}, "claims_passed": "claims passed"}
-DEFAULT_METRICS = [
-    "probe.mrp_captured_share",
-    "probe.sl_captured_per_class_mean",
-    "probe.sl_err_single",
-    "probe.ft_err_single",
-    "probe.single_view_gap",
-    "claims_passed",
-]
-_CONFIG_COLUMNS = set(config_flat(TheoryConfig().model_dump(mode="json")))
+LABELS = {k: v for t in tracks.TRACKS.values() for k, v in t.labels.items()}  # store column -> label
 _NOT_LABELS = {"seeds", "threads", "name"}
 
 
@@ -94,11 +84,12 @@ def _sort_key(v: Any) -> tuple:
     return (0, x, "") if x is not None else (1, 0.0, str(v))
 
 
-def label_columns(rows: list[dict[str, Any]], axes: list[str]) -> list[str]:
-    """The sweep's axes, then every other config column that varies over ``rows``."""
+def label_columns(rows: list[dict[str, Any]], axes: list[str], track: tracks.Track = tracks.THEORY) -> list[str]:
+    """The sweep's axes, then every other config column of the track that varies over ``rows``."""
+    config_columns = set(config_flat(track.config().model_dump(mode="json")))
     cols = [a for a in axes if rows and a in rows[0]]
     for c in rows[0] if rows else []:
-        if c in _CONFIG_COLUMNS and c not in _NOT_LABELS and c not in cols:
+        if c in config_columns and c not in _NOT_LABELS and c not in cols:
             if len({json.dumps(r.get(c)) for r in rows}) > 1:
                 cols.append(c)
     return cols
@@ -354,10 +345,11 @@ def write_report(folder: str | Path) -> SweepReport:
     spec = _read_spec(folder)
     study: StudySpec | None = spec.study if spec else None
     axes = [*spec.grid, *spec.zip] if spec else []
-    labels = label_columns(rows, axes)
+    track = tracks.get(spec.track) if spec else tracks.THEORY
+    labels = label_columns(rows, axes, track)
     all_metrics = metric_columns(rows)
     wanted = [resolve_metric(m, columns) for m in study.metrics] if study and study.metrics else \
-        [m for m in DEFAULT_METRICS if m in all_metrics]
+        [m for m in track.default_metrics if m in all_metrics]
     settings = aggregate(rows, labels, [*all_metrics, *(m for m in wanted if m not in all_metrics)])
 
     varied = [c for c in labels if len({json.dumps(r.get(c)) for r in rows}) > 1]  # axes with 2+ values

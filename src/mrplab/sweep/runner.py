@@ -92,7 +92,7 @@ def run_sweep(
     address: str | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
-    run_fn: Callable[[dict[str, Any], int, dict[str, Any]], dict[str, Any]] = run_one,
+    run_fn: Callable[[str, dict[str, Any], int, dict[str, Any]], dict[str, Any]] = run_one,
     folder: str | Path | None = None,
 ) -> SweepOutcome:
     """Execute every run of ``sweep`` that is not done yet in ``<out>/<name>/`` (or ``folder``)."""
@@ -138,7 +138,7 @@ def _drive(ex: Any, store: Store, todo: list[PlannedRun], progress: Progress, ru
                 run = queue.popleft()
                 store.mark_running(run.key, now_iso(), ex.threads)
                 cfg_json = run.cfg.model_dump(mode="json")
-                in_flight[ex.submit(run_fn, cfg_json, ex.threads, {**provenance, "config_hash": run.key})] = run
+                in_flight[ex.submit(run_fn, run.track, cfg_json, ex.threads, {**provenance, "config_hash": run.key})] = run
             done, _ = wait(list(in_flight), timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in done:
                 run = in_flight.pop(fut)

@@ -3,6 +3,7 @@
 A sweep file (YAML)::
 
     name: mask-ratio                 # the sweep folder is <out>/<name>/
+    track: theory                    # which track runs (sweep/tracks.py); default theory
     description: one line, optional
     base: ../theory-small.yaml       # a theory config file, relative to this file, or
     # base: {mrp.steps: 600, data: {k: 5}}            an inline mapping of overrides, or
@@ -20,7 +21,7 @@ A sweep file (YAML)::
       trends: {probe.mrp_captured_share: increase}   # increase | decrease | flat, first -> last x
       heatmap: [data.k, data.L]      # two axes for the phase diagram (default: the first two)
 
-Every expanded run is validated with ``TheoryConfig`` before anything runs; a
+Every expanded run is validated with the track's config model before anything runs; a
 mistake raises one ``MrplabError`` that names the axis and the value. A run is
 keyed by ``cfg.hash()`` of its resolved config, so the same config always maps
 to the same row of the store, whichever sweep file produced it.
@@ -40,9 +41,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mrplab import config as config_mod
-from mrplab.config import Strict, TheoryConfig, config_hash
-from mrplab.theory.claims import claims_for
-from mrplab.theory.metrics import store_columns
+from mrplab.config import Strict, config_hash
+from mrplab.sweep import tracks
 from mrplab.errors import MrplabError
 
 SEE_DOCS = "see docs/sweeps.md"
@@ -70,6 +70,7 @@ class StudySpec(Strict):
 
 class SweepFile(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    track: str = "theory"
     description: str | None = None
     base: str | dict[str, Any] | None = None
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -87,12 +88,14 @@ class PlannedRun:
     setting: str  # hash of the config without its seed: the runs that aggregate together
     seed: int
     axes: dict[str, Any]  # axis key -> value of this run (grid and zip axes)
-    cfg: TheoryConfig
+    cfg: BaseModel  # the track's config model
+    track: str = "theory"
 
 
 @dataclass
 class Sweep:
     name: str
+    track: str
     description: str | None
     base: dict[str, Any]  # the merged base mapping (file + inline + --set), before the axes
     grid: dict[str, list[Any]]
@@ -108,7 +111,7 @@ class Sweep:
 
     def normalized(self) -> dict[str, Any]:
         """A self-contained sweep file (base inline) that expands to the same runs."""
-        out: dict[str, Any] = {"name": self.name}
+        out: dict[str, Any] = {"name": self.name, "track": self.track}
         if self.description:
             out["description"] = self.description
         out["base"] = copy.deepcopy(self.base)
@@ -126,7 +129,7 @@ class Sweep:
         return head + yaml.safe_dump(self.normalized(), sort_keys=False)
 
 
-def setting_hash(cfg: TheoryConfig) -> str:
+def setting_hash(cfg: BaseModel) -> str:
     """Hash of the resolved config without its seeds: runs that differ only in seed share it."""
     return config_hash(cfg, drop=("seeds",))
 
@@ -138,9 +141,9 @@ def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def check_key(dotted: str) -> None:
-    """Raise ValueError if ``dotted`` is not a path of TheoryConfig fields."""
-    model: Any = TheoryConfig
+def check_key(dotted: str, config: type[BaseModel]) -> None:
+    """Raise ValueError if ``dotted`` is not a path of ``config``'s fields."""
+    model: Any = config
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if model is None or part not in model.model_fields:
@@ -200,12 +203,16 @@ def read_sweep_yaml(path: str | Path) -> dict[str, Any]:
 
 def _parse_file(raw: dict[str, Any], source: Path | None) -> SweepFile:
     try:
-        return SweepFile.model_validate(raw)
+        spec = SweepFile.model_validate(raw)
+        tracks.get(spec.track)
+        return spec
+    except MrplabError as err:
+        raise _err(source, err.what, err.fix or SEE_DOCS) from None
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
-            return_what = f"unknown key '{key}' (the keys are name, description, base, grid, zip, seeds, study)"
+            return_what = f"unknown key '{key}' (the keys are name, track, description, base, grid, zip, seeds, study)"
             raise _err(source, return_what, SEE_DOCS) from None
         if first["type"] == "missing":
             raise _err(source, f"missing key '{key}'", SEE_DOCS) from None
@@ -238,34 +245,36 @@ def _resolve_base(spec: SweepFile, source: Path | None, overrides: list[str]) ->
             raw = config_mod.read_yaml(path)
         except MrplabError as err:
             raise _err(source, f"base {err.what}", err.fix or SEE_DOCS) from None
+    track = tracks.get(spec.track)
     leaves = {**_leaves(raw), **_leaves(inline)}
     for k in leaves:
         try:
-            check_key(k)
+            check_key(k, track.config)
         except ValueError as e:
-            raise _err(source, f"base: {e}", "see configs/theory-default.yaml for the keys") from None
+            raise _err(source, f"base: {e}", f"see {track.keys_doc} for the keys") from None
     merged = _nested(leaves)
     if overrides:
         set_leaves = _leaves(config_mod.apply_overrides({}, overrides))
         for k in set_leaves:
             try:
-                check_key(k)
+                check_key(k, track.config)
             except ValueError as e:
-                raise MrplabError(f"--set {k}: {e}", "see configs/theory-default.yaml for the keys") from None
+                raise MrplabError(f"--set {k}: {e}", f"see {track.keys_doc} for the keys") from None
         merged = _nested({**_leaves(merged), **set_leaves})
     return merged
 
 
 def _check_axes(spec: SweepFile, source: Path | None, overrides: list[str]) -> None:
+    track = tracks.get(spec.track)
     seen: dict[str, str] = {}
     for kind, axes in (("grid", spec.grid), ("zip", spec.zip)):
         for key, values in axes.items():
             if key in ("seeds",):
                 raise _err(source, f"axis {kind} 'seeds': seeds are their own axis", "use the top-level seeds: [..]")
             try:
-                check_key(key)
+                check_key(key, track.config)
             except ValueError as e:
-                raise _err(source, f"axis {kind} '{key}': {e}", "see configs/theory-default.yaml for the keys") from None
+                raise _err(source, f"axis {kind} '{key}': {e}", f"see {track.keys_doc} for the keys") from None
             if not values:
                 raise _err(source, f"axis {kind} '{key}' is empty", "give it at least one value")
             if key in seen:
@@ -298,14 +307,15 @@ def _check_study(spec: SweepFile, source: Path | None) -> None:
         if key is not None and key not in axes:
             raise _err(source, f"study {label} '{key}' is not one of the axes ({', '.join(axes) or 'none'})",
                        "name a grid or zip axis")
-    known = store_columns([c.id for c in claims_for(2, 0.5)])
+    track = tracks.get(spec.track)
+    known = track.result_columns()
     for where, names in (("metrics", st.metrics), ("trends", list(st.trends))):
         for name in names:
             if name not in known and f"probe.{name}" not in known:  # a bare metric name means probe.<name>
                 close = difflib.get_close_matches(name, sorted(known), n=1)
                 raise _err(source, f"study {where}: unknown metric '{name}'",
-                           f"did you mean '{close[0]}'? (src/mrplab/theory/metrics.py lists them)" if close
-                           else "see src/mrplab/theory/metrics.py for the metrics")
+                           f"did you mean '{close[0]}'? ({track.metrics_doc} lists them)" if close
+                           else f"see {track.metrics_doc} for the metrics")
 
 
 def _locate(err: ValidationError) -> str:
@@ -314,7 +324,8 @@ def _locate(err: ValidationError) -> str:
 
 
 def _expand(spec: SweepFile, base: dict[str, Any], source: Path | None) -> tuple[list[int], list[PlannedRun]]:
-    seeds = spec.seeds if spec.seeds is not None else base.get("seeds", TheoryConfig.model_fields["seeds"].default_factory())
+    track = tracks.get(spec.track)
+    seeds = spec.seeds if spec.seeds is not None else base.get("seeds", track.config.model_fields["seeds"].default_factory())
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _err(source, f"base seeds must be a non-empty list of integers (got {_fmt_value(seeds)})", SEE_DOCS)
     grid_keys = list(spec.grid)
@@ -335,15 +346,15 @@ def _expand(spec: SweepFile, base: dict[str, Any], source: Path | None) -> tuple
                 set_path(raw, k, v)
             raw["seeds"] = [seed]
             try:
-                cfg = TheoryConfig.model_validate(raw)
+                cfg = track.config.model_validate(raw)
             except ValidationError as err:
-                raise _run_error(err, axes, seed, source) from None
+                raise _run_error(err, axes, seed, source, track.keys_doc) from None
             key = cfg.hash()
             if key in by_key:
                 raise _err(source, f"runs {_describe(by_key[key])} and {_describe({**axes, 'seed': seed})} resolve to "
                                    "the same config", "make the axis values distinct")
             by_key[key] = {**axes, "seed": seed}
-            runs.append(PlannedRun(key=key, setting=setting_hash(cfg), seed=seed, axes=axes, cfg=cfg))
+            runs.append(PlannedRun(key=key, setting=setting_hash(cfg), seed=seed, axes=axes, cfg=cfg, track=track.name))
     return list(seeds), runs
 
 
@@ -351,7 +362,8 @@ def _describe(axes: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in axes.items()) + "}"
 
 
-def _run_error(err: ValidationError, axes: dict[str, Any], seed: int, source: Path | None) -> MrplabError:
+def _run_error(err: ValidationError, axes: dict[str, Any], seed: int, source: Path | None,
+               keys_doc: str) -> MrplabError:
     loc = _locate(err)
     first = err.errors()[0]
     detail = first["msg"].removeprefix("Value error, ")
@@ -359,7 +371,7 @@ def _run_error(err: ValidationError, axes: dict[str, Any], seed: int, source: Pa
         if loc == k or loc.startswith(k + "."):
             return _err(source, f"axis '{k}' value {_fmt_value(v)}: {detail}", "fix or remove that value")
     if first["type"] == "extra_forbidden":
-        return _err(source, f"unknown config key '{loc}'", "see configs/theory-default.yaml for the keys")
+        return _err(source, f"unknown config key '{loc}'", f"see {keys_doc} for the keys")
     where = f" (config key '{loc}')" if loc else ""
     return _err(source, f"the run {_describe({**axes, 'seed': seed})} is not a valid config{where}: {detail}",
                 "change the base or the axis values")
@@ -378,5 +390,5 @@ def from_mapping(raw: dict[str, Any], source: Path | None = None, overrides: lis
     _check_study(spec, source)
     base = _resolve_base(spec, source, overrides)
     seeds, runs = _expand(spec, base, source)
-    return Sweep(name=spec.name, description=spec.description, base=base, grid=dict(spec.grid), zip=dict(spec.zip),
+    return Sweep(name=spec.name, track=spec.track, description=spec.description, base=base, grid=dict(spec.grid), zip=dict(spec.zip),
                  seeds=seeds, study=spec.study, source=source, runs=runs)

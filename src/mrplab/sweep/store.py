@@ -99,24 +99,6 @@ def config_columns(run: PlannedRun) -> dict[str, Any]:
     return {k: _value(v) for k, v in config_flat(run.cfg.model_dump(mode="json")).items()}
 
 
-def result_columns(summary: dict[str, Any]) -> dict[str, Any]:
-    """Probe summaries, verdicts and timings of one single-seed run's summary, as store columns."""
-    cols: dict[str, Any] = {}
-    per_seed = summary.get("per_seed") or [{}]
-    for k, v in per_seed[0].items():
-        if k != "seed":
-            cols[f"probe.{k}"] = _value(v)
-    for v in summary.get("verdicts", []):
-        cols[f"claim.{v['id']}.pass"] = None if v["verdict"] == "N/A" else int(v["verdict"] == "PASS")
-        cols[f"claim.{v['id']}.value"] = _value(v.get("value"))
-    for k, v in (summary.get("timings") or {}).items():
-        cols[f"time.{k}"] = _value(v)
-    cols["claims_passed"] = summary.get("claims_passed")
-    cols["claims_total"] = summary.get("claims_total")
-    cols["summary"] = json.dumps(summary)
-    return cols
-
-
 class Store:
     """The ``runs`` table of one sweep folder. Use as a context manager."""
 
@@ -209,7 +191,7 @@ class Store:
             "host": out.get("host"), "run_threads": out.get("threads"),
         }
         if out.get("ok"):
-            cols.update(status="done", error=None, traceback=None, **result_columns(out["summary"]))
+            cols.update(status="done", error=None, traceback=None, **{k: _value(v) for k, v in out["columns"].items()})
         else:
             cols.update(status="failed", error=out.get("error") or "unknown error", traceback=out.get("traceback"))
         if cols["started"] is None:  # the worker died before it could say: keep the dispatch time

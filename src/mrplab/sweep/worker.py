@@ -1,9 +1,9 @@
 """One sweep run, executed in a worker process (local pool) or a Ray task.
 
-``run_one`` takes plain data (the resolved config as a JSON mapping, the
-number of torch threads, the driver's provenance with the run's store key as
-``config_hash``) and returns plain data, so
-it pickles the same way for both executors. It never raises for a failed run:
+``run_one`` takes plain data (the track's name, the resolved config as a JSON
+mapping, the number of torch threads, the driver's provenance with the run's
+store key as ``config_hash``) and returns plain data (the run's summary and its
+store columns), so it pickles the same way for both executors. It never raises for a failed run:
 the error comes back as text and the driver records the run as failed.
 """
 
@@ -21,23 +21,21 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def run_one(cfg_json: dict[str, Any], threads: int, provenance: dict[str, Any]) -> dict[str, Any]:
-    """Train and measure one config; returns ``{"ok": True, "summary": ...}`` or ``{"ok": False, "error": ...}``."""
+def run_one(track: str, cfg_json: dict[str, Any], threads: int, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Train and measure one config; returns ``{"ok": True, "summary": ..., "columns": ...}`` or
+    ``{"ok": False, "error": ...}``."""
     started = now_iso()
     t0 = time.perf_counter()
     out: dict[str, Any] = {"started": started, "host": socket.gethostname(), "pid": os.getpid(), "threads": threads}
     try:
-        from mrplab.config import TheoryConfig
         from mrplab.io import jsonable
-        from mrplab.theory.run_folder import build_summary
-        from mrplab.theory import experiment
+        from mrplab.sweep import tracks
 
-        cfg = TheoryConfig.model_validate({**cfg_json, "threads": threads})
+        tr = tracks.get(track)
+        cfg = tr.config.model_validate({**cfg_json, "threads": threads})
         key = provenance["config_hash"]  # the store's key, from the driver: threads as the sweep gave them
-        result = experiment.run(cfg)
-        wall = time.perf_counter() - t0
-        summary = build_summary(result, key, wall, {**provenance, "config_hash": key, "created": started})
-        out.update(ok=True, summary=jsonable(summary))
+        summary = jsonable(tr.run(cfg, key, {**provenance, "created": started}))
+        out.update(ok=True, summary=summary, columns=tr.columns(summary))
     except Exception as err:  # noqa: BLE001 - a failed run is data for the store, not a crash of the sweep
         from mrplab.errors import MrplabError
 
