@@ -79,6 +79,14 @@ def test_no_module_imports_upward_or_across_tracks():
     assert not bad, "\n".join(sorted(bad))
 
 
+def test_the_sweep_reaches_tracks_only_through_its_track_interface():
+    """Of sweep/, only sweep/tracks.py imports a track; a track added there plugs in without special cases."""
+    bad = [f"{mod} imports {dep}" for mod, deps in import_graph().items()
+           if _layer(mod)[1] == "sweep" and mod != "mrplab.sweep.tracks"
+           for dep in deps if _layer(dep)[1] in TRACKS]
+    assert not bad, "\n".join(sorted(bad))
+
+
 def test_no_import_cycles():
     graph = import_graph()
     state: dict[str, int] = {}

@@ -91,6 +91,7 @@ BAD = {
     "unequal zip": (dict(zip={"data.mu_train": [0.1, 0.2], "data.mu_test": [0.1]}), "unequal lengths"),
     "scalar axis": (dict(grid={"data.k": 3}), "must be a list"),
     "unknown top key": (dict(grids={"data.k": [2]}), "unknown key 'grids'"),
+    "unknown track": (dict(track="vision-x", grid={"data.k": [2]}), "unknown sweep track 'vision-x'"),
     "missing base file": (dict(base="nowhere.yaml"), "does not exist"),
     "seeds in the grid": (dict(grid={"seeds": [[0], [1]]}), "seeds are their own axis"),
     "study x not an axis": (dict(grid={"data.k": [2, 3]}, study={"prediction": "p", "x": "data.L"}), "study x"),
