@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep_helpers import TINY_BASE, write_sweep
+from tests.sweep.helpers import TINY_BASE, write_sweep
 
 # ~1 s per run once a worker is warm, 12 runs on 2 workers x 1 thread: the driver is killed right after
 # the first finished run, five rounds of runs before the last (with 6 runs a fast machine finished them

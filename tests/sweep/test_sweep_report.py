@@ -14,7 +14,7 @@ from mrplab.cli import app
 from mrplab.sweep import report, spec, tracks
 from mrplab.sweep.store import DB_NAME, Store
 
-from sweep_helpers import TINY_BASE
+from tests.sweep.helpers import TINY_BASE
 
 PNG = b"\x89PNG\r\n\x1a\n"
 XS = [0.1, 0.5, 0.9]

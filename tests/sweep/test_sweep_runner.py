@@ -14,7 +14,7 @@ from mrplab.sweep import runner, spec
 from mrplab.sweep.store import DB_NAME, Store
 from mrplab.sweep.worker import run_one
 
-from sweep_helpers import TINY_BASE, write_sweep
+from tests.sweep.helpers import TINY_BASE, write_sweep
 
 GRID = {"mrp.mask_ratio": [0.3, 0.7], "data.mu_test": [0.3, 0.6]}
 

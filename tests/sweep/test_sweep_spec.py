@@ -13,7 +13,7 @@ from mrplab.cli import app
 from mrplab.errors import MrplabError
 from mrplab.sweep import spec
 
-from sweep_helpers import TINY_BASE, write_sweep
+from tests.sweep.helpers import TINY_BASE, write_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ["mask_ratio", "single_view_fraction", "coverage", "features_per_class", "classes"]

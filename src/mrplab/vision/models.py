@@ -53,7 +53,14 @@ def _named(module: nn.Module, prefix: str) -> Group:
 # --------------------------------------------------------------------------- ViT
 
 
-class ViTEncoder(nn.Module):
+class _EncoderBase(nn.Module):
+    """What both encoders share: logits = head(pool(features(x)))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))  # [B, C]
+
+
+class ViTEncoder(_EncoderBase):
     """timm VisionTransformer without a class token, average-pooled; encodes visible tokens only when masked."""
 
     kind = "vit"
@@ -90,9 +97,6 @@ class ViTEncoder(nn.Module):
     def head(self) -> nn.Module:
         return self.vit.head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)))  # [B, C]
-
     def reset_head(self, num_classes: int) -> None:
         self.vit.reset_classifier(num_classes)
 
@@ -106,7 +110,7 @@ class ViTEncoder(nn.Module):
 # --------------------------------------------------------------------------- CNN
 
 
-class CNNEncoder(nn.Module):
+class CNNEncoder(_EncoderBase):
     """timm ResNet for small images: 3x3 stride-1 stem, no max-pool; masked patches are zeroed at the input."""
 
     kind = "cnn"
@@ -136,9 +140,6 @@ class CNNEncoder(nn.Module):
     @property
     def head(self) -> nn.Module:
         return self.net.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)))  # [B, C]
 
     def reset_head(self, num_classes: int) -> None:
         self.net.reset_classifier(num_classes)

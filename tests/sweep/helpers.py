@@ -1,4 +1,4 @@
-"""Shared pieces of the sweep tests: a tiny base config and a sweep-file writer (imported by the test modules)."""
+"""Shared pieces of the sweep tests: a tiny base config and a sweep-file writer."""
 
 from __future__ import annotations
 
