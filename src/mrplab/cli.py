@@ -238,38 +238,7 @@ def sweep_report(
 # --------------------------------------------------------------------------- vision track and its evidence
 
 from mrplab.vision.commands import app as _vision_app  # noqa: E402
+from mrplab.vision.commands import evidence  # noqa: E402
 
 app.add_typer(_vision_app, name="vision")
-
-
-@app.command()
-def evidence(
-    models: list[str] = typer.Argument(
-        ..., metavar="MODEL...",
-        help="classifier checkpoints (.safetensors with their .json sidecar) or `mrplab vision` run folders",
-    ),
-    data_root: Optional[Path] = typer.Option(
-        None, "--data", metavar="ROOT", help="ImageFolder root to explain on (default: the models' own data)"
-    ),
-    n_images: int = typer.Option(500, "--images", min=1, help="test images for the maps and the occlusion test"),
-    cam: str = typer.Option("both", "--cam", help="eigencam, gradcam or both"),
-    out: Path = typer.Option(Path("runs"), "--out", metavar="DIR", help="parent folder of the evidence folder"),
-) -> None:
-    """Class-activation maps (Eigen-CAM, Grad-CAM) and multi-view measures for SL vs MRP models, side by side."""
-    console = make_console()
-    try:
-        if cam not in ("eigencam", "gradcam", "both"):
-            raise MrplabError(f"--cam {cam} is not a CAM method", "use eigencam, gradcam or both")
-        from mrplab.vision import evidence as ev_mod
-
-        data = None
-        if data_root is not None:
-            first = ev_mod.load_model(ev_mod.expand_models(models)[0])
-            data = first.cfg.data.model_copy(update={"source": "folder", "root": str(data_root)})
-        methods = ev_mod.CAM_METHODS if cam == "both" else (cam,)
-        path = ev_mod.run_evidence(models, data, out, n_images, methods,
-                                   progress=lambda s: console.print(f"[dim]{s}[/dim]"))
-    except MrplabError as err:
-        fail(err)
-        return
-    console.print(f"evidence folder: {path}", soft_wrap=True, markup=False)
+app.command()(evidence)

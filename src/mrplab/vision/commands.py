@@ -6,6 +6,9 @@
     mrplab vision finetune  --init PRETRAIN_RUN_DIR|ENCODER.safetensors (and the same options)
     mrplab vision linprobe  --init PRETRAIN_RUN_DIR|ENCODER.safetensors (and the same options)
 
+    mrplab evidence MODEL ... [--data ROOT] [--images N] [--cam eigencam|gradcam|both] [--out DIR]
+                            (mounted on the top-level app by cli.py)
+
 Without --config every command uses the defaults of ``VisionConfig`` (the embedded comparison,
 configs/vision/embedded-compare.yaml). A user mistake prints one ``error: ...`` line and exits 2.
 Under torchrun (WORLD_SIZE > 1) only rank 0 prints and writes.
@@ -179,3 +182,38 @@ def _register(command: str) -> None:
 
 for _command in _DOCS:
     _register(_command)
+
+
+# --------------------------------------------------------------------------- mrplab evidence
+
+
+def evidence(
+    models: list[str] = typer.Argument(
+        ..., metavar="MODEL...",
+        help="classifier checkpoints (.safetensors with their .json sidecar) or `mrplab vision` run folders",
+    ),
+    data_root: Optional[Path] = typer.Option(
+        None, "--data", metavar="ROOT", help="ImageFolder root to explain on (default: the models' own data)"
+    ),
+    n_images: int = typer.Option(500, "--images", min=1, help="test images for the maps and the occlusion test"),
+    cam: str = typer.Option("both", "--cam", help="eigencam, gradcam or both"),
+    out: Path = typer.Option(Path("runs"), "--out", metavar="DIR", help="parent folder of the evidence folder"),
+) -> None:
+    """Class-activation maps (Eigen-CAM, Grad-CAM) and multi-view measures for SL vs MRP models, side by side."""
+    console = make_console()
+    try:
+        if cam not in ("eigencam", "gradcam", "both"):
+            raise MrplabError(f"--cam {cam} is not a CAM method", "use eigencam, gradcam or both")
+        from mrplab.vision import evidence as ev_mod
+
+        data = None
+        if data_root is not None:
+            first = ev_mod.load_model(ev_mod.expand_models(models)[0])
+            data = first.cfg.data.model_copy(update={"source": "folder", "root": str(data_root)})
+        methods = ev_mod.CAM_METHODS if cam == "both" else (cam,)
+        path = ev_mod.run_evidence(models, data, out, n_images, methods,
+                                   progress=lambda s: console.print(f"[dim]{s}[/dim]"))
+    except MrplabError as err:
+        fail(err)
+        return
+    console.print(f"evidence folder: {path}", soft_wrap=True, markup=False)
