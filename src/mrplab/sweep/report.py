@@ -7,12 +7,8 @@ Writes into the sweep folder:
     figures/lines.png   one panel per metric along one axis, a line per value of the other axes, ±std bands
     figures/heatmap.png one panel per metric over two axes (phase diagram), mean over seeds and other axes
 
-A *setting* is one combination of the label columns: the sweep's axes plus
-any other config column whose value differs between the finished runs (so
-rows from an older version of the sweep file are never merged with new ones).
-Aggregates use the finished (``done``) runs; ``std`` is the sample standard
-deviation (0 for a single run); missing values (NaN) are left out of a
-metric's mean and counted out of its ``n``.
+Settings and their aggregates (sweep/aggregate.py) use the finished (``done``) runs; the
+figures are drawn by sweep/figures.py.
 """
 
 from __future__ import annotations
@@ -21,111 +17,21 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from mrplab.errors import MrplabError
-from mrplab.stats import describe, diff_noise, fmt, md_table
-from mrplab.io import atomic_write_text, save_figure
+from mrplab.stats import diff_noise, fmt, md_table
+from mrplab.io import atomic_write_text
 from mrplab.sweep import tracks
 from mrplab.sweep.spec import StudySpec, SweepFile, read_sweep_yaml
-from mrplab.sweep.store import DB_NAME, Store, config_flat
-
-DPI = 120
-
-LABELS = {k: v for t in tracks.TRACKS.values() for k, v in t.labels.items()}  # store column -> label
-_NOT_LABELS = {"seeds", "threads", "name"}
-
-
-def label(metric: str) -> str:
-    return LABELS.get(metric, metric)
-
-
-# --------------------------------------------------------------------------- numbers
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, (int, float)):
-        return float(v) if math.isfinite(float(v)) else None
-    return None
-
-
-@dataclass
-class Stat:
-    mean: float
-    std: float
-    n: int
-
-    @classmethod
-    def of(cls, values: list[Any]) -> "Stat":
-        d = describe(x for x in (_num(v) for v in values) if x is not None)
-        return cls(d["mean"], d["std"], d["n"])
-
-
-@dataclass
-class Setting:
-    labels: dict[str, Any]
-    rows: list[dict[str, Any]]
-    stats: dict[str, Stat] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return len(self.rows)
-
-
-def _sort_key(v: Any) -> tuple:
-    x = _num(v)
-    return (0, x, "") if x is not None else (1, 0.0, str(v))
-
-
-def label_columns(rows: list[dict[str, Any]], axes: list[str], track: tracks.Track = tracks.THEORY) -> list[str]:
-    """The sweep's axes, then every other config column of the track that varies over ``rows``."""
-    config_columns = set(config_flat(track.config().model_dump(mode="json")))
-    cols = [a for a in axes if rows and a in rows[0]]
-    for c in rows[0] if rows else []:
-        if c in config_columns and c not in _NOT_LABELS and c not in cols:
-            if len({json.dumps(r.get(c)) for r in rows}) > 1:
-                cols.append(c)
-    return cols
-
-
-def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    out = []
-    for c in rows[0] if rows else []:
-        if c.startswith(("probe.", "claim.", "time.")) or c in ("claims_passed", "wall_s"):
-            if any(_num(r.get(c)) is not None for r in rows):
-                out.append(c)
-    return out
-
-
-def aggregate(rows: list[dict[str, Any]], labels: list[str], metrics: list[str]) -> list[Setting]:
-    """Group ``rows`` by their label values; mean, std and n of every metric per group."""
-    groups: dict[str, Setting] = {}
-    for r in rows:
-        key = json.dumps([r.get(c) for c in labels])
-        if key not in groups:
-            groups[key] = Setting(labels={c: r.get(c) for c in labels}, rows=[])
-        groups[key].rows.append(r)
-    settings = sorted(groups.values(), key=lambda s: [_sort_key(s.labels[c]) for c in labels])
-    for s in settings:
-        s.stats = {m: Stat.of([r.get(m) for r in s.rows]) for m in metrics}
-    return settings
-
-
-def resolve_metric(name: str, columns: list[str]) -> str:
-    for cand in (name, f"probe.{name}", f"claim.{name}.pass", f"time.{name}"):
-        if cand in columns:
-            return cand
-    probes = ", ".join(c for c in columns if c.startswith("probe."))
-    raise MrplabError(f"study metric '{name}' is not a column of the store",
-                      f"use one of: {probes}, claims_passed, claim.<id>.pass|value")
-
+from mrplab.sweep.aggregate import (Setting, Stat, aggregate, label, label_columns, metric_columns, num, resolve_metric,
+                                    sort_key)
+from mrplab.sweep.figures import heatmap, line_plot
+from mrplab.sweep.store import DB_NAME, Store
 
 def _fmt(x: Any) -> str:
     return fmt(x, 3)  # sweep reports: three significant digits
@@ -196,13 +102,13 @@ class TrendCheck:
 def trend(rows: list[dict[str, Any]], x: str, metric: str, predicted: str, tolerance: float,
           others: list[str] | None = None) -> TrendCheck | None:
     """First vs last value of ``x``: the metric over all runs at each end (runs of ``others`` axes pooled)."""
-    xs = sorted({json.dumps(r.get(x)) for r in rows}, key=lambda v: _sort_key(json.loads(v)))
+    xs = sorted({json.dumps(r.get(x)) for r in rows}, key=lambda v: sort_key(json.loads(v)))
     if len(xs) < 2:
         return None
     x0, x1 = json.loads(xs[0]), json.loads(xs[-1])
     first = Stat.of([r.get(metric) for r in rows if r.get(x) == x0])
     last = Stat.of([r.get(metric) for r in rows if r.get(x) == x1])
-    pts = [(_num(r.get(x)), _num(r.get(metric))) for r in rows]
+    pts = [(num(r.get(x)), num(r.get(metric))) for r in rows]
     pts = [(a, b) for a, b in pts if a is not None and b is not None]
     slope = None
     if len({a for a, _ in pts}) >= 2:
@@ -212,84 +118,6 @@ def trend(rows: list[dict[str, Any]], x: str, metric: str, predicted: str, toler
             slope = 0.0
     pooled = ", ".join(f"`{c}`" for c in others or [])
     return TrendCheck(metric, predicted, x, x0, x1, first, last, slope, tolerance, pooled)
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def _save(fig: Figure, path: Path) -> None:
-    save_figure(fig, path, DPI)
-
-
-def _panels(n: int) -> tuple[int, int]:
-    cols = min(n, 3)
-    return math.ceil(n / cols), cols
-
-
-def line_plot(settings: list[Setting], x: str, labels: list[str], metrics: list[str], path: Path) -> None:
-    others = [c for c in labels if c != x]
-    xs = sorted({json.dumps(s.labels[x]) for s in settings}, key=lambda v: _sort_key(json.loads(v)))
-    x_vals = [json.loads(v) for v in xs]
-    numeric = all(_num(v) is not None for v in x_vals)
-    pos = {json.dumps(v): (_num(v) if numeric else i) for i, v in enumerate(x_vals)}
-    lines: dict[str, list[Setting]] = {}
-    for s in settings:
-        lines.setdefault(json.dumps([s.labels[c] for c in others]), []).append(s)
-    nr, nc = _panels(len(metrics))
-    fig = Figure(figsize=(4.6 * nc, 3.4 * nr), layout="constrained")
-    axs = fig.subplots(nr, nc, squeeze=False).ravel()
-    for ax, m in zip(axs, metrics):
-        for key, group in lines.items():
-            group = sorted(group, key=lambda s: _sort_key(s.labels[x]))
-            px = np.array([pos[json.dumps(s.labels[x])] for s in group], dtype=float)
-            mean = np.array([s.stats[m].mean for s in group], dtype=float)
-            std = np.array([s.stats[m].std for s in group], dtype=float)
-            name = ", ".join(f"{c}={v}" for c, v in zip(others, json.loads(key))) or None
-            (ln,) = ax.plot(px, mean, marker="o", label=name)
-            ax.fill_between(px, mean - std, mean + std, color=ln.get_color(), alpha=0.2, linewidth=0)
-        ax.set_title(label(m), fontsize=9)
-        ax.set_xlabel(x)
-        if not numeric:
-            ax.set_xticks(range(len(x_vals)), [str(v) for v in x_vals])
-        ax.grid(alpha=0.3)
-    for ax in axs[len(metrics):]:
-        ax.set_visible(False)
-    if others:
-        axs[0].legend(fontsize=7)
-    fig.suptitle(f"mean ± std over seeds along {x}", fontsize=10)
-    _save(fig, path)
-
-
-def heatmap(rows: list[dict[str, Any]], a: str, b: str, metrics: list[str], path: Path) -> None:
-    """Phase diagram: metric means over the (a, b) grid; runs of other axes are pooled into the cell."""
-    va = sorted({json.dumps(r.get(a)) for r in rows}, key=lambda v: _sort_key(json.loads(v)))
-    vb = sorted({json.dumps(r.get(b)) for r in rows}, key=lambda v: _sort_key(json.loads(v)))
-    nr, nc = _panels(len(metrics))
-    fig = Figure(figsize=(4.6 * nc, 3.8 * nr), layout="constrained")
-    axs = fig.subplots(nr, nc, squeeze=False).ravel()
-    for ax, m in zip(axs, metrics):
-        grid = np.full((len(vb), len(va)), np.nan)
-        for j, yv in enumerate(vb):
-            for i, xv in enumerate(va):
-                cell = [r.get(m) for r in rows if json.dumps(r.get(a)) == xv and json.dumps(r.get(b)) == yv]
-                grid[j, i] = Stat.of(cell).mean
-        im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap="viridis")
-        fig.colorbar(im, ax=ax, shrink=0.85)
-        for j in range(len(vb)):
-            for i in range(len(va)):
-                if not np.isnan(grid[j, i]):
-                    bright = im.norm(grid[j, i]) > 0.6  # viridis is light at the top of its range
-                    ax.text(i, j, f"{grid[j, i]:.2g}", ha="center", va="center", fontsize=7,
-                            color="black" if bright else "white")
-        ax.set_xticks(range(len(va)), [str(json.loads(v)) for v in va])
-        ax.set_yticks(range(len(vb)), [str(json.loads(v)) for v in vb])
-        ax.set_xlabel(a)
-        ax.set_ylabel(b)
-        ax.set_title(label(m), fontsize=9)
-    for ax in axs[len(metrics):]:
-        ax.set_visible(False)
-    fig.suptitle(f"mean over seeds on the {a} x {b} grid", fontsize=10)
-    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- the report
