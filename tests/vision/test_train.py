@@ -239,7 +239,13 @@ def test_a_failing_stage_keeps_the_finished_ones(tmp_path):
         (sets("model.name=vit_huge"), "model.name"),
         (["--config", "/nonexistent/vision.yaml"], "cannot read config file"),
         (["--config", "{bad_yaml}"], "not valid YAML"),
-        (sets("pretrain.batch=1000", "data.n_train=64", "data.n_test=8", "seeds=[0]"), "larger than the 64 training"),
+        (sets("labels.fraction=0"), "labels.fraction must be in (0, 1]"),
+        (sets("labels.fraction=1.5"), "labels.fraction must be in (0, 1]"),
+        (sets("labels.per_class=100", "data.n_train=64", "data.n_test=8", "seeds=[0]"),
+         "labels.per_class = 100 but class class0 has 16 training images"),
+        (sets("pretrain.data.source=folder", "pretrain.data.root={empty}"), "no class folders"),
+        (sets("pretrain.data.source=embedded", "pretrain.data.coverage=0.2"), "leaves every class with no motif"),
+        (sets("pretrain.data.source=folder"), "needs pretrain.data.root"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, needle):

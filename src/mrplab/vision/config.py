@@ -27,7 +27,8 @@ class DataConfig(VisionDataConfig):
 
     image_size: int = Field(24, ge=MIN_IMAGE_SIZE, description="side of the square images; 24 px: a motif spans several 4-px "
                             "patches; folder images are fitted to it if they differ")
-    n_train: int = Field(1000, ge=1, description="embedded: training images (labelled, and the pretraining data)")
+    n_train: int = Field(1000, ge=1, description="embedded: training images (the pool the labelled set is drawn "
+                         "from; with pretrain.data.source train also the pretraining data)")
 
 
 class ModelConfig(Strict):
@@ -39,9 +40,28 @@ class ModelConfig(Strict):
     decoder_depth: int = Field(1, ge=1, description="ViT decoder blocks (the CNN decoder is three convs)")
 
 
-class PretrainConfig(Strict):
-    """Mask-reconstruction pretraining on the unlabelled training images (vision/objectives.py)."""
+class PretrainDataConfig(Strict):
+    """The unlabelled images pretraining sees, apart from the labelled downstream set (vision/splits.py)."""
 
+    source: Literal["train", "embedded", "folder"] = Field(
+        "train", description="train: data's training images with their labels dropped; embedded: an own set of "
+        "embedded motif images (own random stream, never a test image); folder: the train/ images of an "
+        "ImageFolder root (labels ignored)"
+    )
+    n_images: int | None = Field(None, ge=1, description="images to pretrain on; null = all of the source (embedded: "
+                                 "data.n_train)")
+    coverage: float = Field(1.0, gt=0.0, le=1.0, description="embedded: share of each downstream class's motifs that "
+                            "pretraining shows (the first round(coverage x L) of each class)")
+    extra_classes: int = Field(0, ge=0, description="embedded: classes that exist only in pretraining (own motifs)")
+    single_view: float = Field(0.0, ge=0.0, le=1.0, description="embedded: single-view fraction of the pretraining "
+                               "images")
+    root: str | None = Field(None, description="folder: ImageFolder root whose train/ is used; null = data.root")
+
+
+class PretrainConfig(Strict):
+    """Mask-reconstruction pretraining on unlabelled images (vision/objectives.py)."""
+
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
     method: Method = Field("mae", description="mae: pixels of the masked patches; data2vec: EMA-teacher features")
     epochs: int = Field(20, ge=1)
     batch: int = Field(128, ge=1, description="global batch (split across processes under torchrun)")
@@ -67,6 +87,26 @@ class FinetuneConfig(Strict):
     warmup_epochs: float = Field(2.0, ge=0.0)
     layer_decay: float = Field(0.9, gt=0.0, le=1.0, description="fine-tuning: lr x decay^(layers above); 1 = off")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class LabelsConfig(Strict):
+    """The labelled downstream set: a class-balanced subset of data's training images, and the validation
+    images carved from it (vision/splits.py). Neither set: every training image is labelled."""
+
+    per_class: int | None = Field(None, ge=1, description="labelled images per class")
+    fraction: float | None = Field(None, description="share of each class's training images that is labelled, "
+                                   "0 < fraction <= 1")
+    seed: int | None = Field(None, description="draws the subset; null = each run's own seed")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of each class's labelled images held out "
+                                "for validation (at least one per class when > 0); they are not trained on")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "LabelsConfig":
+        if self.per_class is not None and self.fraction is not None:
+            raise ValueError("give labels.per_class or labels.fraction, not both")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"labels.fraction must be in (0, 1] (got {self.fraction})")
+        return self
 
 
 class LinprobeConfig(Strict):
@@ -98,6 +138,7 @@ class VisionConfig(Strict):
     checkpoint_every: int = Field(200, ge=0, description="resumable checkpoint every this many steps; 0 = off")
     tensorboard: bool = Field(False, description="also write TensorBoard scalars (needs the tensorboard package)")
     data: DataConfig = Field(default_factory=DataConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -112,6 +153,14 @@ class VisionConfig(Strict):
             )
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
             raise ValueError("methods must be distinct")
+        pd = self.pretrain.data
+        if pd.source == "embedded" and self.data.source != "embedded":
+            raise ValueError("pretrain.data.source embedded needs data.source embedded (the same motif bank)")
+        if pd.source == "folder" and not (pd.root or self.data.root):
+            raise ValueError("pretrain.data.source folder needs pretrain.data.root (or data.root)")
+        if pd.source == "embedded" and round(pd.coverage * self.data.motifs_per_class) < 1:
+            raise ValueError(f"pretrain.data.coverage {pd.coverage} leaves every class with no motif in pretraining "
+                             f"(round({pd.coverage} x {self.data.motifs_per_class} motifs) = 0); raise it")
         return self
 
     @property

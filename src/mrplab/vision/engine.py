@@ -180,8 +180,7 @@ def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mas
     """Train ``module`` for the stage's epochs (continuing from ``loop.resume`` if given); returns {steps}."""
     cfg, stage, data = loop.cfg, loop.stage, loop.train
     hp = hyper(cfg, stage.kind)
-    per_epoch, total = stage_steps(cfg, stage, len(data))
-    B = hp.batch
+    per_epoch, total, B = stage_steps(cfg, stage, len(data))
     if B % loop.dist.world:
         raise MrplabError(f"batch {B} does not split over {loop.dist.world} processes", "use a batch divisible by it")
     opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
@@ -253,6 +252,6 @@ def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mas
             checkpoints.save_resume(loop.folder, loop.prov, stage.key, module, state, epoch)
         if loop.on_step is not None:
             loop.on_step(stage, step)
-    return {"steps": total}
+    return {"steps": total, "batch": B}
 
 

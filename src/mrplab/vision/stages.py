@@ -11,7 +11,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from torch import nn
 
@@ -102,20 +102,23 @@ def plan(cfg: VisionConfig, command: str, init: Path | None = None) -> list[Stag
     return stages
 
 
-def stage_steps(cfg: VisionConfig, stage: Stage, n_train: int) -> tuple[int, int]:
-    """(steps per epoch, total steps); the last incomplete batch of an epoch is dropped."""
+def stage_steps(cfg: VisionConfig, stage: Stage, n_images: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, batch) on ``n_images`` training images: the batch is the recipe's,
+    at most the images (a small labelled set trains full-batch); an epoch's incomplete last batch is dropped."""
     h = hyper(cfg, stage.kind)
-    per_epoch = n_train // h.batch
-    if per_epoch < 1:
-        raise MrplabError(
-            f"batch {h.batch} is larger than the {n_train} training images",
-            f"lower {section(stage.kind)}.batch",
-        )
-    return per_epoch, per_epoch * h.epochs
+    if n_images < 1:
+        raise MrplabError(f"stage {stage.key} has no training images", "check the data and labels sections")
+    batch = min(h.batch, n_images)
+    return n_images // batch, n_images // batch * h.epochs, batch
 
 
-def planned_images(cfg: VisionConfig, stages: list[Stage], n_train: int) -> int:
-    return sum(stage_steps(cfg, s, n_train)[1] * hyper(cfg, s.kind).batch for s in stages)
+def planned_images(cfg: VisionConfig, stages: list[Stage], n_images: Callable[[Stage], int]) -> int:
+    """Training images the stages pass, each stage on its own image count ``n_images(stage)``."""
+    total = 0
+    for s in stages:
+        _, steps, batch = stage_steps(cfg, s, n_images(s))
+        total += steps * batch
+    return total
 
 
 @dataclass
@@ -125,10 +128,14 @@ class StageResult:
     wall_s: float
     test: dict[str, float] = field(default_factory=dict)
     module: nn.Module | None = None
+    val: dict[str, float] = field(default_factory=dict)  # accuracy on the validation images, if any
+    images: int | None = None  # training images of the stage
+    batch: int | None = None  # the batch it trained with (the recipe's, at most the images)
 
     def record(self) -> dict:
         s = self.stage
         return {"stage": s.key, "kind": s.kind, "seed": s.seed, "method": s.method, "steps": self.steps,
-                "wall_s": self.wall_s, **{f"test_{k}": v for k, v in self.test.items()}}
+                "images": self.images, "batch": self.batch, "wall_s": self.wall_s,
+                **{f"test_{k}": v for k, v in self.test.items()}, **{f"val_{k}": v for k, v in self.val.items()}}
 
 

@@ -23,9 +23,9 @@ from torch import nn
 
 from mrplab import runtime
 from mrplab.errors import MrplabError
-from mrplab.io import git_commit
+from mrplab.io import atomic_write_text, dumps, git_commit
 from mrplab.runtime import resolve_device
-from mrplab.vision import report
+from mrplab.vision import report, splits
 from mrplab.vision.checkpoints import Provenance, cpu_state, load_encoder, read_safetensors, save_stage
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, channel_stats, load_split
@@ -33,7 +33,7 @@ from mrplab.vision.engine import Compute, Dist, LinearProbe, Loop, evaluate, fit
 from mrplab.vision.models import Encoder, build_encoder, matmul_shapes
 from mrplab.vision.objectives import MAE, CollapseCheck, Data2Vec, Pretrainer, check_mask_ratio, momentum_at
 from mrplab.vision.run_folder import VisionRunFolder, read_stages, resume_pointer
-from mrplab.vision.stages import Stage, StageResult, hyper, plan, planned_images
+from mrplab.vision.stages import Stage, StageResult, plan, planned_images, stage_steps
 
 # --------------------------------------------------------------------------- stages
 
@@ -67,8 +67,10 @@ def _pretrain_compute(net, x, y, mask):
 
 
 
-def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: ImageSet) -> StageResult:
-    """Train one stage and write its checkpoint; pretrain stages leave their encoder in ``encoders``."""
+def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: ImageSet,
+              val: ImageSet | None = None) -> StageResult:
+    """Train one stage on ``loop.train`` and write its checkpoint; pretrain stages leave their encoder in
+    ``encoders``; supervised stages are tested on ``test`` and, when given, on the validation images ``val``."""
     cfg, stage = loop.cfg, loop.stage
     t0 = time.perf_counter()
     k = loop.train.num_classes
@@ -89,7 +91,7 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
         d2v = isinstance(pre, Data2Vec)
         collapse = CollapseCheck(p.min_target_var, p.collapse_patience) if d2v else None
         info = fit(loop, pre, groups, _pretrain_compute, pre.mask_ratio, ema if d2v else None, collapse)
-        module, test_acc = pre, {}
+        module, test_acc, val_acc = pre, {}, {}
         encoders[stage.key] = cpu_state(pre.encoder)
     else:
         if stage.kind == "linprobe":
@@ -102,9 +104,12 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
             groups = param_groups(encoder.layer_groups(), cfg.finetune.lr, cfg.finetune.weight_decay, decay)
         info = fit(loop, module, groups, _sl_compute(cfg.finetune.label_smoothing))
         test_acc = evaluate(module, test, loop.mean, loop.std, loop.device, cfg.precision)
+        val_acc = evaluate(module, val, loop.mean, loop.std, loop.device, cfg.precision) if val is not None else {}
         loop.emit({"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method,
-                   "event": "test", "step": info["steps"], **{f"test_{k}": v for k, v in test_acc.items()}})
-    result = StageResult(stage, info["steps"], time.perf_counter() - t0, test_acc, module)
+                   "event": "test", "step": info["steps"], **{f"test_{k}": v for k, v in test_acc.items()},
+                   **{f"val_{k}": v for k, v in val_acc.items()}})
+    result = StageResult(stage, info["steps"], time.perf_counter() - t0, test_acc, module, val_acc,
+                         len(loop.train), info["batch"])
     if loop.folder is not None:
         save_stage(loop.folder, loop.prov, cfg, result)
     return result
@@ -149,6 +154,41 @@ def _dist_setup(cfg: VisionConfig) -> tuple[Dist, torch.device, bool]:
         torch.cuda.set_device(device)
     return Dist(dist.get_rank(), dist.get_world_size()), device, started
 
+
+
+class StageData:
+    """The images of every stage, on the device: the pretraining set for pretrain stages, the seed's labelled
+    subset (and its validation images) for supervised ones (vision/splits.py)."""
+
+    def __init__(self, cfg: VisionConfig, stages: list[Stage], pool: ImageSet, device: torch.device):
+        self.pool, self.device = pool, device
+        self.labelled = {seed: splits.labelled_subset(pool, cfg.labels, seed) for seed in sorted({s.seed for s in stages})}
+        needs_pretrain = any(s.kind == "pretrain" for s in stages)
+        self.pretrain = splits.pretrain_images(cfg, pool) if needs_pretrain else None
+        self._on_device: dict[tuple, ImageSet] = {}
+
+    def _dev(self, key: tuple, data: ImageSet) -> ImageSet:
+        if key not in self._on_device:
+            self._on_device[key] = ImageSet(data.images.to(self.device), data.labels.to(self.device), data.classes)
+        return self._on_device[key]
+
+    def count(self, stage: Stage) -> int:
+        return len(self.pretrain) if stage.kind == "pretrain" else len(self.labelled[stage.seed].train)
+
+    def train(self, stage: Stage) -> ImageSet:
+        if stage.kind == "pretrain":
+            return self._dev(("pretrain",), self.pretrain)
+        return self._dev(("train", stage.seed), splits.subset(self.pool, self.labelled[stage.seed].train))
+
+    def val(self, stage: Stage) -> ImageSet | None:
+        idx = self.labelled[stage.seed].val
+        return splits.subset(self.pool, idx) if stage.kind != "pretrain" and len(idx) else None
+
+    def write_index(self, folder: Path) -> None:
+        """labels/s<seed>.json: the training-split indices of each seed's labelled and validation images."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for seed, lab in self.labelled.items():
+            atomic_write_text(folder / f"s{seed}.json", dumps(lab.record(self.pool.classes, self.pool.labels)) + "\n")
 
 
 def load_data(cfg: VisionConfig) -> tuple[ImageSet, ImageSet]:
@@ -204,14 +244,17 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
         given = cfg  # what the run folder records (precision may be auto); cfg: what the run computes with
         cfg, precision_reason = resolve_precision(cfg, device)
         train, test = load_data(cfg)
+        data = StageData(cfg, stages, train, device)
         done = read_stages(resume)["done"] if resume else {}
         resume_state = resume_pointer(resume, done)
         if on_plan is not None:
             todo = [s for s in stages if s.key not in done]
-            skip = resume_state["step"] * hyper(cfg, _stage_of(todo, resume_state).kind).batch if resume_state else 0
-            on_plan(planned_images(cfg, todo, len(train)) - skip)
+            skip = 0
+            if resume_state:
+                at = _stage_of(todo, resume_state)
+                skip = resume_state["step"] * stage_steps(cfg, at, data.count(at))[2]
+            on_plan(planned_images(cfg, todo, data.count) - skip)
         mean, std = channel_stats(train.images)
-        train_dev = ImageSet(train.images.to(device), train.labels.to(device), train.classes)
         prov = Provenance(given, git_commit())
         folder = VisionRunFolder(out_dir, given, command, init, resume, command=argv) if dst.rank == 0 else None
         modules: dict[str, nn.Module] = {}
@@ -226,6 +269,8 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
 
         try:
             with folder if folder is not None else contextlib.nullcontext():
+                if folder is not None:
+                    data.write_index(folder.partial / "labels")
                 for stage in stages:
                     if stage.key in done:
                         if stage.kind == "pretrain":
@@ -233,9 +278,9 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
                                 resume / "checkpoints" / f"{stage.key}.encoder.safetensors", "encoder checkpoint")
                         continue
                     pointer = resume_state if resume_state and resume_state["stage"] == stage.key else None
-                    loop = Loop(cfg, stage, train_dev, mean.to(device), std.to(device), device, dst, folder, prov,
-                                pointer, emit, advance, on_step)
-                    res = run_stage(loop, encoders, test)
+                    loop = Loop(cfg, stage, data.train(stage), mean.to(device), std.to(device), device, dst, folder,
+                                prov, pointer, emit, advance, on_step)
+                    res = run_stage(loop, encoders, test, data.val(stage))
                     modules[stage.key] = res.module
                     records[stage.key] = res.record()
                 ordered = [records[s.key] for s in stages]

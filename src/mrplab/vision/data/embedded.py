@@ -51,16 +51,17 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return v.unsqueeze(-1) - (v * s).unsqueeze(-1) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def motif_bank(cfg: VisionDataConfig) -> MotifBank:
-    """The K * L motifs, from ``bank_seed`` only (shared by both splits).
+def motif_bank(cfg: VisionDataConfig, classes: int | None = None, stream: str = "vision-motif-bank") -> MotifBank:
+    """The K * L motifs, from ``bank_seed`` only (shared by both splits); ``classes`` and ``stream`` give
+    another bank (the classes that exist only in pretraining).
 
     Hues are evenly spaced and dealt to motifs in a random order, so a class's
     motifs are not of one colour family. Shapes are dealt by hue rank so that
     motifs sharing a shape are as far apart in hue as possible.
     """
-    K, L = cfg.num_classes, cfg.motifs_per_class
+    K, L = cfg.num_classes if classes is None else classes, cfg.motifs_per_class
     n = K * L
-    g = generator(cfg.bank_seed, "vision-motif-bank")
+    g = generator(cfg.bank_seed, stream)
     rank = torch.randperm(n, generator=g)  # [n] hue rank of motif j = i * L + l
     offset = torch.rand((), generator=g).item()
     shape_order = torch.randperm(len(_SHAPES), generator=g)
@@ -108,20 +109,22 @@ class _Scene:
     stroke_contrast: torch.Tensor  # [N, 3]
 
 
-def _draw_scene(cfg: VisionDataConfig, split: Split, bank: MotifBank, cell_range: tuple[int, int]) -> _Scene:
-    K, L, S = cfg.num_classes, cfg.motifs_per_class, cfg.image_size
-    n = cfg.n_train if split == "train" else cfg.n_test
-    frac = cfg.single_view_train if split == "train" else cfg.single_view_test
+def _draw_scene(cfg: VisionDataConfig, n: int, frac: float, stream: str, bank: MotifBank, shown: int,
+                cell_range: tuple[int, int]) -> _Scene:
+    """n images over the bank's classes, each class showing only its first ``shown`` motifs (own and as a
+    distractor); with every motif shown this is exactly the downstream draw."""
+    K, L, S = bank.shape.shape[0], cfg.motifs_per_class, cfg.image_size
     per_side, cell, margin = grid(S, L)
     lo, hi = cell_range
-    g = generator(cfg.bank_seed, f"vision-embedded-{split}")
+    g = generator(cfg.bank_seed, stream)
     slots = L + MAX_DISTRACTORS
 
     # ---- every random number of the split, in one fixed order
     labels = (torch.arange(n) % K)[torch.randperm(n, generator=g)]  # [N] balanced classes
     single = torch.rand(n, generator=g) < frac  # [N]
-    chosen = torch.randint(0, L, (n,), generator=g)  # [N] the one motif of a single-view image
-    present = torch.where(single[:, None], torch.arange(L)[None, :] == chosen[:, None], True)  # [N, L]
+    chosen = torch.randint(0, shown, (n,), generator=g)  # [N] the one motif of a single-view image
+    present = torch.where(single[:, None], torch.arange(L)[None, :] == chosen[:, None],
+                          torch.arange(L)[None, :] < shown)  # [N, L]
     cells = torch.argsort(torch.rand(n, per_side * per_side, generator=g), dim=1)[:, :slots]  # [N, slots]
     size = torch.randint(lo, hi + 1, (n, slots), generator=g)  # [N, slots]
     jitter = torch.rand(n, slots, 2, generator=g)  # [N, slots, 2]
@@ -129,7 +132,7 @@ def _draw_scene(cfg: VisionDataConfig, split: Split, bank: MotifBank, cell_range
     tint = 0.04 * torch.randn(n, slots, 3, generator=g)  # [N, slots, 3]
     n_distract = torch.bucketize(torch.rand(n, generator=g), torch.tensor([0.3, 0.7]))  # [N] 0, 1 or 2
     d_class = (labels[:, None] + torch.randint(1, K, (n, MAX_DISTRACTORS), generator=g)) % K  # never own class
-    d_motif = torch.randint(0, L, (n, MAX_DISTRACTORS), generator=g)
+    d_motif = torch.randint(0, shown, (n, MAX_DISTRACTORS), generator=g)
     base = 0.25 + 0.45 * torch.rand(n, 1, generator=g) + 0.06 * torch.randn(n, 3, generator=g)  # [N, 3]
     blobs = 0.08 * torch.randn(n, 3, 4, 4, generator=g)  # [N, 3, 4, 4]
     fine = 0.04 * torch.randn(n, 1, 8, 8, generator=g)  # [N, 1, 8, 8]
@@ -191,7 +194,33 @@ def embedded_split(cfg: VisionDataConfig, split: Split) -> ImageSet:
         raise MrplabError(
             f"{L} motifs per class do not fit in {S}-px images", "raise image_size or lower motifs_per_class"
         )
-    sc = _draw_scene(cfg, split, motif_bank(cfg), _motif_size_range(S, cell))
+    n = cfg.n_train if split == "train" else cfg.n_test
+    frac = cfg.single_view_train if split == "train" else cfg.single_view_test
+    sc = _draw_scene(cfg, n, frac, f"vision-embedded-{split}", motif_bank(cfg), L, _motif_size_range(S, cell))
+    return _render(cfg, sc, [f"class{i}" for i in range(K)])
+
+
+def embedded_pretrain(cfg: VisionDataConfig, n: int, coverage: float, extra_classes: int,
+                      single_view: float) -> ImageSet:
+    """Unlabelled pretraining images from their own stream (never a downstream image): the downstream classes
+    showing only their first round(coverage x L) motifs, plus ``extra_classes`` classes with motifs of their own."""
+    K, L, S = cfg.num_classes, cfg.motifs_per_class, cfg.image_size
+    shown = round(coverage * L)
+    if shown < 1:
+        raise MrplabError(f"coverage {coverage} leaves every class with no motif in pretraining",
+                          "raise pretrain.data.coverage")
+    bank = motif_bank(cfg)
+    if extra_classes:
+        extra = motif_bank(cfg, extra_classes, "vision-motif-bank-extra")
+        bank = MotifBank(*(torch.cat([getattr(bank, f), getattr(extra, f)]) for f in ("shape", "hue", "colour")))
+    cell = grid(S, L)[1]
+    sc = _draw_scene(cfg, n, single_view, "vision-embedded-pretrain", bank, shown, _motif_size_range(S, cell))
+    names = [f"class{i}" for i in range(K)] + [f"extra{i}" for i in range(extra_classes)]
+    return _render(cfg, sc, names)
+
+
+def _render(cfg: VisionDataConfig, sc: _Scene, classes: list[str]) -> ImageSet:
+    L, S = cfg.motifs_per_class, cfg.image_size
     n, slots = sc.on.shape
     strength = torch.cat([torch.ones(L), torch.full((MAX_DISTRACTORS,), cfg.distractor_strength)])  # [slots]
     images = torch.empty(n, 3, S, S, dtype=torch.uint8)
@@ -210,7 +239,7 @@ def embedded_split(cfg: VisionDataConfig, split: Split) -> ImageSet:
     return ImageSet(
         images=images,
         labels=sc.labels.to(torch.int64),
-        classes=[f"class{i}" for i in range(K)],
+        classes=classes,
         view=sc.single.to(torch.int64),
         motif_boxes=own_boxes,
         motif_present=present,
