@@ -26,11 +26,12 @@ SMALL = [
     "net.m=6", "net.q=4", "seeds=[0,1]", "threads=2", "precision=fp32", "compile=false",
 ]
 
-# a tiny config for properties that do not need the regime
+# a tiny config for properties that do not need the regime; threads pinned, since exact comparisons
+# need one reduction order (with threads null a run re-divides the cores when other mrplab processes start)
 TINY = [
     "data.k=4", "data.d=64", "data.P=12", "data.n_pretrain=200", "data.n_train=150", "data.n_test=200",
     "sl.steps=60", "mrp.steps=60", "finetune.lp_steps=30", "finetune.ft_steps=20", "probes.log_every=20",
-    "precision=fp32", "compile=false",
+    "precision=fp32", "compile=false", "threads=2",
 ]
 
 
