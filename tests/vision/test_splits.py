@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mrplab.errors import MrplabError
 from mrplab.vision import config as vconfig
@@ -102,3 +103,25 @@ def test_a_run_trains_on_its_subsets_and_writes_the_index(tmp_path):
         assert index[s]["train_per_class"] == {f"class{i}": 4 for i in range(4)}
         assert not set(index[s]["train"]) & set(index[s]["val"])
     assert index[0]["train"] != index[1]["train"]  # each seed draws its own subset
+
+
+def test_a_shared_pretraining_is_reused_by_other_label_counts(tmp_path):
+    base = ["data.image_size=16", "data.n_train=80", "data.n_test=32", "seeds=[0]", "pretrain.epochs=1",
+            "finetune.epochs=1", "checkpoint_every=0", "precision=fp32", "threads=2", "model.decoder_dim=32",
+            "pretrain.data.source=embedded", "pretrain.data.n_images=64", f"pretrain_cache={tmp_path / 'cache'}"]
+    first = train.run(vconfig.load(None, [*base, "labels.per_class=10"]), "compare", tmp_path / "a")
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one pretraining row ...
+    again = train.run(vconfig.load(None, [*base, "labels.per_class=10"]), "compare", tmp_path / "b")
+    fewer = train.run(vconfig.load(None, [*base, "labels.per_class=4"]), "compare", tmp_path / "c")
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # ... for every downstream run
+    rec = lambda res, key: next(r for r in res.stages if r["stage"] == key)  # noqa: E731
+    assert not rec(first, "s0-mae-pretrain")["reused"]
+    assert rec(again, "s0-mae-pretrain")["reused"] and rec(fewer, "s0-mae-pretrain")["reused"]
+    # the reused encoder is the same one: fine-tuning on the same labels gives the same model
+    assert rec(again, "s0-mae-finetune")["test_acc"] == rec(first, "s0-mae-finetune")["test_acc"]
+    a = load_file(str(first.path / "checkpoints" / "s0-mae-pretrain.encoder.safetensors"))
+    c = load_file(str(fewer.path / "checkpoints" / "s0-mae-pretrain.encoder.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    # a different pretraining (another seed) is not confused with it
+    other = train.run(vconfig.load(None, [*base, "seeds=[1]"]), "compare", tmp_path / "d")
+    assert not rec(other, "s1-mae-pretrain")["reused"] and len(list((tmp_path / "cache").iterdir())) == 2

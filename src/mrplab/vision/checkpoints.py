@@ -9,6 +9,9 @@ its sidecar, and its row in ``stages.json``, and drops the resume state.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mrplab.config import config_hash
 from mrplab.errors import MrplabError
 from mrplab.io import atomic_write_text, atomic_write_with, dumps
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.models import Encoder
 from mrplab.vision.run_folder import VisionRunFolder, read_stages
-from mrplab.vision.stages import StageResult, hyper
+from mrplab.vision.stages import Stage, StageResult, hyper
 
 def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
@@ -125,3 +129,42 @@ def save_stage(folder: VisionRunFolder, prov: Provenance, cfg: VisionConfig, res
         p.unlink()
 
 
+
+
+# --------------------------------------------------------------------------- shared pretraining
+
+
+def pretrain_key(cfg: VisionConfig, stage: Stage) -> str:
+    """The hash of everything a pretraining stage's result depends on: the pretraining recipe and its data,
+    the model, the downstream data section (the pool or the motif bank), the seed and method, gradient
+    clipping, precision and device. Runs that agree on these share one pretrained encoder."""
+    return config_hash({"pretrain": cfg.pretrain.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                        "data": cfg.data.model_dump(mode="json"), "seed": stage.seed, "method": stage.method,
+                        "grad_clip": cfg.grad_clip, "precision": cfg.precision, "device": cfg.device})
+
+
+def cached_pretrainer(cache: Path, key: str) -> tuple[Path, dict] | None:
+    """(weights file, its stage record) of a pretrained model in the cache, or None."""
+    folder = Path(cache) / key
+    if not (folder / "stage.json").is_file():
+        return None
+    return folder / "pretrainer.safetensors", json.loads((folder / "stage.json").read_text())
+
+
+def store_pretrainer(cache: Path, key: str, module: nn.Module, record: dict, prov: Provenance) -> None:
+    """Put a pretrained model into the cache: built in a hidden folder and renamed, so a reader sees all or
+    nothing; when another run stored the same key first, its copy is kept."""
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{key}.{os.getpid()}.partial"
+    tmp.mkdir()
+    try:
+        save_weights(tmp / "pretrainer.safetensors", module, {"pretrain_key": key})
+        atomic_write_text(tmp / "stage.json", prov.sidecar(**record, pretrain_key=key))
+        try:
+            os.rename(tmp, cache / key)
+        except OSError:  # stored meanwhile by another run
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

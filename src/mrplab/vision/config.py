@@ -137,6 +137,11 @@ class VisionConfig(Strict):
     log_every: int = Field(20, ge=1, description="log a metrics record every this many steps")
     checkpoint_every: int = Field(200, ge=0, description="resumable checkpoint every this many steps; 0 = off")
     tensorboard: bool = Field(False, description="also write TensorBoard scalars (needs the tensorboard package)")
+    pretrain_cache: str | None = Field(
+        None, description="folder of pretrained models shared between runs, keyed by the hash of what pretraining "
+        "depends on: a pretrain stage found there is loaded, not trained again; null = every run pretrains. "
+        "Not part of the config hash (it does not change a result)"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -173,7 +178,7 @@ class VisionConfig(Strict):
         return self.pretrain.epochs + self.finetune.epochs
 
     def hash(self) -> str:
-        return config_hash(self)
+        return config_hash(self, drop=("pretrain_cache",))
 
 
 DEFAULT_PRESET = "configs/vision/embedded-compare.yaml"

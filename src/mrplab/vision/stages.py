@@ -131,11 +131,12 @@ class StageResult:
     val: dict[str, float] = field(default_factory=dict)  # accuracy on the validation images, if any
     images: int | None = None  # training images of the stage
     batch: int | None = None  # the batch it trained with (the recipe's, at most the images)
+    reused: bool = False  # a pretrain stage loaded from the shared cache (config pretrain_cache), not trained
 
     def record(self) -> dict:
         s = self.stage
         return {"stage": s.key, "kind": s.kind, "seed": s.seed, "method": s.method, "steps": self.steps,
-                "images": self.images, "batch": self.batch, "wall_s": self.wall_s,
+                "images": self.images, "batch": self.batch, "reused": self.reused, "wall_s": self.wall_s,
                 **{f"test_{k}": v for k, v in self.test.items()}, **{f"val_{k}": v for k, v in self.val.items()}}
 
 

@@ -25,8 +25,8 @@ from mrplab import runtime
 from mrplab.errors import MrplabError
 from mrplab.io import atomic_write_text, dumps, git_commit
 from mrplab.runtime import resolve_device
-from mrplab.vision import report, splits
-from mrplab.vision.checkpoints import Provenance, cpu_state, load_encoder, read_safetensors, save_stage
+from mrplab.vision import checkpoints, report, splits
+from mrplab.vision.checkpoints import Provenance, cpu_state, load_encoder, load_weights, read_safetensors, save_stage
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, channel_stats, load_split
 from mrplab.vision.engine import Compute, Dist, LinearProbe, Loop, evaluate, fit, param_groups, seeded_init
@@ -80,7 +80,17 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
         load_encoder(Path(stage.init) if state is None else state, encoder)
         with seeded_init(stage.seed, f"vision/{stage.key}/head-init"):
             encoder.reset_head(k)
-    if stage.kind == "pretrain":
+    cached = (checkpoints.cached_pretrainer(Path(cfg.pretrain_cache), checkpoints.pretrain_key(cfg, stage))
+              if stage.kind == "pretrain" and cfg.pretrain_cache else None)
+    if cached is not None:  # pretrained by an earlier run with the same pretraining: load it
+        pre = _pretrainer(cfg, stage, encoder).to(loop.device)
+        load_weights(cached[0], pre, "cached pretrained model")
+        info = {"steps": cached[1]["steps"], "batch": cached[1].get("batch")}
+        loop.emit({"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method,
+                   "event": "reused", "step": info["steps"], "from": str(cached[0].parent)})
+        module, test_acc, val_acc = pre, {}, {}
+        encoders[stage.key] = cpu_state(pre.encoder)
+    elif stage.kind == "pretrain":
         pre = _pretrainer(cfg, stage, encoder).to(loop.device)
         groups = param_groups([list(pre.named_parameters())], cfg.pretrain.lr, cfg.pretrain.weight_decay)
         p = cfg.pretrain
@@ -110,6 +120,10 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
                    **{f"val_{k}": v for k, v in val_acc.items()}})
     result = StageResult(stage, info["steps"], time.perf_counter() - t0, test_acc, module, val_acc,
                          len(loop.train), info["batch"])
+    if stage.kind == "pretrain" and cfg.pretrain_cache and cached is None and loop.dist.rank == 0:
+        checkpoints.store_pretrainer(Path(cfg.pretrain_cache), checkpoints.pretrain_key(cfg, stage), module,
+                                     result.record(), loop.prov)
+    result.reused = cached is not None
     if loop.folder is not None:
         save_stage(loop.folder, loop.prov, cfg, result)
     return result
