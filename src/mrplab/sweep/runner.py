@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from mrplab.errors import MrplabError
 from mrplab.io import atomic_write_text, command_line, git_commit
-from mrplab.sweep import executors
+from mrplab.sweep import executors, tracks
 from mrplab.sweep.spec import PlannedRun, Sweep
 from mrplab.sweep.store import DB_NAME, Store
 from mrplab.sweep.worker import now_iso, run_one
@@ -119,29 +119,50 @@ def run_sweep(
             ex = executors.make_executor(executor, len(todo), workers, address)
             desc = ex.describe()
             progress.start(len(sweep.runs), done_before, len(todo), desc)
-            executed = _drive(ex, store, todo, progress, run_fn)
+            executed = _drive(ex, store, todo, progress, run_fn, folder)
         status = store.statuses()
         failed = [r.key for r in sweep.runs if status.get(r.key) == "failed"]
     return SweepOutcome(folder=folder, planned=len(sweep.runs), skipped=done_before, executed=executed,
                         failed=failed, executor=desc)
 
 
-def _drive(ex: Any, store: Store, todo: list[PlannedRun], progress: Progress, run_fn: Callable[..., Any]) -> int:
-    provenance = {"git_commit": git_commit(), "command": command_line()}
+def _next_run(queue: deque, leading: set[str], started: set[str]) -> PlannedRun | None:
+    """The next run that may start: the first of its group starts alone; the rest of a group wait until it
+    has finished (it did the shared work, or failed and they do it themselves)."""
+    for i, run in enumerate(queue):
+        if run.group is None or (run.group not in leading and run.group in started):
+            del queue[i]
+            return run
+        if run.group not in started:
+            started.add(run.group)
+            leading.add(run.group)
+            del queue[i]
+            return run
+    return None
+
+
+def _drive(ex: Any, store: Store, todo: list[PlannedRun], progress: Progress, run_fn: Callable[..., Any],
+           folder: Path) -> int:
+    provenance = {"git_commit": git_commit(), "command": command_line(), "runs_dir": str(folder.resolve() / "runs")}
     queue = deque(todo)
+    leading: set[str] = set()  # groups whose first run is in flight
+    started: set[str] = set()
     in_flight: dict[Future, PlannedRun] = {}
     executed = 0
     clean = False
     try:
         while queue or in_flight:
             while queue and len(in_flight) < ex.slots:
-                run = queue.popleft()
+                run = _next_run(queue, leading, started)
+                if run is None:
+                    break
                 store.mark_running(run.key, now_iso(), ex.threads)
-                cfg_json = run.cfg.model_dump(mode="json")
+                cfg_json = tracks.get(run.track).prepare(run.cfg.model_dump(mode="json"), folder)
                 in_flight[ex.submit(run_fn, run.track, cfg_json, ex.threads, {**provenance, "config_hash": run.key})] = run
             done, _ = wait(list(in_flight), timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in done:
                 run = in_flight.pop(fut)
+                leading.discard(run.group)
                 try:
                     out = fut.result()
                 except Exception as err:  # noqa: BLE001 - the worker died (killed, out of memory, lost node) or raised

@@ -90,6 +90,7 @@ class PlannedRun:
     axes: dict[str, Any]  # axis key -> value of this run (grid and zip axes)
     cfg: BaseModel  # the track's config model
     track: str = "theory"
+    group: str | None = None  # runs of one group share expensive work; the first runs before the others start
 
 
 @dataclass
@@ -354,7 +355,8 @@ def _expand(spec: SweepFile, base: dict[str, Any], source: Path | None) -> tuple
                 raise _err(source, f"runs {_describe(by_key[key])} and {_describe({**axes, 'seed': seed})} resolve to "
                                    "the same config", "make the axis values distinct")
             by_key[key] = {**axes, "seed": seed}
-            runs.append(PlannedRun(key=key, setting=setting_hash(cfg), seed=seed, axes=axes, cfg=cfg, track=track.name))
+            runs.append(PlannedRun(key=key, setting=setting_hash(cfg), seed=seed, axes=axes, cfg=cfg, track=track.name,
+                                   group=track.group(cfg)))
     return list(seeds), runs
 
 

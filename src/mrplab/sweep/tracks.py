@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -33,6 +34,11 @@ class Track:
     default_metrics: tuple[str, ...]  # what a report shows when the study names none
     run: Callable[[Any, str, dict[str, Any]], dict[str, Any]]  # (cfg, key, provenance) -> summary
     columns: Callable[[dict[str, Any]], dict[str, Any]]  # summary -> store columns
+    prepare: Callable[[dict[str, Any], Path], dict[str, Any]] = lambda cfg_json, folder: cfg_json
+    """(config as JSON, sweep folder) -> the config a worker runs: settings that do not change the run's key"""
+    group: Callable[[Any], str | None] = lambda cfg: None
+    """runs of one group share expensive work (vision: a pretraining); the driver runs a group's first run
+    alone before the others start"""
 
 
 # --------------------------------------------------------------------------- theory
@@ -46,7 +52,8 @@ def _theory_run(cfg: TheoryConfig, key: str, provenance: dict[str, Any]) -> dict
 
     t0 = time.perf_counter()
     result = experiment.run(cfg)
-    return build_summary(result, key, time.perf_counter() - t0, {**provenance, "config_hash": key})
+    prov = {k: v for k, v in provenance.items() if k != "runs_dir"}  # theory sweep runs write no run folder
+    return build_summary(result, key, time.perf_counter() - t0, {**prov, "config_hash": key})
 
 
 def _theory_columns(summary: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +88,96 @@ THEORY = Track(
     columns=_theory_columns,
 )
 
-TRACKS: dict[str, Track] = {t.name: t for t in (THEORY,)}
+# --------------------------------------------------------------------------- vision
+
+ARMS = {"sl": "SL from scratch", **{f"{m}_ft": f"{m} -> FT" for m in ("mae", "data2vec")}}
+_ACCS = {"acc": "test accuracy", "acc_multi": "multi-view test accuracy", "acc_single": "single-view test accuracy",
+         "val_acc": "validation accuracy"}
+
+
+def _vision_labels() -> dict[str, str]:
+    out = {f"probe.{arm}_{k}": f"{name}: {label}" for arm, name in ARMS.items() for k, label in _ACCS.items()}
+    for m in ("mae", "data2vec"):
+        out[f"probe.{m}_gap"] = f"{m} -> FT minus SL: test accuracy"
+        out[f"probe.{m}_gap_single"] = f"{m} -> FT minus SL: single-view test accuracy"
+        out[f"probe.{m}_gap_multi"] = f"{m} -> FT minus SL: multi-view test accuracy"
+    return out
+
+
+VISION_LABELS = _vision_labels()
+
+
+def _vision_run(cfg: Any, key: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    import json
+    import tempfile
+
+    from mrplab.vision import train
+
+    out = provenance.get("runs_dir")
+    with tempfile.TemporaryDirectory(prefix="mrplab-vision-") as tmp:
+        res = train.run(cfg, "compare", out or tmp, argv=provenance.get("command"))
+        return json.loads((res.path / "summary.json").read_text())
+
+
+def _vision_columns(summary: dict[str, Any]) -> dict[str, Any]:
+    """Per arm (SL from scratch, <method> -> FT) its accuracies, and each method's gap to SL, as store columns."""
+    cols: dict[str, Any] = {}
+    for st in summary.get("stages", []):
+        arm = "sl" if st["kind"] == "scratch" else f"{st['method']}_ft" if st["kind"] == "finetune" else None
+        if arm is None:
+            continue
+        for k in ("acc", "acc_multi", "acc_single"):
+            cols[f"probe.{arm}_{k}"] = st.get(f"test_{k}")
+        cols[f"probe.{arm}_val_acc"] = st.get("val_acc")
+        cols[f"time.{st['stage'].split('-', 1)[1]}_s"] = st.get("wall_s")
+    for m in ("mae", "data2vec"):
+        for k, suffix in (("acc", ""), ("acc_single", "_single"), ("acc_multi", "_multi")):
+            a, b = cols.get(f"probe.{m}_ft_{k}"), cols.get(f"probe.sl_{k}")
+            if a is not None and b is not None:
+                cols[f"probe.{m}_gap{suffix}"] = a - b
+    cols["summary"] = json.dumps(summary)
+    return cols
+
+
+def _vision_prepare(cfg_json: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A sweep's pretrainings are shared by its runs: pretrain_cache defaults to <sweep folder>/pretrained."""
+    if not cfg_json.get("pretrain_cache"):
+        cfg_json = {**cfg_json, "pretrain_cache": str(Path(folder).resolve() / "pretrained")}
+    return cfg_json
+
+
+def _vision_group(cfg: Any) -> str | None:
+    """The pretraining a single-seed compare run needs (its methods in one key): runs that share it wait for
+    the first of them."""
+    from mrplab.config import config_hash
+    from mrplab.vision import checkpoints, stages
+
+    keys = [checkpoints.pretrain_key(cfg, stages.Stage("pretrain", cfg.seeds[0], m)) for m in cfg.compare_methods]
+    return config_hash({"pretrain": keys})
+
+
+def _vision_config() -> type[BaseModel]:
+    from mrplab.vision.config import VisionConfig
+
+    return VisionConfig
+
+
+VISION = Track(
+    name="vision",
+    config=_vision_config(),
+    keys_doc="configs/vision/embedded-compare.yaml",
+    metrics_doc="src/mrplab/sweep/tracks.py (VISION_LABELS)",
+    result_columns=lambda: set(VISION_LABELS) | {f"time.{k}_s" for k in ("scratch",)} | {"wall_s"},
+    labels=VISION_LABELS,
+    default_metrics=("probe.sl_acc", "probe.mae_ft_acc", "probe.sl_acc_single", "probe.mae_ft_acc_single",
+                     "probe.mae_gap", "probe.mae_gap_single"),
+    run=_vision_run,
+    columns=_vision_columns,
+    prepare=_vision_prepare,
+    group=_vision_group,
+)
+
+TRACKS: dict[str, Track] = {t.name: t for t in (THEORY, VISION)}
 
 
 def get(name: str) -> Track:
