@@ -125,3 +125,28 @@ def test_a_shared_pretraining_is_reused_by_other_label_counts(tmp_path):
     # a different pretraining (another seed) is not confused with it
     other = train.run(vconfig.load(None, [*base, "seeds=[1]"]), "compare", tmp_path / "d")
     assert not rec(other, "s1-mae-pretrain")["reused"] and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_the_epochs_menu_is_chosen_on_validation_never_on_test():
+    from mrplab.vision import report
+
+    rec = lambda kind, seed, e, val, test: {"kind": kind, "seed": seed, "method": "mae" if kind == "finetune" else None,  # noqa: E731
+                                            "epochs": e, "val_acc": val, "test_acc": test}
+    recs = [rec("scratch", 0, 2, 0.5, 0.9), rec("scratch", 0, 5, 0.6, 0.1),  # the better test score is ignored
+            rec("finetune", 0, 2, 0.7, 0.3), rec("finetune", 0, 5, 0.7, 0.8)]  # a tie: the fewer epochs
+    report.select(recs)
+    assert [r["selected"] for r in recs] == [False, True, True, False]
+    table = report.accuracy_table(recs)
+    assert [(r["approach"], r["epochs"], r["acc"]) for r in table] == [("SL from scratch", 5, 0.1),
+                                                                        ("MAE -> FT", 2, 0.3)]
+    assert len(report.accuracy_table(recs, menu=True)) == 4
+
+
+def test_the_epochs_menu_needs_validation_images():
+    with pytest.raises(MrplabError, match="set labels.val_fraction > 0"):
+        vconfig.load(None, ["finetune.epochs_menu=[2, 5]"])
+    cfg = vconfig.load(None, ["finetune.epochs_menu=[2, 5]", "labels.val_fraction=0.2", "seeds=[0]"])
+    from mrplab.vision.stages import plan
+
+    assert [s.key for s in plan(cfg, "compare")] == ["s0-scratch-e2", "s0-scratch-e5", "s0-mae-pretrain",
+                                                      "s0-mae-finetune-e2", "s0-mae-finetune-e5"]

@@ -92,7 +92,7 @@ THEORY = Track(
 
 ARMS = {"sl": "SL from scratch", **{f"{m}_ft": f"{m} -> FT" for m in ("mae", "data2vec")}}
 _ACCS = {"acc": "test accuracy", "acc_multi": "multi-view test accuracy", "acc_single": "single-view test accuracy",
-         "val_acc": "validation accuracy"}
+         "val_acc": "validation accuracy", "epochs": "epochs chosen on validation"}
 
 
 def _vision_labels() -> dict[str, str]:
@@ -124,11 +124,12 @@ def _vision_columns(summary: dict[str, Any]) -> dict[str, Any]:
     cols: dict[str, Any] = {}
     for st in summary.get("stages", []):
         arm = "sl" if st["kind"] == "scratch" else f"{st['method']}_ft" if st["kind"] == "finetune" else None
-        if arm is None:
+        if arm is None or not st.get("selected", True):  # with an epochs menu: the validation-chosen stage
             continue
         for k in ("acc", "acc_multi", "acc_single"):
             cols[f"probe.{arm}_{k}"] = st.get(f"test_{k}")
         cols[f"probe.{arm}_val_acc"] = st.get("val_acc")
+        cols[f"probe.{arm}_epochs"] = st.get("epochs")
         cols[f"time.{st['stage'].split('-', 1)[1]}_s"] = st.get("wall_s")
     for m in ("mae", "data2vec"):
         for k, suffix in (("acc", ""), ("acc_single", "_single"), ("acc_multi", "_multi")):

@@ -115,7 +115,7 @@ def save_stage(folder: VisionRunFolder, prov: Provenance, cfg: VisionConfig, res
             "finetune": "fine-tuned encoder with its head", "scratch": "encoder with its head, trained from scratch",
             "linprobe": "frozen encoder with a trained linear head"}[stage.kind]
     fields = {"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method, "what": what,
-              "init": stage.init, "step": result.steps, "epoch": hyper(cfg, stage.kind).epochs,
+              "init": stage.init, "step": result.steps, "epoch": hyper(cfg, stage).epochs,
               "test": result.test}
     if stage.kind == "pretrain":
         save_weights(folder.ckpt / f"{stage.key}.encoder.safetensors", result.module.encoder, meta)

@@ -86,6 +86,10 @@ class FinetuneConfig(Strict):
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(2.0, ge=0.0)
     layer_decay: float = Field(0.9, gt=0.0, le=1.0, description="fine-tuning: lr x decay^(layers above); 1 = off")
+    epochs_menu: list[int] | None = Field(
+        None, min_length=1, description="SL from scratch and fine-tuning each train once per entry (epochs) and keep "
+        "the one with the best validation accuracy (needs labels.val_fraction > 0); null = epochs as above"
+    )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
@@ -158,6 +162,12 @@ class VisionConfig(Strict):
             )
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
             raise ValueError("methods must be distinct")
+        menu = self.finetune.epochs_menu
+        if menu is not None:
+            if any(e < 1 for e in menu) or len(set(menu)) != len(menu):
+                raise ValueError(f"finetune.epochs_menu must hold distinct positive epochs (got {menu})")
+            if self.labels.val_fraction <= 0:
+                raise ValueError("finetune.epochs_menu chooses on validation images: set labels.val_fraction > 0")
         pd = self.pretrain.data
         if pd.source == "embedded" and self.data.source != "embedded":
             raise ValueError("pretrain.data.source embedded needs data.source embedded (the same motif bank)")

@@ -179,7 +179,7 @@ def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mas
         after_step: Callable[[int, int], None] | None = None, collapse: CollapseCheck | None = None) -> dict:
     """Train ``module`` for the stage's epochs (continuing from ``loop.resume`` if given); returns {steps}."""
     cfg, stage, data = loop.cfg, loop.stage, loop.train
-    hp = hyper(cfg, stage.kind)
+    hp = hyper(cfg, stage)
     per_epoch, total, B = stage_steps(cfg, stage, len(data))
     if B % loop.dist.world:
         raise MrplabError(f"batch {B} does not split over {loop.dist.world} processes", "use a batch divisible by it")

@@ -37,23 +37,47 @@ def approach(rec: dict) -> str:
     return {"scratch": "SL from scratch", "finetune": f"{m} -> FT", "linprobe": f"{m} linear probe"}[rec["kind"]]
 
 
-def accuracy_table(stage_records: list[dict]) -> list[dict]:
-    """One row per supervised stage: approach, seed and the test accuracies it measured."""
+def select(stage_records: list[dict]) -> None:
+    """Mark each supervised stage ``selected``: without an epochs menu every one; with it, per seed and
+    approach the stage with the best validation accuracy (ties: fewer epochs). The test split plays no part."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in stage_records:
+        if rec["kind"] != "pretrain":
+            groups.setdefault((approach(rec), rec["seed"]), []).append(rec)
+    for recs in groups.values():
+        best = min(recs, key=lambda r: (-_num(r.get("val_acc")), r.get("epochs") or 0))
+        for r in recs:
+            r["selected"] = r is best
+
+
+def _num(x) -> float:
+    return -math.inf if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def accuracy_table(stage_records: list[dict], menu: bool = False) -> list[dict]:
+    """One row per selected supervised stage (every menu stage with ``menu``): approach, seed, epochs (menu
+    stages) and the test accuracies it measured."""
     rows = []
     for rec in stage_records:
-        if rec["kind"] == "pretrain":
+        if rec["kind"] == "pretrain" or not (menu or rec.get("selected", True)):
             continue
         row = {"approach": approach(rec), "seed": rec["seed"]}
+        if rec.get("epochs") is not None:
+            row["epochs"] = rec["epochs"]
+            row["val_acc"] = rec.get("val_acc")
         row.update({k: rec.get(f"test_{k}") for k, _ in ACC_KEYS})
         rows.append(row)
     return rows
 
 
-def mean_rows(table: list[dict]) -> list[dict]:
-    """Per approach (in first-seen order): mean and std over seeds of every accuracy column."""
+def mean_rows(table: list[dict], by_epochs: bool = False) -> list[dict]:
+    """Per approach (and epochs, with ``by_epochs``), in first-seen order: mean and std over seeds of every
+    accuracy column."""
     out = []
-    for name in dict.fromkeys(r["approach"] for r in table):
-        rows = [r for r in table if r["approach"] == name]
+    key = (lambda r: (r["approach"], r.get("epochs"))) if by_epochs else (lambda r: r["approach"])
+    for group in dict.fromkeys(key(r) for r in table):
+        rows = [r for r in table if key(r) == group]
+        name = rows[0]["approach"] + (f" ({rows[0]['epochs']} epochs)" if by_epochs else "")
         agg = {"approach": name, "seeds": len(rows)}
         for k, _ in ACC_KEYS:
             mean, std = mean_std(r[k] for r in rows)
@@ -72,12 +96,17 @@ def table_columns(table: list[dict]) -> list[tuple[str, str]]:
     return [(k, label) for k, label in ACC_KEYS if any(r.get(k) is not None for r in table)]
 
 
-def markdown_table(table: list[dict]) -> str:
+def markdown_table(table: list[dict], by_epochs: bool = False) -> str:
+    """Per approach and seed its test accuracies (and with an epochs menu the chosen epochs and the validation
+    accuracy that chose them), then the means over seeds (per approach, or per approach and epochs)."""
     cols = table_columns(table)
-    rows = [(r["approach"], r["seed"], *(_pct(r[k]) for k, _ in cols)) for r in table]
-    rows += [(f"**{m['approach']}**", f"mean of {m['seeds']}",
-              *(f"**{_pct(m[k])}** ± {_pct(m[k + '_std'])}" for k, _ in cols)) for m in mean_rows(table)]
-    return "\n".join(md_table(("approach", "seed", *(f"{label} acc (%)" for _, label in cols)), rows))
+    menu = any("epochs" in r for r in table)
+    extra = (lambda r: (r.get("epochs"), _pct(r.get("val_acc")))) if menu else (lambda r: ())
+    rows = [(r["approach"], r["seed"], *extra(r), *(_pct(r[k]) for k, _ in cols)) for r in table]
+    rows += [(f"**{m['approach']}**", f"mean of {m['seeds']}", *(("", "") if menu else ()),
+              *(f"**{_pct(m[k])}** ± {_pct(m[k + '_std'])}" for k, _ in cols)) for m in mean_rows(table, by_epochs)]
+    head = ("approach", "seed", *(("epochs", "val acc (%)") if menu else ()), *(f"{label} acc (%)" for _, label in cols))
+    return "\n".join(md_table(head, rows))
 
 
 # --------------------------------------------------------------------------- figures
@@ -217,6 +246,7 @@ def summary(result, folder_name: str, prov, figure_files: list[str]) -> dict:
         "stages": result.stages,
         "table": result.table,
         "means": mean_rows(result.table),
+        **({"menu": result.menu, "menu_means": mean_rows(result.menu, by_epochs=True)} if result.menu else {}),
         "figures": figure_files,
         "runtime": result.runtime,
         "wall_s": result.wall_s,
@@ -245,7 +275,15 @@ def render(s: dict, cfg: "VisionConfig", figure_files: list[str]) -> str:
         "",
     ]
     if s["table"]:
-        lines += ["## Test accuracy", "", markdown_table(s["table"]), ""]
+        lines += ["## Test accuracy", ""]
+        if s.get("menu"):
+            lines += ["Each approach trained once per entry of `finetune.epochs_menu`; the row of a seed is the "
+                      "entry with the best validation accuracy (the test split chose nothing).", ""]
+        lines += [markdown_table(s["table"]), ""]
+    if s.get("menu"):
+        lines += ["## Every entry of the epochs menu", "", "Both arms at the same epochs on the same labelled "
+                  "images and batch: equal optimiser steps per row.", "", markdown_table(s["menu"], by_epochs=True),
+                  ""]
     lines += ["## Stages", "", "| stage | steps | wall (s) |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['steps']} | {r['wall_s']:.1f} |" for r in s["stages"]]
     lines.append("")

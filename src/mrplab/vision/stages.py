@@ -28,10 +28,12 @@ class Stage:
     seed: int
     method: str | None = None  # pretraining method; for finetune/linprobe the one that made the encoder
     init: str | None = None  # finetune/linprobe: encoder checkpoint file, or the key of an earlier stage
+    epochs: int | None = None  # one entry of finetune.epochs_menu; None: the recipe's epochs
 
     @property
     def key(self) -> str:
-        return "-".join(p for p in (f"s{self.seed}", self.method, self.kind) if p)
+        menu = f"e{self.epochs}" if self.epochs is not None else None
+        return "-".join(p for p in (f"s{self.seed}", self.method, self.kind, menu) if p)
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,9 @@ def section(kind: Kind) -> str:
     return {"pretrain": "pretrain", "linprobe": "linprobe"}.get(kind, "finetune")
 
 
-def hyper(cfg: VisionConfig, kind: Kind) -> Hyper:
+def hyper(cfg: VisionConfig, stage: Stage) -> Hyper:
+    """A stage's recipe; a stage of the epochs menu trains its own number of epochs."""
+    kind = stage.kind
     if kind == "pretrain":
         s = cfg.pretrain
         return Hyper(s.epochs, s.batch, s.lr, s.weight_decay, s.warmup_epochs)
@@ -56,7 +60,7 @@ def hyper(cfg: VisionConfig, kind: Kind) -> Hyper:
         s = cfg.linprobe
         return Hyper(s.epochs, s.batch, s.lr, s.weight_decay, s.warmup_epochs)
     f = cfg.finetune
-    epochs = cfg.scratch_epochs if kind == "scratch" else f.epochs
+    epochs = stage.epochs if stage.epochs is not None else cfg.scratch_epochs if kind == "scratch" else f.epochs
     return Hyper(epochs, f.batch, f.lr, f.weight_decay, f.warmup_epochs)
 
 
@@ -84,28 +88,35 @@ def plan(cfg: VisionConfig, command: str, init: Path | None = None) -> list[Stag
     """The stages of a command, in the order they run."""
     if command not in COMMANDS:
         raise MrplabError(f"unknown vision command '{command}'", f"use one of {', '.join(COMMANDS)}")
+    menu = cfg.finetune.epochs_menu or [None]  # SL from scratch and fine-tuning: one stage per menu entry
+
+    def supervised(kind: Kind, seed: int, method: str | None = None, init: str | None = None) -> list[Stage]:
+        return [Stage(kind, seed, method, init, e) for e in menu]
+
     stages: list[Stage] = []
     for seed in cfg.seeds:
         if command == "pretrain":
             stages += [Stage("pretrain", seed, m) for m in cfg.compare_methods]
         elif command == "scratch":
-            stages.append(Stage("scratch", seed))
+            stages += supervised("scratch", seed)
         elif command in ("finetune", "linprobe"):
             if init is None:
                 raise MrplabError(f"{command} needs a pretrained encoder", "pass --init PRETRAIN_RUN_FOLDER")
-            stages += [Stage(command, seed, m, str(p)) for m, p in _encoder_files(init, seed)]
+            for m, p in _encoder_files(init, seed):
+                stages += supervised(command, seed, m, str(p)) if command == "finetune" else [
+                    Stage(command, seed, m, str(p))]
         else:  # compare
-            stages.append(Stage("scratch", seed))
+            stages += supervised("scratch", seed)
             for m in cfg.compare_methods:
                 pre = Stage("pretrain", seed, m)
-                stages += [pre, Stage("finetune", seed, m, pre.key)]
+                stages += [pre, *supervised("finetune", seed, m, pre.key)]
     return stages
 
 
 def stage_steps(cfg: VisionConfig, stage: Stage, n_images: int) -> tuple[int, int, int]:
     """(steps per epoch, total steps, batch) on ``n_images`` training images: the batch is the recipe's,
     at most the images (a small labelled set trains full-batch); an epoch's incomplete last batch is dropped."""
-    h = hyper(cfg, stage.kind)
+    h = hyper(cfg, stage)
     if n_images < 1:
         raise MrplabError(f"stage {stage.key} has no training images", "check the data and labels sections")
     batch = min(h.batch, n_images)
@@ -135,7 +146,8 @@ class StageResult:
 
     def record(self) -> dict:
         s = self.stage
-        return {"stage": s.key, "kind": s.kind, "seed": s.seed, "method": s.method, "steps": self.steps,
+        return {"stage": s.key, "kind": s.kind, "seed": s.seed, "method": s.method, "epochs": s.epochs,
+                "steps": self.steps,
                 "images": self.images, "batch": self.batch, "reused": self.reused, "wall_s": self.wall_s,
                 **{f"test_{k}": v for k, v in self.test.items()}, **{f"val_{k}": v for k, v in self.val.items()}}
 

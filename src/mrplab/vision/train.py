@@ -151,6 +151,7 @@ class VisionResult:
     wall_s: float
     path: Path | None = None
     runtime: dict = field(default_factory=dict)  # threads and precision used, and why
+    menu: list[dict] = field(default_factory=list)  # with finetune.epochs_menu: a row per menu stage
 
 
 def _dist_setup(cfg: VisionConfig) -> tuple[Dist, torch.device, bool]:
@@ -298,10 +299,13 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
                     modules[stage.key] = res.module
                     records[stage.key] = res.record()
                 ordered = [records[s.key] for s in stages]
+                report.select(ordered)
                 result = VisionResult(given, command, ordered, modules, report.accuracy_table(ordered),
                                       time.perf_counter() - t0,
                                       runtime={**share.record(), "precision": cfg.precision,
-                                               "precision_reason": precision_reason})
+                                               "precision_reason": precision_reason},
+                                      menu=report.accuracy_table(ordered, menu=True) if cfg.finetune.epochs_menu
+                                      else [])
                 if folder is not None:
                     figure_files = report.write_figures(folder.partial / "figures", folder.records, modules, test,
                                                         mean, std, cfg, device)
