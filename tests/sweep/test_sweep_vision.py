@@ -21,10 +21,11 @@ from mrplab.sweep.store import DB_NAME, Store
 VISION_BASE = {
     "data": {"image_size": 16, "n_train": 80, "n_test": 32},
     "pretrain": {"epochs": 1, "data": {"source": "embedded", "n_images": 48}},
-    "finetune": {"epochs": 1},
     "model": {"decoder_dim": 32},
     "checkpoint_every": 0,
     "precision": "fp32",
+    "labels": {"val_fraction": 0.0},
+    "finetune": {"epochs": 1, "epochs_menu": None},
 }
 
 

@@ -38,8 +38,13 @@ def test_labelled_subset_is_balanced_deterministic_and_disjoint_from_validation(
 def test_fraction_and_everything():
     p = pool((50, 40, 60))
     f = splits.labelled_subset(p, vconfig.LabelsConfig(fraction=0.1), seed=0)
-    assert torch.bincount(p.labels[f.train], minlength=3).tolist() == [5, 4, 6] and len(f.val) == 0
-    full = splits.labelled_subset(p, vconfig.LabelsConfig(), seed=0)
+    assert torch.bincount(p.labels[f.train], minlength=3).tolist() == [4, 3, 5]  # 5, 4, 6 less one each
+    assert torch.bincount(p.labels[f.val], minlength=3).tolist() == [1, 1, 1]  # val_fraction 0.2, at least 1
+    # a fraction given alone replaces the default per_class; given beside an explicit one it is an error
+    assert vconfig.load(None, ["labels.fraction=0.1"]).labels.per_class is None
+    with pytest.raises(MrplabError, match="not both"):
+        vconfig.load(None, ["labels.fraction=0.1", "labels.per_class=5"])
+    full = splits.labelled_subset(p, vconfig.LabelsConfig(per_class=None, val_fraction=0), seed=0)
     assert torch.equal(full.train, torch.arange(150)) and len(full.val) == 0  # the old behaviour, in order
 
 
@@ -91,7 +96,7 @@ def test_folder_pretraining_reads_train_only_and_subsets(tmp_path):
 def test_a_run_trains_on_its_subsets_and_writes_the_index(tmp_path):
     cfg = vconfig.load(None, ["data.image_size=16", "data.n_train=80", "data.n_test=32", "seeds=[0, 1]",
                               "pretrain.epochs=1", "finetune.epochs=1", "pretrain.batch=1000", "checkpoint_every=0",
-                              "labels.per_class=5", "labels.val_fraction=0.2", "precision=fp32",
+                              "labels.per_class=5", "labels.val_fraction=0.2", "precision=fp32", "finetune.epochs_menu=null",
                               "pretrain.data.source=embedded", "pretrain.data.n_images=48", "model.decoder_dim=32"])
     res = train.run(cfg, "compare", tmp_path)
     by_stage = {r["stage"]: r for r in res.stages}
@@ -108,6 +113,7 @@ def test_a_run_trains_on_its_subsets_and_writes_the_index(tmp_path):
 def test_a_shared_pretraining_is_reused_by_other_label_counts(tmp_path):
     base = ["data.image_size=16", "data.n_train=80", "data.n_test=32", "seeds=[0]", "pretrain.epochs=1",
             "finetune.epochs=1", "checkpoint_every=0", "precision=fp32", "threads=2", "model.decoder_dim=32",
+            "finetune.epochs_menu=null", "labels.val_fraction=0",
             "pretrain.data.source=embedded", "pretrain.data.n_images=64", f"pretrain_cache={tmp_path / 'cache'}"]
     first = train.run(vconfig.load(None, [*base, "labels.per_class=10"]), "compare", tmp_path / "a")
     assert len(list((tmp_path / "cache").iterdir())) == 1  # one pretraining row ...
@@ -123,7 +129,7 @@ def test_a_shared_pretraining_is_reused_by_other_label_counts(tmp_path):
     c = load_file(str(fewer.path / "checkpoints" / "s0-mae-pretrain.encoder.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
     # a different pretraining (another seed) is not confused with it
-    other = train.run(vconfig.load(None, [*base, "seeds=[1]"]), "compare", tmp_path / "d")
+    other = train.run(vconfig.load(None, [*base, "seeds=[1]", "labels.per_class=10"]), "compare", tmp_path / "d")
     assert not rec(other, "s1-mae-pretrain")["reused"] and len(list((tmp_path / "cache").iterdir())) == 2
 
 
@@ -144,7 +150,7 @@ def test_the_epochs_menu_is_chosen_on_validation_never_on_test():
 
 def test_the_epochs_menu_needs_validation_images():
     with pytest.raises(MrplabError, match="set labels.val_fraction > 0"):
-        vconfig.load(None, ["finetune.epochs_menu=[2, 5]"])
+        vconfig.load(None, ["finetune.epochs_menu=[2, 5]", "labels.val_fraction=0"])
     cfg = vconfig.load(None, ["finetune.epochs_menu=[2, 5]", "labels.val_fraction=0.2", "seeds=[0]"])
     from mrplab.vision.stages import plan
 

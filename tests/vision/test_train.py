@@ -42,6 +42,11 @@ TINY = [
     "seeds=[0]",
     "log_every=1",
     "checkpoint_every=0",
+    # the engine's mechanics on the training images themselves: every image labelled, no epochs menu
+    "labels.per_class=null",
+    "labels.val_fraction=0",
+    "finetune.epochs_menu=null",
+    "pretrain.data.source=train",
 ]
 
 

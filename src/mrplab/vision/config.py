@@ -43,13 +43,13 @@ class ModelConfig(Strict):
 class PretrainDataConfig(Strict):
     """The unlabelled images pretraining sees, apart from the labelled downstream set (vision/splits.py)."""
 
-    source: Literal["train", "embedded", "folder"] = Field(
-        "train", description="train: data's training images with their labels dropped; embedded: an own set of "
+    source: Literal["auto", "train", "embedded", "folder"] = Field(
+        "auto", description="train: data's training images with their labels dropped; embedded: an own set of "
         "embedded motif images (own random stream, never a test image); folder: the train/ images of an "
-        "ImageFolder root (labels ignored)"
+        "ImageFolder root (labels ignored); auto: embedded for embedded data, train otherwise"
     )
-    n_images: int | None = Field(None, ge=1, description="images to pretrain on; null = all of the source (embedded: "
-                                 "data.n_train)")
+    n_images: int | None = Field(None, ge=1, description="images to pretrain on; null = all of the source "
+                                 "(embedded: 10 x data.n_train)")
     coverage: float = Field(1.0, gt=0.0, le=1.0, description="embedded: share of each downstream class's motifs that "
                             "pretraining shows (the first round(coverage x L) of each class)")
     extra_classes: int = Field(0, ge=0, description="embedded: classes that exist only in pretraining (own motifs)")
@@ -87,7 +87,7 @@ class FinetuneConfig(Strict):
     warmup_epochs: float = Field(2.0, ge=0.0)
     layer_decay: float = Field(0.9, gt=0.0, le=1.0, description="fine-tuning: lr x decay^(layers above); 1 = off")
     epochs_menu: list[int] | None = Field(
-        None, min_length=1, description="SL from scratch and fine-tuning each train once per entry (epochs) and keep "
+        [25, 50, 100, 200, 400], min_length=1, description="SL from scratch and fine-tuning each train once per entry (epochs) and keep "
         "the one with the best validation accuracy (needs labels.val_fraction > 0); null = epochs as above"
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -95,19 +95,22 @@ class FinetuneConfig(Strict):
 
 class LabelsConfig(Strict):
     """The labelled downstream set: a class-balanced subset of data's training images, and the validation
-    images carved from it (vision/splits.py). Neither set: every training image is labelled."""
+    images carved from it (vision/splits.py). Neither size set: every training image is labelled."""
 
-    per_class: int | None = Field(None, ge=1, description="labelled images per class")
+    per_class: int | None = Field(25, ge=1, description="labelled images per class (few labels: where pretraining "
+                                  "on many unlabelled images should pay); null with fraction null = all")
     fraction: float | None = Field(None, description="share of each class's training images that is labelled, "
                                    "0 < fraction <= 1")
     seed: int | None = Field(None, description="draws the subset; null = each run's own seed")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of each class's labelled images held out "
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of each class's labelled images held out "
                                 "for validation (at least one per class when > 0); they are not trained on")
 
     @model_validator(mode="after")
     def _one_size(self) -> "LabelsConfig":
         if self.per_class is not None and self.fraction is not None:
-            raise ValueError("give labels.per_class or labels.fraction, not both")
+            if "per_class" in self.model_fields_set:
+                raise ValueError("give labels.per_class or labels.fraction, not both (set the other to null)")
+            object.__setattr__(self, "per_class", None)  # a fraction replaces the default per_class
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"labels.fraction must be in (0, 1] (got {self.fraction})")
         return self
@@ -169,11 +172,12 @@ class VisionConfig(Strict):
             if self.labels.val_fraction <= 0:
                 raise ValueError("finetune.epochs_menu chooses on validation images: set labels.val_fraction > 0")
         pd = self.pretrain.data
+        source = pd.source if pd.source != "auto" else "embedded" if self.data.source == "embedded" else "train"
         if pd.source == "embedded" and self.data.source != "embedded":
             raise ValueError("pretrain.data.source embedded needs data.source embedded (the same motif bank)")
         if pd.source == "folder" and not (pd.root or self.data.root):
             raise ValueError("pretrain.data.source folder needs pretrain.data.root (or data.root)")
-        if pd.source == "embedded" and round(pd.coverage * self.data.motifs_per_class) < 1:
+        if source == "embedded" and round(pd.coverage * self.data.motifs_per_class) < 1:
             raise ValueError(f"pretrain.data.coverage {pd.coverage} leaves every class with no motif in pretraining "
                              f"(round({pd.coverage} x {self.data.motifs_per_class} motifs) = 0); raise it")
         return self

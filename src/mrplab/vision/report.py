@@ -267,8 +267,10 @@ def render(s: dict, cfg: "VisionConfig", figure_files: list[str]) -> str:
         + (f" -> {rt['precision']} ({rt['precision_reason']}); threads {rt['threads']} ({rt['threads_reason']})"
            if rt else ""),
         f"- epochs: pretrain {cfg.pretrain.epochs} ({', '.join(cfg.compare_methods)}, "
-        f"mask ratio {cfg.pretrain.mask_ratio}), fine-tune {cfg.finetune.epochs}, "
-        f"SL from scratch {cfg.scratch_epochs} (same augmentation)",
+        f"mask ratio {cfg.pretrain.mask_ratio}), "
+        + (f"fine-tune and SL from scratch: each entry of {cfg.finetune.epochs_menu}, chosen on validation"
+           if cfg.finetune.epochs_menu else f"fine-tune {cfg.finetune.epochs}, SL from scratch {cfg.scratch_epochs}")
+        + " (same augmentation)",
         f"- seeds: {', '.join(str(x) for x in s['seeds'])}",
         f"- config hash: `{s['config_hash']}`, git commit: `{s['git_commit'] or 'n/a'}`",
         f"- wall time: {s['wall_s']:.0f} s",
@@ -279,6 +281,11 @@ def render(s: dict, cfg: "VisionConfig", figure_files: list[str]) -> str:
         if s.get("menu"):
             lines += ["Each approach trained once per entry of `finetune.epochs_menu`; the row of a seed is the "
                       "entry with the best validation accuracy (the test split chose nothing).", ""]
+            top = max(cfg.finetune.epochs_menu or [0])
+            edge = sorted({f"{r['approach']} (seed {r['seed']})" for r in s["table"] if r.get("epochs") == top})
+            if edge:
+                lines += [f"Chosen at the longest entry ({top} epochs), so a longer schedule may do better: "
+                          f"{', '.join(edge)}.", ""]
         lines += [markdown_table(s["table"]), ""]
     if s.get("menu"):
         lines += ["## Every entry of the epochs menu", "", "Both arms at the same epochs on the same labelled "

@@ -70,18 +70,26 @@ def subset(data: ImageSet, idx: torch.Tensor) -> ImageSet:
                     motif_boxes=pick(data.motif_boxes), motif_present=pick(data.motif_present))
 
 
+def pretrain_source(cfg: VisionConfig) -> str:
+    """pretrain.data.source with auto resolved: embedded for embedded data, train otherwise."""
+    src = cfg.pretrain.data.source
+    return src if src != "auto" else "embedded" if cfg.data.source == "embedded" else "train"
+
+
 def pretrain_images(cfg: VisionConfig, pool: ImageSet) -> ImageSet:
     """The unlabelled images pretraining sees (labels, where present, are never used)."""
     pd, data = cfg.pretrain.data, cfg.data
-    if pd.source == "embedded":
-        return embedded_pretrain(data, pd.n_images or data.n_train, pd.coverage, pd.extra_classes, pd.single_view)
-    if pd.source == "folder":
+    source = pretrain_source(cfg)
+    if source == "embedded":
+        return embedded_pretrain(data, pd.n_images or 10 * data.n_train, pd.coverage, pd.extra_classes,
+                                 pd.single_view)
+    if source == "folder":
         images = load_split(data.model_copy(update={"source": "folder", "root": pd.root or data.root}), "train")
     else:
         images = pool
     if pd.n_images is None or pd.n_images >= len(images):
         if pd.n_images is not None and pd.n_images > len(images):
-            raise MrplabError(f"pretrain.data.n_images = {pd.n_images} but the {pd.source} source has "
+            raise MrplabError(f"pretrain.data.n_images = {pd.n_images} but the {source} source has "
                               f"{len(images)} images", f"use pretrain.data.n_images <= {len(images)} or null (all)")
         return images
     order = torch.randperm(len(images), generator=generator(data.bank_seed, "vision/pretrain-subset"))
