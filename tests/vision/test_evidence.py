@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from mrplab.cli import app
-from mrplab.vision import evidence
+from mrplab.vision import checkpoints
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.models import build_encoder
 
@@ -43,12 +43,12 @@ def assert_user_error(result, *words: str) -> None:
         assert w in line, (w, line)
 
 
-def test_load_model_reads_approach_seed_and_weights(tmp_path):
+def test_load_classifier_reads_approach_seed_and_weights(tmp_path):
     p = write_checkpoint(tmp_path / "checkpoints", "s1-mae-finetune", "finetune", 1, "mae")
-    m = evidence.load_model(p)
+    m = checkpoints.load_classifier(p)
     assert (m.approach, m.seed, m.label) == ("MRP+FT (mae)", 1, "MRP+FT (mae) s1")
     assert m.encoder.head.out_features == 3
-    sl = evidence.load_model(write_checkpoint(tmp_path / "checkpoints", "s1-scratch", "scratch", 1))
+    sl = checkpoints.load_classifier(write_checkpoint(tmp_path / "checkpoints", "s1-scratch", "scratch", 1))
     assert sl.approach == "SL"
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mrplab.errors import MrplabError
 from mrplab.vision import config as vconfig
 from mrplab.vision import splits, train
-from mrplab.vision.data import ImageSet, VisionDataConfig, load_split
+from mrplab.vision.data import ImageSet, load_split
 
 
 def pool(per_class: tuple[int, ...]) -> ImageSet:

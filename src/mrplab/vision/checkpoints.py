@@ -23,7 +23,7 @@ from mrplab.config import config_hash
 from mrplab.errors import MrplabError
 from mrplab.io import atomic_write_text, atomic_write_with, dumps
 from mrplab.vision.config import VisionConfig
-from mrplab.vision.models import Encoder
+from mrplab.vision.models import Encoder, build_encoder
 from mrplab.vision.run_folder import VisionRunFolder, read_stages
 from mrplab.vision.stages import Stage, StageResult, hyper
 
@@ -168,3 +168,100 @@ def store_pretrainer(cache: Path, key: str, module: nn.Module, record: dict, pro
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- classifiers (for `mrplab evidence`)
+
+
+@dataclass
+class Classifier:
+    path: Path
+    approach: str  # "SL", "MRP+FT (mae)", ...
+    seed: int
+    cfg: VisionConfig
+    encoder: Encoder
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or f"{self.approach} s{self.seed}"
+
+
+def _approach(sidecar: dict) -> str:
+    kind, method = sidecar.get("kind"), sidecar.get("method")
+    if kind == "scratch":
+        return "SL"
+    if kind == "finetune":
+        return f"MRP+FT ({method})" if method else "FT"
+    if kind == "linprobe":
+        return f"LP ({method})" if method else "LP"
+    raise MrplabError(
+        f"checkpoint kind '{kind}' has no classifier to explain",
+        "give a scratch, fine-tuned or linear-probe checkpoint (or a compare run folder)",
+    )
+
+
+def load_classifier(path: str | Path) -> Classifier:
+    """A classifier checkpoint of the vision track, with its sidecar's config; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise MrplabError(f"checkpoint {path} does not exist", "give a .safetensors file from a run's checkpoints/")
+    sidecar_path = path.with_suffix(".json")
+    if not sidecar_path.is_file():
+        raise MrplabError(f"{path} has no sidecar {sidecar_path.name}",
+                          "give a checkpoint written by `mrplab vision` (it writes <stage>.json beside it)")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+        cfg = VisionConfig.model_validate(sidecar["config"])
+    except Exception as err:  # noqa: BLE001 - any unreadable sidecar is the user's file problem
+        raise MrplabError(f"sidecar {sidecar_path} is not a vision checkpoint sidecar ({type(err).__name__})",
+                          "give a checkpoint written by `mrplab vision`") from None
+    approach = _approach(sidecar)
+    try:
+        state = load_file(str(path))
+    except Exception:  # noqa: BLE001
+        raise MrplabError(f"{path} is not a safetensors checkpoint", "give a .safetensors file from a run's checkpoints/") from None
+    if approach.startswith("LP"):  # LinearProbe wraps the encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    encoder = build_encoder(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, _num_classes(state, cfg))
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise MrplabError(f"{path} does not fit the model its sidecar describes ({cfg.model.name})",
+                          "give the checkpoint and sidecar written together by `mrplab vision`") from None
+    encoder.eval()
+    return Classifier(path, approach, int(sidecar.get("seed", 0)), cfg, encoder)
+
+
+def _num_classes(state: dict[str, torch.Tensor], cfg: VisionConfig) -> int:
+    for key in ("vit.head.weight", "net.fc.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    raise MrplabError("the checkpoint holds no classification head", "give a scratch or fine-tuned checkpoint")
+
+
+def _not_selected(run_dir: Path) -> set[str]:
+    """Stages of an epochs-menu run that validation did not choose (they are left out of a run folder's models)."""
+    try:
+        stages = json.loads((run_dir / "summary.json").read_text()).get("stages", [])
+    except (OSError, ValueError):
+        return set()
+    return {st["stage"] for st in stages if st.get("selected") is False}
+
+
+def classifier_files(paths: list[str]) -> list[Path]:
+    """Checkpoint files as given; a run folder contributes its supervised stages' checkpoints (with an epochs
+    menu, the stages validation chose)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            skip = _not_selected(p)
+            found = [c for c in sorted((p / "checkpoints").glob("*.safetensors"))
+                     if not c.name.endswith(".encoder.safetensors") and not c.name.startswith("resume")
+                     and c.stem not in skip and c.with_suffix(".json").is_file()
+                     and json.loads(c.with_suffix(".json").read_text()).get("kind") in ("scratch", "finetune", "linprobe")]
+            if not found:
+                raise MrplabError(f"{p} holds no classifier checkpoints", "give a `mrplab vision` run folder or .safetensors files")
+            out += found
+        else:
+            out.append(p)
+    return out

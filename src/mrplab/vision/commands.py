@@ -205,10 +205,11 @@ def evidence(
         if cam not in ("eigencam", "gradcam", "both"):
             raise MrplabError(f"--cam {cam} is not a CAM method", "use eigencam, gradcam or both")
         from mrplab.vision import evidence as ev_mod
+        from mrplab.vision.checkpoints import classifier_files, load_classifier
 
         data = None
         if data_root is not None:
-            first = ev_mod.load_model(ev_mod.expand_models(models)[0])
+            first = load_classifier(classifier_files(models)[0])
             data = first.cfg.data.model_copy(update={"source": "folder", "root": str(data_root)})
         methods = ev_mod.CAM_METHODS if cam == "both" else (cam,)
         path = ev_mod.run_evidence(models, data, out, n_images, methods,

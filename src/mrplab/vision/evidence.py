@@ -15,7 +15,6 @@ Approaches: "SL" (scratch), "MRP+FT (mae)", "MRP+FT (data2vec)", "LP (...)".
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -25,107 +24,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 
 from mrplab.errors import MrplabError
 from mrplab.stats import md_table, mean_std
 from mrplab.io import atomic_write_text, dumps, git_commit, save_figure, timestamp
 from mrplab.vision import measures
-from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, VisionDataConfig, channel_stats, load_split, normalize
-from mrplab.vision.models import Encoder, build_encoder
+from mrplab.vision.checkpoints import Classifier, classifier_files, load_classifier
 
 CAM_METHODS = ("eigencam", "gradcam")
 SINGLE_VIEW_RECOGNISED = 0.8  # a (class, motif) pair counts as recognised from that motif alone at >= this accuracy
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- the models
 
 
-@dataclass
-class Model:
-    path: Path
-    approach: str  # "SL", "MRP+FT (mae)", ...
-    seed: int
-    cfg: VisionConfig
-    encoder: Encoder
-    label: str = ""
-
-    def __post_init__(self) -> None:
-        self.label = self.label or f"{self.approach} s{self.seed}"
-
-
-def _approach(sidecar: dict) -> str:
-    kind, method = sidecar.get("kind"), sidecar.get("method")
-    if kind == "scratch":
-        return "SL"
-    if kind == "finetune":
-        return f"MRP+FT ({method})" if method else "FT"
-    if kind == "linprobe":
-        return f"LP ({method})" if method else "LP"
-    raise MrplabError(
-        f"checkpoint kind '{kind}' has no classifier to explain",
-        "give a scratch, fine-tuned or linear-probe checkpoint (or a compare run folder)",
-    )
-
-
-def load_model(path: str | Path) -> Model:
-    """A classifier checkpoint of the vision track, with its sidecar's config; clear errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise MrplabError(f"checkpoint {path} does not exist", "give a .safetensors file from a run's checkpoints/")
-    sidecar_path = path.with_suffix(".json")
-    if not sidecar_path.is_file():
-        raise MrplabError(f"{path} has no sidecar {sidecar_path.name}",
-                          "give a checkpoint written by `mrplab vision` (it writes <stage>.json beside it)")
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-        cfg = VisionConfig.model_validate(sidecar["config"])
-    except Exception as err:  # noqa: BLE001 - any unreadable sidecar is the user's file problem
-        raise MrplabError(f"sidecar {sidecar_path} is not a vision checkpoint sidecar ({type(err).__name__})",
-                          "give a checkpoint written by `mrplab vision`") from None
-    approach = _approach(sidecar)
-    try:
-        state = load_file(str(path))
-    except Exception:  # noqa: BLE001
-        raise MrplabError(f"{path} is not a safetensors checkpoint", "give a .safetensors file from a run's checkpoints/") from None
-    if approach.startswith("LP"):  # LinearProbe wraps the encoder
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    encoder = build_encoder(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, _num_classes(state, cfg))
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise MrplabError(f"{path} does not fit the model its sidecar describes ({cfg.model.name})",
-                          "give the checkpoint and sidecar written together by `mrplab vision`") from None
-    encoder.eval()
-    return Model(path, approach, int(sidecar.get("seed", 0)), cfg, encoder)
-
-
-def _num_classes(state: dict[str, torch.Tensor], cfg: VisionConfig) -> int:
-    for key in ("vit.head.weight", "net.fc.weight"):
-        if key in state:
-            return int(state[key].shape[0])
-    raise MrplabError("the checkpoint holds no classification head", "give a scratch or fine-tuned checkpoint")
-
-
-def expand_models(paths: list[str]) -> list[Path]:
-    """Checkpoint files as given; a run folder contributes its supervised stages' checkpoints."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = [c for c in sorted((p / "checkpoints").glob("*.safetensors"))
-                     if not c.name.endswith(".encoder.safetensors") and not c.name.startswith("resume")
-                     and c.with_suffix(".json").is_file()
-                     and json.loads(c.with_suffix(".json").read_text()).get("kind") in ("scratch", "finetune", "linprobe")]
-            if not found:
-                raise MrplabError(f"{p} holds no classifier checkpoints", "give a `mrplab vision` run folder or .safetensors files")
-            out += found
-        else:
-            out.append(p)
-    return out
-
-
-def check_compatible(models: list[Model], data: VisionDataConfig) -> int:
+def check_compatible(models: list[Classifier], data: VisionDataConfig) -> int:
     """All models classify the same classes as the data; returns the number of classes."""
     k = {m.label: m.encoder.head.out_features for m in models}
     n_data = data.num_classes if data.source == "embedded" else None
@@ -152,7 +66,7 @@ def _vit_reshape(grid: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor
     return reshape
 
 
-def cam_maps(model: Model, x: torch.Tensor, targets: torch.Tensor, method: str, batch: int = 64) -> torch.Tensor:
+def cam_maps(model: Classifier, x: torch.Tensor, targets: torch.Tensor, method: str, batch: int = 64) -> torch.Tensor:
     """Class-activation maps [B, H, W] in [0, 1] for normalised images x [B, 3, H, W].
 
     Eigen-CAM: the first principal component of the last stage's activations (class-agnostic, what the
@@ -178,7 +92,7 @@ def cam_maps(model: Model, x: torch.Tensor, targets: torch.Tensor, method: str, 
 
 
 @torch.no_grad()
-def predict(model: Model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def predict(model: Classifier, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([model.encoder(x[a:a + batch]).argmax(-1) for a in range(0, len(x), batch)])
 
 
@@ -216,7 +130,7 @@ def single_view_by_motif(pred: torch.Tensor, test: ImageSet) -> dict:
             "motifs_recognised_share": sum(v >= SINGLE_VIEW_RECOGNISED for v in vals) / len(vals) if vals else math.nan}
 
 
-def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods: tuple[str, ...],
+def measure(models: list[Classifier], data: VisionDataConfig, n_images: int, methods: tuple[str, ...],
             window: int | None = None, progress: Callable[[str], None] = lambda s: None) -> tuple[Evidence, dict]:
     """Every measure for every model on the same test images; returns the evidence and the maps for figures."""
     progress("loading data")
@@ -299,7 +213,7 @@ def measure(models: list[Model], data: VisionDataConfig, n_images: int, methods:
 # --------------------------------------------------------------------------- figures and report
 
 
-def figure_grid(path: Path, models: list[Model], extra: dict, method: str, n: int = 8) -> None:
+def figure_grid(path: Path, models: list[Classifier], extra: dict, method: str, n: int = 8) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,10 +352,10 @@ def measured_sentences(ev: Evidence) -> list[str]:
 def run_evidence(paths: list[str], data: VisionDataConfig | None, out: str | Path, n_images: int,
                  methods: tuple[str, ...] = CAM_METHODS, progress: Callable[[str], None] = lambda s: None) -> Path:
     t0 = time.perf_counter()
-    files = expand_models(paths)
+    files = classifier_files(paths)
     if len(files) < 2:
         raise MrplabError("evidence compares at least two models", "give two checkpoints or a compare run folder")
-    models = [load_model(p) for p in files]
+    models = [load_classifier(p) for p in files]
     data = data or models[0].cfg.data
     check_compatible(models, data)
     ev, extra = measure(models, data, n_images, methods, progress=progress)
