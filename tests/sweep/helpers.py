@@ -1,7 +1,8 @@
-"""Shared pieces of the sweep tests: a tiny base config and a sweep-file writer."""
+"""Shared pieces of the sweep tests: a tiny base config, a sweep-file writer, a read-only view of a store."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import yaml
@@ -27,3 +28,12 @@ def write_sweep(folder: Path, name: str = "tiny", **keys) -> Path:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
+
+def read_rows(db: Path) -> dict[str, dict]:
+    """key -> status, finished, attempts of every run in a store, read-only (a driver may be writing it)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["key"]: dict(r) for r in conn.execute("SELECT key, status, finished, attempts FROM runs")}
+    finally:
+        conn.close()

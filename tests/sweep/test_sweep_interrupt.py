@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sweep.helpers import TINY_BASE, write_sweep
+from tests.sweep.helpers import TINY_BASE, read_rows, write_sweep
 
 # ~1 s per run once a worker is warm, 12 runs on 2 workers x 1 thread: the driver is killed right after
 # the first finished run, five rounds of runs before the last (with 6 runs a fast machine finished them
@@ -22,15 +22,6 @@ N_RUNS = 12
 
 def _cmd(sweep: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "mrplab", "sweep", str(sweep), "--out", str(out), "--workers", "2"]
-
-
-def _rows(db: Path) -> dict[str, dict]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["key"]: dict(r) for r in conn.execute("SELECT key, status, finished, attempts FROM runs")}
-    finally:
-        conn.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -71,7 +62,7 @@ def _start_and_kill(tmp_path: Path, sig: int) -> tuple[Path, dict[str, dict], li
         while time.monotonic() < deadline:
             if db.exists():
                 try:
-                    rows = _rows(db)
+                    rows = read_rows(db)
                 except sqlite3.OperationalError:  # the table is not there yet
                     rows = {}
                 if any(r["status"] == "done" for r in rows.values()):
@@ -89,7 +80,7 @@ def _start_and_kill(tmp_path: Path, sig: int) -> tuple[Path, dict[str, dict], li
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    rows = _rows(db)
+    rows = read_rows(db)
     assert len(rows) == N_RUNS
     n_done = sum(r["status"] == "done" for r in rows.values())
     assert 1 <= n_done < N_RUNS, "the driver must be stopped midway for this test to mean anything"
@@ -101,7 +92,7 @@ def _resume(tmp_path: Path, sweep: Path, before: dict[str, dict]) -> None:
     res = subprocess.run(_cmd(sweep, tmp_path / "out"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"{N_RUNS} runs, {len(done_before)} already done, {N_RUNS - len(done_before)} to run" in res.stdout
-    after = _rows(tmp_path / "out" / "tiny" / "results.sqlite")
+    after = read_rows(tmp_path / "out" / "tiny" / "results.sqlite")
     assert set(after) == set(before) and len(after) == N_RUNS  # exactly one row per run
     assert all(r["status"] == "done" for r in after.values())
     for key, r in done_before.items():  # finished runs were not executed again

@@ -18,6 +18,8 @@ from mrplab.sweep import runner, spec
 from mrplab.sweep.spec import PlannedRun
 from mrplab.sweep.store import DB_NAME, Store
 
+from tests.sweep.helpers import read_rows
+
 VISION_BASE = {
     "data": {"image_size": 16, "n_train": 80, "n_test": 32},
     "pretrain": {"epochs": 1, "data": {"source": "embedded", "n_images": 48}},
@@ -68,15 +70,6 @@ def test_the_first_run_of_a_group_runs_alone():
     assert runner._next_run(queue, leading, started).key == "b2"
 
 
-def _rows(db: Path) -> dict[str, dict]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["key"]: dict(r) for r in conn.execute("SELECT key, status, finished, attempts FROM runs")}
-    finally:
-        conn.close()
-
-
 def test_a_killed_vision_sweep_resumes_without_rerunning_finished_rows(tmp_path):
     sweep = write_vision_sweep(tmp_path, grid={"labels.per_class": [4, 6, 8, 10]}, seeds=[0, 1])
     out = tmp_path / "out"
@@ -89,7 +82,7 @@ def test_a_killed_vision_sweep_resumes_without_rerunning_finished_rows(tmp_path)
         while time.monotonic() < deadline:
             if db.exists():
                 try:
-                    rows = _rows(db)
+                    rows = read_rows(db)
                 except sqlite3.OperationalError:
                     rows = {}
                 if any(r["status"] == "done" for r in rows.values()):
@@ -101,12 +94,12 @@ def test_a_killed_vision_sweep_resumes_without_rerunning_finished_rows(tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
-    before = _rows(db)
+    before = read_rows(db)
     done = {k: r for k, r in before.items() if r["status"] == "done"}
     assert 1 <= len(done) < 8
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    after = _rows(db)
+    after = read_rows(db)
     assert all(r["status"] == "done" for r in after.values()) and len(after) == 8
     for k, r in done.items():  # finished rows were not run again
         assert (after[k]["finished"], after[k]["attempts"]) == (r["finished"], r["attempts"])
