@@ -145,3 +145,15 @@ def test_one_seed_claims_a_direction_only_beyond_the_image_level_error():
     two = [dict(agg("SL", 1.5, 0.001, (0, 1)), **{"eigencam.regions_mean": (1.5, 0.2)}),
            dict(agg("MRP+FT (mae)", 1.7, 0.001, (0, 1)), **{"eigencam.regions_mean": (1.7, 0.2)})]
     assert "no clear difference" in measured_sentences(Evidence(per_approach=two))[0]
+
+
+def test_a_menu_run_folder_contributes_only_the_validation_chosen_stages(tmp_path):
+    run = tmp_path / "run"
+    for stage in ("s0-scratch-e25", "s0-scratch-e50"):
+        write_checkpoint(run / "checkpoints", stage, "scratch", 0)
+    (run / "summary.json").write_text(json.dumps({"stages": [
+        {"stage": "s0-scratch-e25", "kind": "scratch", "selected": False},
+        {"stage": "s0-scratch-e50", "kind": "scratch", "selected": True}]}))
+    assert [p.name for p in checkpoints.classifier_files([str(run)])] == ["s0-scratch-e50.safetensors"]
+    (run / "summary.json").unlink()  # a folder without the record (a run before menus): every stage
+    assert len(checkpoints.classifier_files([str(run)])) == 2
