@@ -80,8 +80,9 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
         load_encoder(Path(stage.init) if state is None else state, encoder)
         with seeded_init(stage.seed, f"vision/{stage.key}/head-init"):
             encoder.reset_head(k)
-    cached = (checkpoints.cached_pretrainer(Path(cfg.pretrain_cache), checkpoints.pretrain_key(cfg, stage))
-              if stage.kind == "pretrain" and cfg.pretrain_cache else None)
+    shared = stage.kind == "pretrain" and bool(cfg.pretrain_cache)
+    key = checkpoints.pretrain_key(cfg, stage) if shared else None
+    cached = checkpoints.cached_pretrainer(Path(cfg.pretrain_cache), key) if shared else None
     if cached is not None:  # pretrained by an earlier run with the same pretraining: load it
         pre = _pretrainer(cfg, stage, encoder).to(loop.device)
         load_weights(cached[0], pre, "cached pretrained model")
@@ -119,11 +120,9 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
                    "event": "test", "step": info["steps"], **{f"test_{k}": v for k, v in test_acc.items()},
                    **{f"val_{k}": v for k, v in val_acc.items()}})
     result = StageResult(stage, info["steps"], time.perf_counter() - t0, test_acc, module, val_acc,
-                         len(loop.train), info["batch"])
-    if stage.kind == "pretrain" and cfg.pretrain_cache and cached is None and loop.dist.rank == 0:
-        checkpoints.store_pretrainer(Path(cfg.pretrain_cache), checkpoints.pretrain_key(cfg, stage), module,
-                                     result.record(), loop.prov)
-    result.reused = cached is not None
+                         len(loop.train), info["batch"], reused=cached is not None)
+    if shared and cached is None and loop.dist.rank == 0:
+        checkpoints.store_pretrainer(Path(cfg.pretrain_cache), key, module, result.record(), loop.prov)
     if loop.folder is not None:
         save_stage(loop.folder, loop.prov, cfg, result)
     return result
