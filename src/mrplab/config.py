@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -277,23 +278,134 @@ def validate(raw: dict[str, Any]) -> TheoryConfig:
         raise MrplabError(_format_validation(err), "see configs/theory-default.yaml for the keys and ranges") from None
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest config or sweep file read (1 MiB; the shipped ones are under 5 KiB)."""
+MAX_YAML_NODES = 100_000
+"""The most nodes a YAML document may hold with every alias expanded: an alias bomb of a few hundred
+bytes expands to billions, which would hang the reader before a single key is checked."""
+
+_INT = r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"
+_FLOAT = r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+
+
+class _Core12Loader(yaml.SafeLoader):
+    """SafeLoader with the YAML 1.2 core schema's plain scalars: only true/false are booleans (``no``
+    and ``on`` stay strings) and ``1e3`` is a number, as in JSON; YAML 1.1 would read them the other way."""
+
+
+_Core12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (
+        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+        "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _rx, _first in (
+    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("tag:yaml.org,2002:int", _INT, "-+0123456789"),
+    ("tag:yaml.org,2002:float", _FLOAT, "-+.0123456789"),
+):
+    _Core12Loader.add_implicit_resolver(_tag, re.compile(rf"^(?:{_rx})$"), list(_first))
+
+
+def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text, 10)
+
+
+_Core12Loader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes in the document with every alias expanded, counted without expanding (an alias is the same
+    node object referenced again; each distinct node's expanded size is computed once)."""
+    sizes: dict[int, int] = {}
+    order: list[yaml.Node] = []
+    stack, seen = [root], set()
+    while stack:  # post-order without recursion: a deep nesting cannot exhaust the Python stack
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        order.append(node)
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(x for pair in node.value for x in pair)
+    for node in reversed(order):
+        if isinstance(node, yaml.SequenceNode):
+            kids = node.value
+        elif isinstance(node, yaml.MappingNode):
+            kids = [x for pair in node.value for x in pair]
+        else:
+            kids = []
+        sizes[id(node)] = min(1 + sum(sizes.get(id(k), 1) for k in kids), MAX_YAML_NODES + 1)
+    return sizes[id(root)]
+
+
+def _check_plain(doc: Any, what: str) -> None:
+    """Only JSON's types (mapping with string keys, list, string, number, bool, null): a config never
+    needs !!binary, !!set or a non-string key, and everything downstream assumes plain data."""
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            bad = next((k for k in node if not isinstance(k, str)), None)
+            if bad is not None:
+                raise MrplabError(f"{what} has a key {bad!r} that is not a string", "write keys as plain names")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif not isinstance(node, (str, int, float, bool)) and node is not None:
+            raise MrplabError(f"{what} holds a {type(node).__name__} value", "use plain YAML values (no !! tags)")
+
+
+def yaml_load(text: str, what: str) -> Any:
+    """Parse YAML text with the 1.2 core schema's scalars and a bound on alias expansion; every failure
+    is one MrplabError naming ``what``."""
+    loader = _Core12Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if _expanded_size(root) > MAX_YAML_NODES:
+            raise MrplabError(
+                f"{what} expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases re-used many times over)",
+                "write the values out instead of nesting aliases",
+            )
+        doc = loader.construct_document(root)
+        _check_plain(doc, what)
+        return doc
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise MrplabError(f"{what} is not valid YAML{where}", "fix the YAML syntax") from None
+    except RecursionError:
+        raise MrplabError(f"{what} nests too deeply", "flatten the YAML") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path, what: str = "config file", shape: str = "a mapping of keys",
               fix: str = "see configs/theory-default.yaml", empty_ok: bool = True) -> dict[str, Any]:
     """A YAML file that must hold a mapping; every failure is one MrplabError naming ``what`` and the file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        if p.is_dir():
+            raise MrplabError(f"{what} {p} is a folder, not a file", "give the path of a .yaml file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise MrplabError(f"{what} {p} is over {MAX_CONFIG_BYTES >> 20} MiB", "give a config file, not data")
+        data = p.read_bytes()
     except OSError as err:
-        raise MrplabError(f"cannot read {what} {p}: {err.strerror or err}", "check the path") from None
+        reason = "no such file" if isinstance(err, FileNotFoundError) else (err.strerror or str(err))
+        raise MrplabError(f"cannot read {what} {p}: {reason}", "check the path") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise MrplabError(f"{what} {p} is not valid YAML{where}", "fix the YAML syntax") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MrplabError(f"{what} {p} is not UTF-8 text", "give a YAML file") from None
+    raw = yaml_load(text, f"{what} {p}")
     if raw is None and empty_ok:
         return {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         raise MrplabError(f"{what} {p} must hold {shape}", fix)
     return raw
 
@@ -309,9 +421,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not parts:
             raise MrplabError(f"override '{item}' has an empty key", "e.g. --set mrp.mask_ratio=0.6")
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
+            parsed = yaml_load(value, f"override '{item}'")
+        except MrplabError:
+            parsed = value  # not YAML (e.g. an unbalanced bracket): the text itself, which validation judges
         node = out
         for part in parts[:-1]:
             nxt = node.setdefault(part, {})

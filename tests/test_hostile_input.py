@@ -1,0 +1,99 @@
+"""Hostile and malformed input: alias bombs, oversized files, YAML 1.1 surprises, non-plain values."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+
+from mrplab import config
+from mrplab.config import apply_overrides, read_yaml, validate, yaml_load
+from mrplab.errors import MrplabError
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A few hundred bytes whose aliases expand to width ** levels scalars (9 ** 9 = 387 million)."""
+    names = [f"l{i}" for i in range(levels)]
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['x'] * width)}]"]
+    for prev, name in zip(names, names[1:]):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_with_bounded_memory(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    assert path.stat().st_size < 600
+    tracemalloc.start()
+    try:
+        with pytest.raises(MrplabError, match="expands to more than 100,000 YAML nodes"):
+            read_yaml(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 2**20, peak  # the expansion never happens: a few hundred KiB of parser state
+
+
+def test_aliases_within_the_bound_still_load():
+    doc = yaml_load("a: &v [1, 2]\nb: *v\n", "doc")
+    assert doc == {"a": [1, 2], "b": [1, 2]}
+
+
+def test_alias_bomb_through_the_cli(tmp_path, theory_cli):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("name: x\n" + alias_bomb())
+    out = tmp_path / "runs"
+    result = theory_cli.invoke(["theory", "--config", str(path), "--out", str(out)])
+    theory_cli.assert_user_error(result, out)
+    assert "expands to more than" in result.stderr
+
+
+def test_oversized_and_binary_files_are_refused(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("name: x\n" + "#" * (config.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(MrplabError, match="is over 1 MiB"):
+        read_yaml(big)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00name")
+    with pytest.raises(MrplabError, match="not UTF-8"):
+        read_yaml(binary)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("a: !!binary aGk=\n", "bytes value"),
+    ("a: !!set {x}\n", "set value"),
+    ("1: x\n", "not a string"),
+    ("a: {1: x}\n", "not a string"),
+    ("a: !!python/object:os.system x\n", "not valid YAML"),
+])
+def test_values_outside_plain_data_are_refused(tmp_path, text, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(MrplabError, match=fragment):
+        read_yaml(path)
+
+
+def test_deep_nesting_is_one_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(MrplabError):
+        read_yaml(path)
+
+
+def test_set_uses_yaml_1_2_scalars():
+    raw = apply_overrides({}, ["name=no", "sl.steps=1e3", "data.share_across_runs=true", "mrp.lr=.5",
+                               "seeds=[0x1, 0o2]"])
+    assert raw["name"] == "no"                      # YAML 1.1 would make this False
+    cfg = validate(raw)
+    assert cfg.name == "no" and cfg.sl.steps == 1000  # YAML 1.1 would make 1e3 a string
+    assert cfg.data.share_across_runs is True and cfg.mrp.lr == 0.5 and cfg.seeds == [1, 2]
+    assert apply_overrides({}, ["name=2001-12-14"])["name"] == "2001-12-14"  # not a date
+    for word in ("yes", "on", "off", "y"):
+        assert apply_overrides({}, [f"name={word}"])["name"] == word
+
+
+def test_files_use_the_same_scalars(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: off\nsl: {steps: 2e2}\n")
+    cfg = validate(read_yaml(path))
+    assert cfg.name == "off" and cfg.sl.steps == 200
