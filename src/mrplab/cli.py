@@ -29,8 +29,21 @@ app = typer.Typer(
 
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import torch
+
+        from mrplab import __version__
+
+        typer.echo(f"mrplab {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print mrplab's and torch's versions and exit"),
+) -> None:
     """mrplab: why mask-reconstruction pretraining helps, made runnable and measurable."""
 
 

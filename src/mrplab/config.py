@@ -224,7 +224,7 @@ class ProbeConfig(Strict):
 
 
 class TheoryConfig(Strict):
-    name: str = Field("theory", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field("theory", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compile: Literal["auto", True, False] = Field(

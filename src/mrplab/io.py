@@ -55,6 +55,18 @@ def dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
 
 
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """A JSON file written by mrplab; unreadable or corrupt is one MrplabError naming ``what`` and the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MrplabError(f"{what} {path} does not exist", fix) from None
+    except OSError as err:
+        raise MrplabError(f"cannot read {what} {path}: {err.strerror or err}", fix) from None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise MrplabError(f"{what} {path} is not valid JSON (truncated or edited?)", fix) from None
+
+
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 

@@ -132,9 +132,22 @@ def test_interrupt_before_any_checkpoint_leaves_nothing(tmp_path):
     def stop(stage, step):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(train.RunInterrupted) as info:
         train.run(tiny(), "scratch", tmp_path, on_step=stop)
+    assert info.value.path is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_prints_the_partial_folder_and_says_when_nothing_was_kept(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_stage", interrupted)
+    res = invoke("scratch", "--out", str(tmp_path / "runs"), *sum((["--set", s] for s in TINY), []))
+    assert res.exit_code == 130, res.output
+    assert "run folder (partial until the run completes):" in res.stdout and ".partial" in res.stdout
+    assert "nothing was kept" in res.stderr and "checkpoint_every" in res.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
 
 
 # --------------------------------------------------------------------------- data parallel

@@ -69,7 +69,7 @@ class StudySpec(Strict):
 
 
 class SweepFile(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     track: str = "theory"
     description: str | None = None
     base: str | dict[str, Any] | None = None

@@ -21,7 +21,7 @@ from torch import nn
 
 from mrplab.config import config_hash
 from mrplab.errors import MrplabError
-from mrplab.io import atomic_write_text, atomic_write_with, dumps
+from mrplab.io import atomic_write_text, atomic_write_with, dumps, read_json
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.models import Encoder, build_encoder
 from mrplab.vision.run_folder import VisionRunFolder, read_stages
@@ -248,17 +248,25 @@ def _not_selected(run_dir: Path) -> set[str]:
     return {st["stage"] for st in stages if st.get("selected") is False}
 
 
+def _sidecar_kind(checkpoint: Path) -> str | None:
+    sidecar = read_json(checkpoint.with_suffix(".json"), "checkpoint sidecar",
+                        "restore it from the run that wrote it, or remove the checkpoint and its sidecar")
+    return sidecar.get("kind") if isinstance(sidecar, dict) else None
+
+
 def classifier_files(paths: list[str]) -> list[Path]:
     """Checkpoint files as given; a run folder contributes its supervised stages' checkpoints (with an epochs
     menu, the stages validation chose)."""
     out: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise MrplabError(f"{p} does not exist", "give a .safetensors checkpoint or a `mrplab vision` run folder")
         if p.is_dir():
             skip = _not_selected(p)
             found = [c for c in sorted((p / "checkpoints").glob("*.safetensors"))
                      if not c.name.endswith(".encoder.safetensors") and not c.name.startswith("resume")
                      and c.stem not in skip and c.with_suffix(".json").is_file()
-                     and json.loads(c.with_suffix(".json").read_text()).get("kind") in ("scratch", "finetune", "linprobe")]
+                     and _sidecar_kind(c) in ("scratch", "finetune", "linprobe")]
             if not found:
                 raise MrplabError(f"{p} holds no classifier checkpoints", "give a `mrplab vision` run folder or .safetensors files")
             out += found

@@ -59,6 +59,10 @@ class _Progress(ProgressDisplay):
     def close(self) -> None:
         self.close_bar()
 
+    def folder(self, path: Path) -> None:
+        if not self.quiet:
+            self.console.print(f"run folder (partial until the run completes): {path}", markup=False, soft_wrap=True)
+
     def _status(self) -> str:
         return f"[{self.stage}]" + (f" loss {self.loss:.4g}" if self.loss is not None else "")
 
@@ -126,14 +130,20 @@ def _execute(command: str, config: Optional[Path], set_: list[str], out: Path, r
         with sigterm_as_exit():
             try:
                 result = train.run(cfg, command, out, init=init, resume=resume, on_record=progress.record,
-                                   advance=progress.advance, on_plan=progress.plan, argv=command_line())
+                                   advance=progress.advance, on_plan=progress.plan, argv=command_line(),
+                                   on_folder=progress.folder)
             finally:
                 progress.close()
     except MrplabError as err:
         fail(err)
         return
     except train.RunInterrupted as stop:
-        typer.echo(f"interrupted; continue with: mrplab vision {command} --resume {stop.path}", err=True)
+        if stop.path is None:
+            typer.echo(f"interrupted before the first checkpoint: nothing was kept (a run can be resumed once it has "
+                       f"written one, every checkpoint_every = {cfg.checkpoint_every} steps, or finished a stage)",
+                       err=True)
+        else:
+            typer.echo(f"interrupted; continue with: mrplab vision {command} --resume {stop.path}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if result.path is None:  # not rank 0
         return

@@ -127,7 +127,7 @@ class LinprobeConfig(Strict):
 
 
 class VisionConfig(Strict):
-    name: str = Field("vision", min_length=1, pattern=r"^[A-Za-z0-9._-]+$",
+    name: str = Field("vision", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="run folder prefix: runs/<name>-<command>-<YYYYmmdd-HHMMSS>/")
     seeds: Seeds = Field(default_factory=lambda: [0, 1], description="independent runs")
     methods: list[Method] | None = Field(

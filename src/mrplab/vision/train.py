@@ -133,11 +133,12 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
 
 
 class RunInterrupted(Exception):
-    """The run was stopped (Ctrl-C, SIGTERM) and its partial folder kept for ``--resume``."""
+    """The run was stopped (Ctrl-C, SIGTERM): ``path`` is the partial folder kept for ``--resume``, or None when
+    nothing resumable had been written yet (the folder was removed)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
-        super().__init__(f"interrupted; resume with --resume {path}")
+        super().__init__(f"interrupted; resume with --resume {path}" if path else "interrupted; nothing was kept")
 
 
 @dataclass
@@ -215,17 +216,20 @@ def load_data(cfg: VisionConfig) -> tuple[ImageSet, ImageSet]:
 def run(cfg: VisionConfig, command: str, out_dir: str | Path = "runs", init: Path | None = None,
         resume: Path | None = None, on_record: Callable[[dict], None] | None = None,
         advance: Callable[[int], None] | None = None, on_plan: Callable[[int], None] | None = None,
-        on_step: Callable[[Stage, int], None] | None = None, argv: str | None = None) -> VisionResult:
+        on_step: Callable[[Stage, int], None] | None = None, argv: str | None = None,
+        on_folder: Callable[[Path], None] | None = None) -> VisionResult:
     """Run one ``mrplab vision`` command and write its run folder (rank 0).
 
     ``on_plan(images)`` is told how many training images the stages still to run will pass;
     ``advance(n)`` is called after every step with its global batch; ``on_record`` sees every
-    logged record; ``on_step(stage, step)`` runs after every step (tests stop runs with it).
+    logged record; ``on_step(stage, step)`` runs after every step (tests stop runs with it);
+    ``on_folder(path)`` is told the partial run folder once it exists (rank 0).
     """
     t0 = time.perf_counter()
     share = runtime.CoreShare(cfg.threads)
     try:
-        return _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_step, argv, t0, share)
+        return _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_step, argv, t0, share,
+                    on_folder or (lambda path: None))
     finally:
         share.close()
 
@@ -240,7 +244,7 @@ def resolve_precision(cfg: VisionConfig, device: torch.device) -> tuple[VisionCo
 
 
 def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_step, argv, t0,
-         share: runtime.CoreShare) -> VisionResult:
+         share: runtime.CoreShare, on_folder: Callable[[Path], None]) -> VisionResult:
     user_advance = advance or (lambda n: None)
 
     def advance(n: int) -> None:
@@ -284,6 +288,7 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
         try:
             with folder if folder is not None else contextlib.nullcontext():
                 if folder is not None:
+                    on_folder(folder.partial)
                     data.write_index(folder.partial / "labels")
                 for stage in stages:
                     if stage.key in done:
@@ -311,8 +316,8 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
                     summary = report.summary(result, folder.name, prov, figure_files)
                     result.path = folder.complete(summary, report.render(summary, given, figure_files))
         except (KeyboardInterrupt, SystemExit):
-            if folder is not None and folder.interrupted:
-                raise RunInterrupted(folder.partial) from None
+            if folder is not None:
+                raise RunInterrupted(folder.partial if folder.interrupted else None) from None
             raise
         return result
     finally:
