@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from mrplab.config import FinetuneConfig, MRPConfig, NetConfig, SLConfig
-from mrplab.errors import MrplabError
+from mrplab.divergence import Guard, weight_norm
 from mrplab.theory import net, steps
 from mrplab.theory.data import MultiViewData
 from mrplab.theory.objectives import make_run_masks
@@ -36,11 +36,6 @@ class RunGens:
 
 def _is_log_step(t: int, steps: int, every: int) -> bool:
     return t % every == 0 or t == steps
-
-
-def _check_finite(loss: torch.Tensor, phase: str, step: int, lr_key: str) -> None:
-    if not torch.isfinite(loss).all():
-        raise MrplabError(f"{phase} diverged at step {step} (loss {loss.tolist()})", f"lower {lr_key}")
 
 
 def _select(data: MultiViewData, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +83,12 @@ def train_sl(
     done = torch.zeros(R, dtype=torch.bool, device=W.device)
     taken = torch.full((R,), last, dtype=torch.long)
     fitted = torch.zeros(R, dtype=torch.bool, device=W.device)
+    guard = Guard("supervised training", "sl.lr")
     for t in range(last + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, y = _select(data, idx)
         loss, dW, fits = steps.sl(X, y, W, q, thr, k, netc.m, act)  # [R], [R, d, K], [R]
-        _check_finite(loss, "supervised training", t, "sl.lr")
+        guard.check(t, loss, weight_norm(W, runs=True))
         fitted = torch.where(done, fitted, fits)
         if t >= cfg.steps:
             newly = ~done & fits if cfg.until_fit else ~done
@@ -142,12 +138,13 @@ def pretrain_mrp(
     dec_lr = cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr
     spec = steps.MRPSpec.of(cfg, q, fit_decoder, shuffled)
     P = data.X.shape[-2]
+    guard = Guard("mask-reconstruction pretraining" + ("" if phase == "mrp" else f" ({phase})"), "mrp.lr")
     for t in range(cfg.steps + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, _ = _select(data, idx)
         mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
         out = steps.mrp(X, W, D, mask, q, thr, spec, W_t, act)
-        _check_finite(out.loss, "mask-reconstruction pretraining", t, "mrp.lr")
+        guard.check(t, out.loss, weight_norm(W, runs=True))
         if spec.fit_decoder:
             D = out.D  # the least-squares decoder for the current encoder
         if _is_log_step(t, cfg.steps, log_every):
@@ -192,6 +189,7 @@ def finetune(
     W = W0.clone()
 
     if cfg.mode in ("lp", "lp_ft"):
+        guard = Guard("linear probing", "finetune.lp_lr")
         for t in range(cfg.lp_steps + 1):
             idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
             if idx is None:
@@ -200,7 +198,7 @@ def finetune(
                 rows = torch.arange(idx.shape[0]).unsqueeze(1)
                 h, y = h_full[rows, idx], data.y.expand(idx.shape[0], -1)[rows, idx]
             loss, dH, db = steps.head(h, y, head)
-            _check_finite(loss, "linear probing", t, "finetune.lp_lr")
+            guard.check(t, loss, weight_norm(head.H, runs=True))
             if _is_log_step(t, cfg.lp_steps, log_every):
                 hooks.log("lp", t, {"W": W, "loss": loss, "head": head})
             if t == cfg.lp_steps:
@@ -210,11 +208,12 @@ def finetune(
             hooks.advance()
 
     if cfg.mode in ("ft", "lp_ft"):
+        guard = Guard("fine-tuning", "finetune.ft_lr")
         for t in range(cfg.ft_steps + 1):
             idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
             X, y = _select(data, idx)
             loss, dW, dH, db = steps.finetune(X, y, W, head, q, thr, act)
-            _check_finite(loss, "fine-tuning", t, "finetune.ft_lr")
+            guard.check(t, loss, weight_norm(W, head.H, runs=True))
             if _is_log_step(t, cfg.ft_steps, log_every):
                 hooks.log("ft", t, {"W": W, "loss": loss, "head": head})
             if t == cfg.ft_steps:

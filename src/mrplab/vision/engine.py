@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mrplab.divergence import Guard, weight_norm
 from mrplab.errors import MrplabError
 from mrplab.rng import generator, stream_seed
 from mrplab.vision import checkpoints
@@ -208,6 +209,8 @@ def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mas
     loop.emit({"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method,
                "event": "resume" if step else "start", "step": step, "steps": total, "world_size": loop.dist.world})
     t_log, (loss_sum, n_log) = time.perf_counter(), window
+    guard = Guard(stage.key, f"{section(stage.kind)}.lr")  # after a resume, judged from the resumed weights
+    trained = [p for p in module.parameters() if p.requires_grad]
     while step < total:
         epoch, i = divmod(step, per_epoch)
         if i == 0:
@@ -233,9 +236,7 @@ def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mas
         loop.advance(B)
         if step % cfg.log_every == 0 or step == total:
             mean_loss = float(loss_sum) / n_log
-            if not math.isfinite(mean_loss):
-                raise MrplabError(f"{stage.key} diverged at step {step} (loss {mean_loss})",
-                                  f"lower {section(stage.kind)}.lr")
+            guard.check(step, mean_loss, weight_norm(*trained))
             now = time.perf_counter()
             rec = {"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method,
                    "step": step, "epoch": epoch, "loss": mean_loss, "lr": sched.get_last_lr()[-1],
