@@ -105,16 +105,20 @@ def _table(rows: list[dict]) -> Table:
 def _load(command: str, config: Optional[Path], set_: list[str], resume: Optional[Path],
           init: Optional[Path]):
     """(config, init) of a new run, or of the stopped run that --resume continues."""
+    from mrplab import config as config_mod
     from mrplab.vision import config as vconfig
-    from mrplab.vision.run_folder import open_resume
+    from mrplab.vision.run_folder import check_resume_overrides, open_resume
 
     if resume is None:
         return vconfig.load(config, set_), init
-    if config is not None or set_ or init is not None:
-        raise MrplabError("--resume continues a run with its own config", "drop --config, --set and --init")
+    if config is not None or init is not None:
+        raise MrplabError("--resume continues a run with its own config", "drop --config and --init")
+    check_resume_overrides(set_)
     cfg, run_command, init = open_resume(resume)
     if run_command != command:
         raise MrplabError(f"{resume} is a '{run_command}' run", f"use mrplab vision {run_command} --resume")
+    if set_:
+        cfg = vconfig.validate(config_mod.apply_overrides(cfg.model_dump(mode="json"), set_))
     return cfg, init
 
 
@@ -160,7 +164,9 @@ _CONFIG = typer.Option(None, "--config", metavar="FILE",
 _SET = typer.Option([], "--set", metavar="KEY=VALUE",
                     help="override one key, e.g. --set pretrain.epochs=10 (repeatable)")
 _OUT = typer.Option(Path("runs"), "--out", metavar="DIR", help="parent folder of the run folder")
-_RESUME = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+_RESUME = typer.Option(None, "--resume", metavar="RUN_DIR",
+                       help="continue a stopped run from its last checkpoint; --set may change only learning rates, "
+                            "epochs, log_every, checkpoint_every and threads")
 _QUIET = typer.Option(False, "--quiet", "-q", help="no progress and no table; print only the run folder")
 _INIT = typer.Option(None, "--init", metavar="PATH",
                      help="pretrained encoder: a `vision pretrain` run folder or an .encoder.safetensors file")

@@ -176,6 +176,16 @@ class Loop:
     on_step: Callable[[Stage, int], None] | None = None
 
 
+def _rescale_lr(sched: torch.optim.lr_scheduler.LambdaLR, factor: float) -> None:
+    """Every group's base lr times ``factor`` (layer decay's ratios kept), the current lr set from the schedule."""
+    if factor == 1.0:
+        return
+    sched.base_lrs = [base * factor for base in sched.base_lrs]
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(sched.last_epoch)
+
+
 def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mask_ratio: float | None = None,
         after_step: Callable[[int, int], None] | None = None, collapse: CollapseCheck | None = None) -> dict:
     """Train ``module`` for the stage's epochs (continuing from ``loop.resume`` if given); returns {steps}."""
@@ -199,6 +209,7 @@ def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mas
         if collapse is not None and state["collapse"] is not None:
             collapse.load_state_dict(state["collapse"])
         step, perm, window = state["step"], state["perm"], state["log_window"]
+        _rescale_lr(sched, hp.lr / state.get("lr", hp.lr))  # an lr changed with --set at --resume
     choose_attention(module, loop.device, cfg.precision)
     net = module
     if loop.dist.world > 1:
@@ -248,7 +259,7 @@ def fit(loop: Loop, module: nn.Module, groups: list[dict], compute: Compute, mas
             t_log, n_log, loss_sum = now, 0, 0.0
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total and loop.folder is not None:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "gens": gens.state_dict(),
-                     "perm": perm, "step": step, "collapse": collapse.state_dict() if collapse else None,
+                     "perm": perm, "step": step, "lr": hp.lr, "collapse": collapse.state_dict() if collapse else None,
                      "log_window": [float(loss_sum), n_log]}
             checkpoints.save_resume(loop.folder, loop.prov, stage.key, module, state, epoch)
         if loop.on_step is not None:

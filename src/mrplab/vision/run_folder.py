@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mrplab import config as config_mod
 from mrplab.errors import MrplabError
-from mrplab.io import RunFolder, atomic_write_text, dumps
+from mrplab.io import RunFolder, atomic_write_text, dumps, read_json
 from mrplab.vision.config import VisionConfig
 
 class VisionRunFolder(RunFolder):
@@ -28,9 +28,10 @@ class VisionRunFolder(RunFolder):
     ``--resume``."""
 
     def __init__(self, out_dir: str | Path, cfg: VisionConfig, command_name: str, init: Path | None = None,
-                 resume_dir: Path | None = None, command: str | None = None):
+                 resume_dir: Path | None = None, command: str | None = None, changes: dict | None = None):
         super().__init__(out_dir, cfg, command=command, label=command_name)
         self.command_name, self.init, self.resume_dir = command_name, init, resume_dir
+        self.changes = changes  # resume only: {"keys": {key: [old, new]}, "stage": ..., "step": ...}
         self.records: list[dict] = []
         self.interrupted = False
         self.tb = None
@@ -46,7 +47,13 @@ class VisionRunFolder(RunFolder):
             atomic_write_text(self.partial / "run.json", dumps(run, indent=2) + "\n")
         else:
             self.partial, self.parent = self.resume_dir, self.resume_dir.parent
-            self.name = json.loads((self.partial / "run.json").read_text())["name"]
+            run = json.loads((self.partial / "run.json").read_text())
+            self.name = run["name"]
+            if self.changes:  # the config the run goes on with, and where each change took effect
+                run["changes"] = [*run.get("changes", []), {**self.changes, "command": self.command}]
+                run["config_hash"] = self.cfg.hash()
+                atomic_write_text(self.partial / "config.yaml", config_mod.dump_yaml(self.cfg))
+                atomic_write_text(self.partial / "run.json", dumps(run, indent=2) + "\n")
             keep = resume_metrics_lines(self.partial)
             path = self.partial / "metrics.jsonl.tmp"
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep] if path.exists() else []
@@ -116,9 +123,28 @@ def resume_metrics_lines(run_dir: Path) -> int:
     return int(stages["metrics_lines"])
 
 
+RESUMABLE_KEYS = ("pretrain.lr", "finetune.lr", "linprobe.lr", "pretrain.epochs", "finetune.epochs",
+                  "linprobe.epochs", "log_every", "checkpoint_every", "threads")
+"""The keys ``--resume`` may change with ``--set`` (a diverged stage resumed at a lower lr, a longer schedule,
+another cadence): everything else would make the finished stages and the rest disagree on what was run. A
+change takes effect at the resume point (the stage and step the run records in run.json ``changes``)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def open_resume(run_dir: Path) -> tuple[VisionConfig, str, Path | None]:
-    """(config, command, init) of a stopped run folder for ``--resume``."""
+    """(config, command, init) of a stopped run folder for ``--resume``; refuses a config.yaml edited by hand."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MrplabError(f"run folder {run_dir} does not exist", "pass the .partial folder the run printed")
     if (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
         raise MrplabError(f"run folder {run_dir} is complete", "start a new run instead of --resume")
     if not (run_dir / "run.json").is_file() or not (run_dir / "config.yaml").is_file():
@@ -126,8 +152,33 @@ def open_resume(run_dir: Path) -> tuple[VisionConfig, str, Path | None]:
     from mrplab.vision import config as vconfig
 
     cfg = vconfig.validate(config_mod.read_yaml(run_dir / "config.yaml"))
-    run = json.loads((run_dir / "run.json").read_text())
+    run = read_json(run_dir / "run.json", "run record", "pass the .partial folder the run printed")
+    if cfg.hash() != run.get("config_hash"):
+        raise MrplabError(
+            f"{run_dir / 'config.yaml'} was changed after the run started (config hash {cfg.hash()}, the run's "
+            f"{run.get('config_hash')})",
+            f"restore it; only {', '.join(RESUMABLE_KEYS)} may change on resume, given with --set")
     return cfg, run["subcommand"], Path(run["init"]) if run.get("init") else None
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """``--set`` at ``--resume``: only RESUMABLE_KEYS."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in RESUMABLE_KEYS:
+            raise MrplabError(f"--set {key} cannot change on --resume",
+                              f"only {', '.join(RESUMABLE_KEYS)} may; start a new run to change {key}")
+
+
+def resume_changes(run_dir: Path, cfg: VisionConfig) -> dict[str, list]:
+    """{key: [old, new]} between the stopped run's config and ``cfg``; a key outside RESUMABLE_KEYS is an error."""
+    from mrplab.vision import config as vconfig
+
+    old = _flat(vconfig.validate(config_mod.read_yaml(run_dir / "config.yaml")).model_dump(mode="json"))
+    new = _flat(cfg.model_dump(mode="json"))
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    check_resume_overrides(list(changed))
+    return changed
 
 
 

@@ -32,7 +32,7 @@ from mrplab.vision.data import ImageSet, channel_stats, load_split
 from mrplab.vision.engine import Compute, Dist, LinearProbe, Loop, evaluate, fit, param_groups, seeded_init
 from mrplab.vision.models import Encoder, build_encoder, matmul_shapes
 from mrplab.vision.objectives import MAE, CollapseCheck, Data2Vec, Pretrainer, check_mask_ratio, momentum_at
-from mrplab.vision.run_folder import VisionRunFolder, read_stages, resume_pointer
+from mrplab.vision.run_folder import VisionRunFolder, read_stages, resume_changes, resume_pointer
 from mrplab.vision.stages import Stage, StageResult, plan, planned_images, stage_steps
 
 # --------------------------------------------------------------------------- stages
@@ -265,16 +265,26 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
         data = StageData(cfg, stages, train, device)
         done = read_stages(resume)["done"] if resume else {}
         resume_state = resume_pointer(resume, done)
+        todo = [s for s in stages if s.key not in done]
+        skip, changes = 0, None
+        if resume_state:
+            at = _stage_of(todo, resume_state)
+            _, total, batch = stage_steps(cfg, at, data.count(at))
+            if resume_state["step"] > total:
+                raise MrplabError(f"the run stopped at step {resume_state['step']} of {at.key}, beyond the {total} "
+                                  "steps its epochs now give", "resume with at least the epochs it was started with")
+            skip = resume_state["step"] * batch
+        if resume is not None:
+            keys = resume_changes(resume, given)
+            if keys:
+                changes = {"keys": keys, "stage": resume_state["stage"] if resume_state else
+                           (todo[0].key if todo else None), "step": resume_state["step"] if resume_state else 0}
         if on_plan is not None:
-            todo = [s for s in stages if s.key not in done]
-            skip = 0
-            if resume_state:
-                at = _stage_of(todo, resume_state)
-                skip = resume_state["step"] * stage_steps(cfg, at, data.count(at))[2]
             on_plan(planned_images(cfg, todo, data.count) - skip)
         mean, std = channel_stats(train.images)
         prov = Provenance(given, git_commit())
-        folder = VisionRunFolder(out_dir, given, command, init, resume, command=argv) if dst.rank == 0 else None
+        folder = (VisionRunFolder(out_dir, given, command, init, resume, command=argv, changes=changes)
+                  if dst.rank == 0 else None)
         modules: dict[str, nn.Module] = {}
         encoders: dict[str, dict[str, torch.Tensor]] = {}  # pretrained encoder weights by stage key
         records: dict[str, dict] = dict(done)
