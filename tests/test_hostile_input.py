@@ -97,3 +97,89 @@ def test_files_use_the_same_scalars(tmp_path):
     path.write_text("name: off\nsl: {steps: 2e2}\n")
     cfg = validate(read_yaml(path))
     assert cfg.name == "off" and cfg.sl.steps == 200
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_memory_check_names_the_largest_parts_and_the_keys():
+    from mrplab import memory
+
+    memory.check({"data": 1e9}, "data.d", available=10 * 2**30)  # fits
+    with pytest.raises(MrplabError, match=r"needs about .* GiB of memory \(data .*\) but 1 GiB is available") as info:
+        memory.check({"data": 4e9, "weights": 1e3}, "data.d", available=2**30)
+    assert info.value.fix == "shrink data.d"
+
+
+@pytest.mark.parametrize("key", ["data.d=2000000", "data.n_train=1e8"])
+def test_theory_runs_that_cannot_fit_are_refused_before_allocating(tmp_path, theory_cli, key):
+    out = tmp_path / "runs"
+    result = theory_cli.invoke(["theory", "--out", str(out), "--set", key, "--set", "compile=false"])
+    theory_cli.assert_user_error(result, out)
+    assert "of memory" in result.stderr and "data.n_pretrain" in result.stderr
+
+
+def test_vision_runs_that_cannot_fit_are_refused_before_rendering(tmp_path):
+    from typer.testing import CliRunner
+
+    from mrplab.vision.commands import app
+
+    out = tmp_path / "runs"
+    res = CliRunner().invoke(app, ["compare", "--out", str(out), "--set", "data.n_train=100000000"])
+    assert res.exit_code == 2, res.output
+    assert "of memory (images" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def _disk_full(after: int = 0):
+    """A save_file that works ``after`` times, then fails as a full disk does."""
+    import errno
+
+    from safetensors.torch import save_file as real
+
+    calls = []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > after:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, metadata=metadata)
+
+    return save_file
+
+
+def test_theory_disk_full_is_one_line_and_leaves_nothing(tmp_path, theory_cli, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full())
+    out = tmp_path / "runs"
+    result = theory_cli.invoke(theory_cli.args(out))
+    theory_cli.assert_user_error(result, out)
+    assert "No space left on device" in result.stderr and "nothing of this run was kept" in result.stderr
+
+
+@pytest.mark.parametrize("after, kept", [(0, False), (2, True)])
+def test_vision_disk_full_keeps_only_a_resumable_folder_and_says_where(tmp_path, monkeypatch, after, kept):
+    from typer.testing import CliRunner
+
+    from mrplab.vision import checkpoints
+    from mrplab.vision.commands import app
+    from tests.vision.test_train import TINY
+
+    monkeypatch.setattr(checkpoints, "save_file", _disk_full(after))
+    out = tmp_path / "runs"
+    sets = sum((["--set", s] for s in [*TINY, "methods=[mae]"]), [])
+    res = CliRunner().invoke(app, ["compare", "--out", str(out), *sets])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write ") and "No space left" in lines[0]
+    left = list(out.iterdir())
+    if kept:
+        (partial,) = left
+        assert f"kept in {partial}" in lines[0] and f"mrplab vision compare --resume {partial}" in lines[0]
+        assert (partial / "stages.json").is_file()
+    else:
+        assert left == [] and "nothing of this run was kept" in lines[0]

@@ -123,6 +123,16 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join([head, *args[1:]])
 
 
+def write_failure(err: OSError, where: Path, kept: Path | None, resume: str | None = None) -> MrplabError:
+    """One error line for an OSError while writing a run (disk full, quota, permissions, read-only)."""
+    target = err.filename or where
+    what = f"cannot write {target}: {err.strerror or err}"
+    if kept is not None:
+        return MrplabError(f"{what}; the run so far is kept in {kept}",
+                           f"free space, then continue with {resume or '--resume'} {kept}")
+    return MrplabError(what, "free disk space or choose another --out; nothing of this run was kept")
+
+
 class RunFolder:
     """A run folder under construction; a context manager that removes it on failure.
 
@@ -181,12 +191,17 @@ class RunFolder:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None or self.final is None:
             self._discard()
+        if exc_type is not None and issubclass(exc_type, OSError):
+            raise write_failure(exc, self.parent, None) from None
         return False
 
     def _close_metrics(self) -> None:
         if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+            metrics, self._metrics = self._metrics, None
+            try:
+                metrics.close()
+            except OSError:  # a full disk fails the last flush too; the caller reports the first failure
+                pass
 
     def _discard(self) -> None:
         self._close_metrics()

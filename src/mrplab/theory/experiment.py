@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from mrplab import runtime
+from mrplab import memory, runtime
 from mrplab.config import TheoryConfig
 from mrplab.runtime import resolve_device
 from mrplab.rng import generator
@@ -313,8 +313,28 @@ def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Cho
     return runtime.Choice(precision, p_why, compiled, c_why, rates), shape, probed
 
 
+def memory_parts(cfg: TheoryConfig) -> dict[str, float]:
+    """Upper-end bytes of a run's largest allocations (fp32; mrplab/memory.py checks them against free memory)."""
+    d, P, R = cfg.data.d, cfg.data.P, len(cfg.seeds)
+    K, F = cfg.data.k * cfg.net.m, (cfg.data.k + cfg.data.extra_pretrain_classes) * cfg.data.L
+    sizes = (cfg.data.n_pretrain, cfg.data.n_train, cfg.data.n_test)
+    sets = 1 if cfg.data.share_across_runs else R
+    N = max(sizes)
+    per_run = N * P * K  # one run's activations at the largest split
+    chunk = max(1, (1 << 21) // per_run)  # steps.run_chunks
+    return {
+        "data": 4.0 * sets * sum(sizes) * P * d,
+        # the per-seed sets and their stacked copy held at once, plus coefficients, noise and patches of a split
+        "sampling": 4.0 * (sets * sum(sizes) * P * d + N * P * (2 * d + F)),
+        "step temporaries": 4.0 * (12 * min(chunk, R) * per_run + 2 * min(chunk, R) * N * P * d),
+        "weights": 4.0 * 8 * R * d * K,
+    }
+
+
 def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResult:
     device = resolve_device(cfg.device)
+    memory.check(memory_parts(cfg), "data.d, data.n_pretrain / n_train / n_test or the seeds (or set "
+                 "data.share_across_runs=true)", device)
     t0 = time.perf_counter()
     flops0 = runtime.matmul_flops.total
     choice, act_shape, probed_now = choose_runtime(cfg, device)

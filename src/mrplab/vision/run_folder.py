@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mrplab import config as config_mod
 from mrplab.errors import MrplabError
-from mrplab.io import RunFolder, atomic_write_text, dumps, read_json
+from mrplab.io import RunFolder, atomic_write_text, dumps, read_json, write_failure
 from mrplab.vision.config import VisionConfig
 
 class VisionRunFolder(RunFolder):
@@ -83,6 +83,9 @@ class VisionRunFolder(RunFolder):
     def __exit__(self, exc_type, exc, tb) -> bool:
         stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))
         resumable = (self.ckpt / "resume.json").exists() or (self.partial / "stages.json").exists()
+        if exc_type is not None and issubclass(exc_type, OSError) and (resumable or self.resume_dir is not None):
+            self._close_metrics()  # a write failed (disk full): keep what can be resumed once there is space
+            raise write_failure(exc, self.parent, self.partial, f"mrplab vision {self.command_name} --resume") from None
         if (exc_type is not None and issubclass(exc_type, MrplabError) and self.resume_dir is None
                 and (self.partial / "stages.json").exists()):
             # a stage failed (diverged, collapsed) after others finished: keep them, say where

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mrplab import runtime
+from mrplab import memory, runtime
 from mrplab.errors import MrplabError
 from mrplab.io import atomic_write_text, dumps, git_commit
 from mrplab.runtime import resolve_device
@@ -30,7 +30,7 @@ from mrplab.vision.checkpoints import Provenance, cpu_state, load_encoder, load_
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, channel_stats, load_split
 from mrplab.vision.engine import Compute, Dist, LinearProbe, Loop, evaluate, fit, param_groups, seeded_init
-from mrplab.vision.models import Encoder, build_encoder, matmul_shapes
+from mrplab.vision.models import VIT_SIZES, Encoder, build_encoder, matmul_shapes
 from mrplab.vision.objectives import MAE, CollapseCheck, Data2Vec, Pretrainer, check_mask_ratio, momentum_at
 from mrplab.vision.run_folder import VisionRunFolder, read_stages, resume_changes, resume_pointer
 from mrplab.vision.stages import Stage, StageResult, plan, planned_images, stage_steps
@@ -206,6 +206,25 @@ class StageData:
             atomic_write_text(folder / f"s{seed}.json", dumps(lab.record(self.pool.classes, self.pool.labels)) + "\n")
 
 
+def memory_parts(cfg: VisionConfig, stages: list[Stage]) -> dict[str, float]:
+    """Upper-end bytes of the rendered images (embedded source; a folder is checked when listed) and of one
+    training step's activations (mrplab/memory.py checks them against free memory)."""
+    S, parts = cfg.data.image_size, {}
+    if cfg.data.source == "embedded":
+        n = cfg.data.n_train + cfg.data.n_test
+        if any(s.kind == "pretrain" for s in stages) and splits.pretrain_source(cfg) == "embedded":
+            n += cfg.pretrain.data.n_images or 10 * cfg.data.n_train
+        parts["images"] = 2.0 * n * 3 * S * S  # uint8 images and the labelled / pretraining subsets taken of them
+    batch = max(cfg.pretrain.batch, cfg.finetune.batch, cfg.linprobe.batch)
+    if cfg.model.name in VIT_SIZES:
+        dim, depth, _, mlp = VIT_SIZES[cfg.model.name]
+        tokens = (S // cfg.model.patch_size) ** 2 + 1
+        parts["activations"] = 4.0 * batch * tokens * dim * depth * (12 + 2 * mlp)
+    else:
+        parts["activations"] = 4.0 * batch * S * S * 64 * 24
+    return parts
+
+
 def load_data(cfg: VisionConfig) -> tuple[ImageSet, ImageSet]:
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     if train.num_classes < 2:
@@ -257,6 +276,8 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
             importlib.import_module("torch.utils.tensorboard")
         except ImportError:
             raise MrplabError("tensorboard=true needs the tensorboard package", "pip install tensorboard") from None
+    memory.check(memory_parts(cfg, stages), "data.n_train / n_test, pretrain.data.n_images, data.image_size or "
+                 "the batch sizes")
     dst, device, started = _dist_setup(cfg)
     try:
         given = cfg  # what the run folder records (precision may be auto); cfg: what the run computes with

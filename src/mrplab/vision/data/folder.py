@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mrplab import memory
 from mrplab.errors import MrplabError
 from mrplab.vision.data.base import ImageSet, ProgressFn, Split, VisionDataConfig
 
@@ -219,6 +220,9 @@ def folder_split(cfg: VisionDataConfig, split: Split, progress: ProgressFn | Non
             "give train/ and test/ the same class folders",
         )
     classes, samples = scans[split]
+    size = cfg.image_size
+    memory.check({"images": 2.0 * len(samples) * 3 * size * size},  # the decode buffer and the tensor
+                 f"data.image_size or the number of files under {root / split}")
     cache = _cache_file(cfg, root, split, samples)
     cached = _read_cache(cache, classes) if cache.is_file() else None
     if cached is not None:
