@@ -183,3 +183,47 @@ def test_vision_disk_full_keeps_only_a_resumable_folder_and_says_where(tmp_path,
         assert (partial / "stages.json").is_file()
     else:
         assert left == [] and "nothing of this run was kept" in lines[0]
+
+
+# --------------------------------------------------------------------------- presets and data roots
+
+
+def test_presets_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    from mrplab.sweep import spec
+    from mrplab.vision import config as vconfig
+
+    monkeypatch.chdir(tmp_path)
+    assert vconfig.load("cifar10").data.source == "folder"
+    assert vconfig.load("embedded-compare.yaml") == vconfig.VisionConfig()
+    assert config.load("theory-default") == config.TheoryConfig()
+    assert spec.load_sweep("mask_ratio").name == "mask-ratio"
+    with pytest.raises(MrplabError, match="neither a file nor a preset name.*cifar10, embedded-compare"):
+        vconfig.load("cifar100")
+    (tmp_path / "cifar10").write_text("name: local\n")  # a file of that name wins over the preset
+    assert vconfig.load("cifar10").name == "local"
+
+
+def test_presets_are_package_data():
+    text = (config.presets_dir().parents[2] / "pyproject.toml").read_text()
+    assert '"configs/*.yaml", "configs/*/*.yaml"' in text
+    assert {"cifar10", "embedded-compare"} <= set(config.presets("vision"))
+
+
+def test_data_root_takes_environment_variables(monkeypatch):
+    from mrplab.vision.data.folder import expand_root
+
+    monkeypatch.delenv("MRPLAB_CIFAR10", raising=False)
+    assert expand_root("${MRPLAB_CIFAR10:-../shared/data/cifar10}") == "../shared/data/cifar10"
+    monkeypatch.setenv("MRPLAB_CIFAR10", "/data/c10")
+    assert expand_root("${MRPLAB_CIFAR10:-../shared/data/cifar10}") == "/data/c10"
+    assert expand_root("$MRPLAB_CIFAR10/x") == "/data/c10/x"
+    monkeypatch.delenv("MRPLAB_NOPE", raising=False)
+    with pytest.raises(MrplabError, match=r"names \$MRPLAB_NOPE, which is not set"):
+        expand_root("${MRPLAB_NOPE}/c10")
+
+
+def test_no_shipped_file_names_an_absolute_data_path():
+    for path in config.presets_dir().rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            value = line.split("#")[0]
+            assert "root: /" not in value and "/work/" not in value, (path, line)

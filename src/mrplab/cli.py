@@ -148,7 +148,7 @@ def _verdict_table(verdicts: list[dict]) -> Table:
 @app.command()
 def theory(
     config: Optional[Path] = typer.Option(
-        None, "--config", metavar="FILE", help="YAML config; without it the defaults (configs/theory-default.yaml)"
+        None, "--config", metavar="FILE", help="YAML config file or preset name (theory-default); without it the defaults (configs/theory-default.yaml)"
     ),
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE", help="override one key, e.g. --set mrp.mask_ratio=0.6 (repeatable)"
@@ -186,7 +186,7 @@ def theory(
 
 @app.command()
 def sweep(
-    sweep_file: Path = typer.Argument(..., metavar="SWEEP.yaml", help="sweep file (docs/sweeps.md)"),
+    sweep_file: Path = typer.Argument(..., metavar="SWEEP.yaml", help="sweep file (docs/sweeps.md) or the name of a shipped sweep, e.g. mask_ratio"),
     executor: str = typer.Option("local", "--executor", metavar="local|ray", help="where runs execute"),
     address: Optional[str] = typer.Option(
         None, "--address", metavar="ADDR", help="Ray cluster to attach to, e.g. HEAD:6379 (default: start Ray locally)"

@@ -434,8 +434,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+PRESET_GROUPS = {"theory": "", "vision": "vision", "sweep": "sweeps"}
+"""Where each command's presets live inside the package (src/mrplab/configs, also reachable as configs/)."""
+
+
+def presets_dir() -> Path:
+    return Path(__file__).resolve().parent / "configs"
+
+
+def presets(group: str) -> list[str]:
+    folder = presets_dir() / PRESET_GROUPS[group]
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def resolve_config(path: str | Path, group: str) -> Path:
+    """A config argument: an existing file, or the name of a preset shipped with mrplab (``--config cifar10``
+    for ``configs/vision/cifar10.yaml``), so presets work from any directory and from a non-editable install."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    name = p.name.removesuffix(".yaml")
+    candidate = presets_dir() / PRESET_GROUPS[group] / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise MrplabError(f"{path} is neither a file nor a preset name",
+                      f"give a YAML file or one of the presets: {', '.join(presets(group))}")
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> TheoryConfig:
-    raw = read_yaml(path) if path is not None else {}
+    raw = read_yaml(resolve_config(path, "theory")) if path is not None else {}
     return validate(apply_overrides(raw, overrides or []))
 
 

@@ -381,7 +381,7 @@ def _run_error(err: ValidationError, axes: dict[str, Any], seed: int, source: Pa
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read, validate and expand a sweep file; raises ``MrplabError`` before anything runs."""
-    source = Path(path)
+    source = config_mod.resolve_config(path, "sweep")
     return from_mapping(read_sweep_yaml(source), source=source, overrides=overrides)
 
 

@@ -160,7 +160,8 @@ def _execute(command: str, config: Optional[Path], set_: list[str], out: Path, r
 
 
 _CONFIG = typer.Option(None, "--config", metavar="FILE",
-                       help="YAML config; without it the defaults (configs/vision/embedded-compare.yaml)")
+                       help="YAML config file or preset name (cifar10, embedded-compare); without it the defaults "
+                            "(configs/vision/embedded-compare.yaml)")
 _SET = typer.Option([], "--set", metavar="KEY=VALUE",
                     help="override one key, e.g. --set pretrain.epochs=10 (repeatable)")
 _OUT = typer.Option(Path("runs"), "--out", metavar="DIR", help="parent folder of the run folder")

@@ -206,5 +206,5 @@ def validate(raw: dict) -> VisionConfig:
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> VisionConfig:
-    raw = config_mod.read_yaml(path) if path is not None else {}
+    raw = config_mod.read_yaml(config_mod.resolve_config(path, "vision")) if path is not None else {}
     return validate(config_mod.apply_overrides(raw, overrides or []))

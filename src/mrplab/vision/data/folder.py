@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -197,10 +198,28 @@ def _cache_file(cfg: VisionDataConfig, root: Path, split: Split, samples: list[t
     return base / "images" / f"{root.name}-{split}-{cfg.image_size}px-{key}.safetensors"
 
 
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
+
+
+def expand_root(text: str) -> str:
+    """``data.root`` with environment variables filled in: ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` (the
+    shell's forms), so a shipped preset names a variable and an example default, never one machine's path."""
+    def fill(m: re.Match) -> str:
+        name, default = m.group(1) or m.group(3), m.group(2)
+        value = os.environ.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        raise MrplabError(f"data.root {text} names ${name}, which is not set",
+                          f"export {name}=/path/to/the/data, or give data.root as a path")
+    return _VAR.sub(fill, text)
+
+
 def _folder_root(cfg: VisionDataConfig) -> Path:
     if not cfg.root:
         raise MrplabError("the folder source needs a root", "set root to an ImageFolder folder with train/ and test/")
-    root = Path(cfg.root).expanduser().resolve()
+    root = Path(expand_root(cfg.root)).expanduser().resolve()
     if not root.is_dir():
         raise MrplabError(f"data root {root} does not exist or is not a folder", _LAYOUT_HINT)
     return root
