@@ -117,6 +117,37 @@ def _check_reachable(address: str) -> None:
                           "start it with `ray start --head --port=6379` and check the address") from None
 
 
+def _use_token_if_available() -> bool:
+    """Token authentication for an explicit ``--address``, as ``ray start`` decides it for the head.
+
+    Ray >= 2.5x starts a head with token authentication when a token exists (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), but a driver turns it on by itself only for ``address="auto"``:
+    with an explicit address it would connect without the token and the head would refuse it
+    (InvalidAuthToken). Returns whether token mode is on (always False for a Ray without authentication)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return False
+    return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+
+
+def _attach_error(err: Exception, address: str | None, token: bool) -> MrplabError:
+    """One line naming Ray's own reason (its exception type and message) and the likely fix."""
+    reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    if not address:
+        return MrplabError(f"cannot start a local Ray instance ({reason})", "check `ray status`, or use --executor local")
+    if "auth" in reason.lower() or "token" in reason.lower() or type(err).__name__ == "AuthenticationError":
+        fix = ("the head uses token authentication: on the head run `ray get-auth-token` and export RAY_AUTH_TOKEN=<it> "
+               "here (or copy its ~/.ray/auth_token)" if not token else
+               "the token found here is not the head's: export RAY_AUTH_TOKEN=$(ray get-auth-token) from the head")
+    else:
+        fix = ("start the head with `ray start --head --port=6379`, pass --address HOST:6379; a head started with a token "
+               "needs RAY_AUTH_TOKEN here too (docs/sweeps.md)")
+    return MrplabError(f"cannot attach to the Ray cluster at {address} ({reason})", fix)
+
+
 class RayExecutor:
     kind = "ray"
 
@@ -130,19 +161,18 @@ class RayExecutor:
         self._ray = ray
         self._owned = False
         if not ray.is_initialized():
+            token = False
             if address:
                 _check_reachable(address)
+                token = _use_token_if_available()
             try:
                 if address:
                     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
                 else:
                     ray.init(num_cpus=cpu_cores(), include_dashboard=False, logging_level=logging.WARNING,
                              log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-                first = " ".join(str(err).split())[:200]
-                raise MrplabError(f"cannot start or attach to {where}: {first}",
-                                  "start the head with `ray start --head --port=6379` and pass --address HOST:6379")
+            except Exception as err:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, its own RayErrors
+                raise _attach_error(err, address, token) from None
             self._owned = True
         self.address = address or "local"
         resources = ray.cluster_resources()
