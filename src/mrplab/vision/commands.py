@@ -201,13 +201,36 @@ for _command in _DOCS:
     _register(_command)
 
 
+# --------------------------------------------------------------------------- mrplab vision export
+
+
+@app.command("export")
+def export(
+    source: Path = typer.Argument(..., metavar="RUN_OR_CHECKPOINT",
+                                  help="a `mrplab vision` run folder or one .safetensors checkpoint of it"),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="the timm folder (a run folder: one per checkpoint)"),
+) -> None:
+    """Export ViT checkpoints as timm-native folders: timm.create_model("local-dir:OUT_DIR") loads them strictly."""
+    console = make_console()
+    try:
+        from mrplab.vision.interop import export as export_run
+
+        written = export_run(source, out_dir)
+    except MrplabError as err:
+        fail(err)
+        return
+    for path in written:
+        console.print(f"timm folder: {path}  (timm.create_model(\"local-dir:{path}\"))", soft_wrap=True, markup=False)
+
+
 # --------------------------------------------------------------------------- mrplab evidence
 
 
 def evidence(
     models: list[str] = typer.Argument(
         ..., metavar="MODEL...",
-        help="classifier checkpoints (.safetensors with their .json sidecar) or `mrplab vision` run folders",
+        help="classifier checkpoints (.safetensors with their .json sidecar), `mrplab vision` run folders, or timm "
+             "models: local-dir:DIR (a timm hub folder) or timm:NAME=FILE (a timm model name and a local weights file)",
     ),
     data_root: Optional[Path] = typer.Option(
         None, "--data", metavar="ROOT", help="ImageFolder root to explain on (default: the models' own data)"
@@ -224,10 +247,14 @@ def evidence(
         from mrplab.vision import evidence as ev_mod
         from mrplab.vision.checkpoints import classifier_files, load_classifier
 
+        from mrplab.vision.config import VisionDataConfig
+        from mrplab.vision.interop import is_timm_spec
+
         data = None
         if data_root is not None:
-            first = load_classifier(classifier_files(models)[0])
-            data = first.cfg.data.model_copy(update={"source": "folder", "root": str(data_root)})
+            own = [m for m in models if not is_timm_spec(m)]
+            base = load_classifier(classifier_files(own)[0]).cfg.data if own else VisionDataConfig()
+            data = base.model_copy(update={"source": "folder", "root": str(data_root)})
         methods = ev_mod.CAM_METHODS if cam == "both" else (cam,)
         path = ev_mod.run_evidence(models, data, out, n_images, methods,
                                    progress=lambda s: console.print(f"[dim]{s}[/dim]"))

@@ -61,6 +61,7 @@ def check_compatible(models: list[Classifier], data: VisionDataConfig) -> int:
 
 def _vit_reshape(grid: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     def reshape(t: torch.Tensor) -> torch.Tensor:  # [B, N, D] tokens -> [B, D, h, w]
+        t = t[:, t.shape[1] - grid[0] * grid[1]:]  # without prefix tokens (a timm ViT's class token)
         B, N, D = t.shape
         return t.transpose(1, 2).reshape(B, D, *grid)
     return reshape
@@ -136,6 +137,9 @@ def measure(models: list[Classifier], data: VisionDataConfig, n_images: int, met
     progress("loading data")
     train, test = load_split(data, "train"), load_split(data, "test")
     mean, std = channel_stats(train.images)
+    for m in models:
+        if hasattr(m.encoder, "set_input_stats"):  # a timm model re-normalises to its own statistics
+            m.encoder.set_input_stats(mean, std)
     window = window or max(2, data.image_size // 4)
     gen = torch.Generator().manual_seed(0)
     idx = select_images(test, n_images, gen)
@@ -352,11 +356,17 @@ def measured_sentences(ev: Evidence) -> list[str]:
 def run_evidence(paths: list[str], data: VisionDataConfig | None, out: str | Path, n_images: int,
                  methods: tuple[str, ...] = CAM_METHODS, progress: Callable[[str], None] = lambda s: None) -> Path:
     t0 = time.perf_counter()
-    files = classifier_files(paths)
-    if len(files) < 2:
+    from mrplab.vision.interop import is_timm_spec, load_timm
+
+    specs = [p for p in paths if is_timm_spec(p)]
+    files = classifier_files([p for p in paths if not is_timm_spec(p)])
+    if len(files) + len(specs) < 2:
         raise MrplabError("evidence compares at least two models", "give two checkpoints or a compare run folder")
     models = [load_classifier(p) for p in files]
-    data = data or models[0].cfg.data
+    data = data or (models[0].cfg.data if models else None)
+    models += [load_timm(spec, data) for spec in specs]
+    if not files:  # only timm models: the data at their input size
+        data = data.model_copy(update={"image_size": models[0].cfg.data.image_size})
     check_compatible(models, data)
     ev, extra = measure(models, data, n_images, methods, progress=progress)
     out = Path(out)

@@ -1,0 +1,230 @@
+"""timm in both directions: mrplab encoders exported as timm-native folders, timm models explained by evidence.
+
+Export (``mrplab vision export``): a ViT checkpoint of a run becomes the folder timm's hub format describes,
+written by timm itself (``timm.models.save_for_hf``): ``model.safetensors`` with timm's own key names and
+``config.json`` with the architecture (a registered timm ViT plus the ``model_args`` that give mrplab's
+sizes: no class token, average pooling) and the preprocessing (input size, the training images' channel
+mean and std). ``timm.create_model("local-dir:OUT")`` rebuilds it with strict key matching.
+ResNets are not exported: mrplab's small-image stem (3x3 stride-1 convolution, no max-pool) is not a
+configuration timm's ResNet has, so timm could not rebuild the same network.
+
+Import: ``local-dir:DIR`` (a timm hub folder) or ``timm:NAME=FILE`` (a registered timm model plus a local
+weights file, safetensors or a timm checkpoint: the published SL, MAE and data2vec checkpoints) become
+classifiers ``mrplab evidence`` explains beside mrplab's own; each sees the images normalised its own way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mrplab.errors import MrplabError
+from mrplab.io import read_json
+from mrplab.vision.checkpoints import Classifier, read_safetensors
+from mrplab.vision.config import VisionConfig, VisionDataConfig
+from mrplab.vision.models import VIT_SIZES
+
+ARCHITECTURE = "vit_tiny_patch16_224"  # a registered timm ViT; model_args give every size mrplab changes
+TIMM_PREFIXES = ("local-dir:", "timm:")
+
+
+# --------------------------------------------------------------------------- export
+
+
+def vit_args(cfg: VisionConfig, num_classes: int) -> dict:
+    """timm VisionTransformer arguments that build mrplab's ViT of ``cfg`` (models.ViTEncoder)."""
+    if cfg.model.name not in VIT_SIZES:
+        raise MrplabError(
+            f"{cfg.model.name} cannot be exported to timm: timm's ResNet has no 3x3 stride-1 stem without max-pool, "
+            "which mrplab's small-image ResNets use", "export a ViT run (model.name vit_micro or vit_tiny)")
+    dim, depth, heads, mlp = VIT_SIZES[cfg.model.name]
+    return {"img_size": cfg.data.image_size, "patch_size": cfg.model.patch_size, "embed_dim": dim, "depth": depth,
+            "num_heads": heads, "mlp_ratio": mlp, "class_token": False, "global_pool": "avg", "fc_norm": False,
+            "num_classes": num_classes}
+
+
+def _exportable(path: Path) -> list[tuple[Path, str]]:
+    """(checkpoint, name) pairs: a file as given, or a run folder's classifiers and pretrained encoders."""
+    if path.is_file():
+        return [(path, path.name.removesuffix(".safetensors"))]
+    if not path.is_dir():
+        raise MrplabError(f"{path} does not exist", "give a `mrplab vision` run folder or a .safetensors checkpoint")
+    out = []
+    for sidecar in sorted((path / "checkpoints").glob("*.json")):
+        if sidecar.name.startswith("resume"):
+            continue
+        info = read_json(sidecar, "checkpoint sidecar", "restore it from the run that wrote it")
+        if info.get("kind") == "pretrain" and info.get("encoder"):
+            out.append((sidecar.parent / info["encoder"], f"{sidecar.stem}.encoder"))
+        elif info.get("kind") in ("scratch", "finetune", "linprobe"):
+            out.append((sidecar.with_suffix(".safetensors"), sidecar.stem))
+    if not out:
+        raise MrplabError(f"{path} holds no checkpoints to export", "give a `mrplab vision` run folder")
+    return out
+
+
+def _sidecar_of(ckpt: Path) -> dict:
+    name = ckpt.name.removesuffix(".safetensors").removesuffix(".encoder")
+    sidecar = ckpt.with_name(f"{name}.json")
+    if not sidecar.is_file():
+        raise MrplabError(f"{ckpt} has no sidecar {sidecar.name}", "give a checkpoint written by `mrplab vision`")
+    info = read_json(sidecar, "checkpoint sidecar", "restore it from the run that wrote it")
+    if not isinstance(info, dict) or "config" not in info:
+        raise MrplabError(f"{sidecar} is not a vision checkpoint sidecar", "give a checkpoint written by `mrplab vision`")
+    return info
+
+
+def _encoder_state(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
+    state = read_safetensors(ckpt, "checkpoint")
+    if kind == "linprobe":  # LinearProbe wraps the encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not all(k.startswith("vit.") for k in state):
+        raise MrplabError(f"{ckpt} is not a ViT encoder checkpoint", "export a ViT run (vit_micro or vit_tiny)")
+    return {k[len("vit."):]: v for k, v in state.items()}
+
+
+def export_one(ckpt: Path, out: Path) -> Path:
+    """One checkpoint as a timm hub folder ``out`` (built beside it, renamed when complete)."""
+    import timm
+    from timm.models import save_for_hf
+
+    from mrplab.vision.data import channel_stats, load_split
+
+    info = _sidecar_of(ckpt)
+    cfg = VisionConfig.model_validate(info["config"])
+    state = _encoder_state(ckpt, info.get("kind", ""))
+    pretrained = info.get("kind") == "pretrain"  # its head was never trained: exported without one
+    num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state and not pretrained else 0
+    if num_classes == 0:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    args = vit_args(cfg, num_classes)
+    model = timm.create_model(ARCHITECTURE, pretrained=False, **args)
+    model.load_state_dict(state, strict=True)
+    mean, std = channel_stats(load_split(cfg.data, "train").images)
+    S = cfg.data.image_size
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        save_for_hf(model, str(partial), model_args=args, safe_serialization=True,
+                    data_config={"input_size": (3, S, S), "mean": tuple(mean.tolist()), "std": tuple(std.tolist()),
+                                 "crop_pct": 1.0, "interpolation": "bicubic"})
+        if out.exists():
+            raise MrplabError(f"{out} already exists", "choose a new output folder")
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def export(src: Path, out_dir: Path) -> list[Path]:
+    """A checkpoint -> ``out_dir``; a run folder -> ``out_dir/<stage>`` for each classifier and encoder."""
+    items = _exportable(Path(src))
+    for ckpt, _ in items:  # every checkpoint checked before anything is written
+        _sidecar_of(ckpt)
+        vit_args(VisionConfig.model_validate(_sidecar_of(ckpt)["config"]), 0)
+    out_dir = Path(out_dir)
+    single = len(items) == 1 and Path(src).is_file()
+    targets = [out_dir] if single else [out_dir / name for _, name in items]
+    for t in targets:
+        if t.exists():
+            raise MrplabError(f"{t} already exists", "choose a new output folder")
+    (out_dir.parent if single else out_dir).mkdir(parents=True, exist_ok=True)
+    return [export_one(ckpt, t) for (ckpt, _), t in zip(items, targets)]
+
+
+# --------------------------------------------------------------------------- import
+
+
+def is_timm_spec(text: str) -> bool:
+    return text.startswith(TIMM_PREFIXES)
+
+
+class TimmClassifier(nn.Module):
+    """A plain timm model behind the contract evidence uses (kind, grid, head, the CAM layer through ``vit`` or
+    ``net``); it re-normalises the data-normalised input to the model's own mean and std."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.model = model
+        if isinstance(model, VisionTransformer):
+            self.kind, self.vit = "vit", model
+            self.grid = tuple(model.patch_embed.grid_size)
+        elif hasattr(model, "layer4"):
+            self.kind, self.net = "cnn", model
+            self.grid = (1, 1)
+        else:
+            raise MrplabError(f"evidence explains timm ViTs and ResNets, not {type(model).__name__}",
+                              "give a VisionTransformer or ResNet model")
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        self.register_buffer("own_mean", torch.tensor(cfg.get("mean", (0.0, 0.0, 0.0))).view(1, 3, 1, 1))
+        self.register_buffer("own_std", torch.tensor(cfg.get("std", (1.0, 1.0, 1.0))).view(1, 3, 1, 1))
+        self.register_buffer("data_mean", torch.zeros(1, 3, 1, 1))
+        self.register_buffer("data_std", torch.ones(1, 3, 1, 1))
+
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The channel mean and std the input was normalised with (the data's)."""
+        self.data_mean.copy_(mean.view(1, 3, 1, 1))
+        self.data_std.copy_(std.view(1, 3, 1, 1))
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_classifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x * self.data_std + self.data_mean  # [B, 3, H, W] in [0, 1]
+        return self.model((raw - self.own_mean) / self.own_std)
+
+
+def _num_classes_in(file: Path, classifier: str) -> int | None:
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(file), weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable weights file is the user's file problem
+        raise MrplabError(f"cannot read weights {file} ({type(err).__name__})",
+                          "give a safetensors file or a timm / torch checkpoint") from None
+    w = state.get(f"{classifier}.weight")
+    return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+
+
+def load_timm(spec: str, data: VisionDataConfig | None) -> Classifier:
+    """``local-dir:DIR`` or ``timm:NAME=FILE`` as an evidence classifier, weights loaded with strict key matching."""
+    import timm
+
+    if data is None:
+        raise MrplabError(f"{spec} brings no data set of its own", "give --data ROOT (an ImageFolder the model classifies)")
+    try:
+        if spec.startswith("local-dir:"):
+            folder = Path(spec[len("local-dir:"):])
+            if not (folder / "config.json").is_file():
+                raise MrplabError(f"{folder} has no config.json", "give a folder written by `mrplab vision export` "
+                                  "or timm's save_for_hf")
+            name = json.loads((folder / "config.json").read_text()).get("architecture", "timm")
+            model = timm.create_model(spec, pretrained=True)
+        else:
+            name, sep, file = spec[len("timm:"):].partition("=")
+            if not sep or not name or not Path(file).is_file():
+                raise MrplabError(f"{spec} is not timm:NAME=FILE with an existing file",
+                                  "e.g. timm:vit_base_patch16_224=/models/mae_finetuned.safetensors")
+            if not timm.is_model(name):
+                raise MrplabError(f"timm has no model {name}", "see timm.list_models()")
+            classifier = timm.create_model(name, pretrained=False).default_cfg.get("classifier", "head")
+            k = _num_classes_in(Path(file), classifier if isinstance(classifier, str) else classifier[0])
+            # the overlay's num_classes says the file's head fits; otherwise timm would drop it and load non-strictly
+            model = timm.create_model(name, pretrained=True, num_classes=k or 1000,
+                                      pretrained_cfg_overlay={"file": str(file), "num_classes": k or 1000})
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        raise MrplabError(f"timm cannot load {spec}: {' '.join(str(err).split())[:200]}",
+                          "check the model name and that the weights are that model's") from None
+    model.eval()
+    pcfg = model.pretrained_cfg
+    size = int(pcfg["input_size"][-1]) if pcfg.get("fixed_input_size") and pcfg.get("input_size") else data.image_size
+    cfg = VisionConfig(data=data.model_copy(update={"image_size": size}))
+    return Classifier(Path(spec), f"timm {name}", 0, cfg, TimmClassifier(model))

@@ -1,0 +1,101 @@
+"""timm in both directions: exported folders load in timm with strict keys and compute what mrplab's encoder
+computes; evidence explains plain timm models loaded from local files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mrplab.vision import train
+from mrplab.vision.checkpoints import load_classifier, load_encoder
+from mrplab.vision.commands import app
+from mrplab.vision.models import build_encoder
+from tests.vision.test_train import tiny
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> Path:
+    """A finished tiny compare run (vit_micro): SL, MAE pretraining, fine-tuning."""
+    return train.run(tiny("methods=[mae]"), "compare", tmp_path_factory.mktemp("runs")).path
+
+
+def _timm_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_features(x)  # [B, N, D] tokens after the last norm
+
+
+@pytest.mark.parametrize("name", ["vit_micro", "vit_tiny"])
+def test_exported_vit_loads_strictly_in_timm_and_matches(tmp_path, micro_run, name):
+    if name == "vit_micro":
+        run = micro_run
+    else:
+        run = train.run(tiny("model.name=vit_tiny", "finetune.epochs=1", "pretrain.epochs=1"), "scratch",
+                        tmp_path / "runs").path
+    out = tmp_path / "timm"
+    res = CliRunner().invoke(app, ["export", str(run), str(out)])
+    assert res.exit_code == 0, res.output
+    folders = sorted(p.name for p in out.iterdir())
+    expected = {"vit_micro": ["s0-mae-finetune", "s0-mae-pretrain.encoder", "s0-scratch"],
+                "vit_tiny": ["s0-scratch"]}[name]
+    assert folders == expected
+    x = torch.randn(3, 3, 16, 16)
+    for folder in folders:
+        cfg = json.loads((out / folder / "config.json").read_text())
+        assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["model_args"]["class_token"] is False
+        model = timm.create_model(f"local-dir:{out / folder}", pretrained=True, pretrained_strict=True).eval()
+        if folder.endswith(".encoder"):
+            file = run / "checkpoints" / "s0-mae-pretrain.encoder.safetensors"
+            enc = build_encoder(name, 16, 4, load_file(str(file))["vit.head.weight"].shape[0])
+            load_encoder(file, enc)
+            assert model.num_classes == 0
+        else:
+            enc = load_classifier(run / "checkpoints" / f"{folder}.safetensors").encoder
+            with torch.no_grad():
+                assert torch.allclose(model(x), enc.eval()(x), atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(_timm_features(model, x), enc.eval().features(x), atol=1e-5)
+
+
+def test_resnet_export_is_refused_with_the_reason(tmp_path):
+    run = train.run(tiny("model.name=resnet_small", "finetune.epochs=1", "pretrain.epochs=1"), "scratch",
+                    tmp_path / "runs").path
+    res = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "timm")])
+    assert res.exit_code == 2 and "3x3 stride-1 stem" in res.stderr
+    assert not (tmp_path / "timm").exists()
+
+
+def test_evidence_explains_plain_timm_models_from_local_files(tmp_path, micro_run):
+    classes = load_classifier(micro_run / "checkpoints" / "s0-scratch.safetensors").encoder.head.out_features
+    plain = timm.create_model("resnet18", num_classes=classes)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(plain.state_dict(), str(weights))
+    exported = tmp_path / "sl-timm"
+    assert CliRunner().invoke(app, ["export", str(micro_run / "checkpoints" / "s0-scratch.safetensors"),
+                                    str(exported)]).exit_code == 0
+    from mrplab.vision import evidence
+
+    path = evidence.run_evidence([str(micro_run), f"timm:resnet18={weights}", f"local-dir:{exported}"], None,
+                                 tmp_path / "ev", 16, ("eigencam",))
+    ev = json.loads((path / "evidence.json").read_text())
+    approaches = [r["approach"] for r in ev["per_model"]]
+    assert approaches == ["MRP+FT (mae)", "SL", "timm resnet18", "timm vit_tiny_patch16_224"]
+    by = {r["approach"]: r for r in ev["per_model"]}
+    # the exported SL model, re-normalised by its own (training) statistics, predicts as the original
+    assert by["timm vit_tiny_patch16_224"]["acc"] == pytest.approx(by["SL"]["acc"], abs=1e-6)
+
+
+def test_bad_timm_specs_are_one_line(tmp_path, micro_run):
+    from mrplab.vision import evidence
+    from mrplab.errors import MrplabError
+
+    with pytest.raises(MrplabError, match="not timm:NAME=FILE"):
+        evidence.run_evidence([str(micro_run), "timm:resnet18"], None, tmp_path, 8, ("eigencam",))
+    with pytest.raises(MrplabError, match="timm has no model"):
+        evidence.run_evidence([str(micro_run), f"timm:nonet={__file__}"], None, tmp_path, 8, ("eigencam",))
+    with pytest.raises(MrplabError, match="cannot read weights"):
+        evidence.run_evidence([str(micro_run), f"timm:resnet18={__file__}"], None, tmp_path, 8, ("eigencam",))
