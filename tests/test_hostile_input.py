@@ -227,3 +227,9 @@ def test_no_shipped_file_names_an_absolute_data_path():
         for line in path.read_text().splitlines():
             value = line.split("#")[0]
             assert "root: /" not in value and "/work/" not in value, (path, line)
+
+
+@pytest.mark.parametrize("text", ["&a [*a]\n", "a: &x {b: *x}\n", "a: &x [1, [2, *x]]\n"])
+def test_self_referring_aliases_are_refused(text):
+    with pytest.raises(MrplabError, match="refers to itself"):
+        yaml_load(text, "doc")

@@ -315,30 +315,39 @@ def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _Core12Loader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
 
 
-def _expanded_size(root: yaml.Node) -> int:
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for pair in node.value for x in pair]
+    return []
+
+
+def _expanded_size(root: yaml.Node, what: str) -> int:
     """Nodes in the document with every alias expanded, counted without expanding (an alias is the same
-    node object referenced again; each distinct node's expanded size is computed once)."""
+    node object referenced again; each distinct node's expanded size is computed once). A node that
+    contains itself (``&a [*a]``) would expand forever: refused."""
     sizes: dict[int, int] = {}
-    order: list[yaml.Node] = []
-    stack, seen = [root], set()
-    while stack:  # post-order without recursion: a deep nesting cannot exhaust the Python stack
-        node = stack.pop()
-        if id(node) in seen:
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # depth-first without recursion: a deep nesting cannot exhaust the Python stack
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            sizes[key] = min(1 + sum(sizes[id(k)] for k in _children(node)), MAX_YAML_NODES + 1)
             continue
-        seen.add(id(node))
-        order.append(node)
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            stack.extend(x for pair in node.value for x in pair)
-    for node in reversed(order):
-        if isinstance(node, yaml.SequenceNode):
-            kids = node.value
-        elif isinstance(node, yaml.MappingNode):
-            kids = [x for pair in node.value for x in pair]
-        else:
-            kids = []
-        sizes[id(node)] = min(1 + sum(sizes.get(id(k), 1) for k in kids), MAX_YAML_NODES + 1)
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise MrplabError(f"{what} has an alias that refers to itself", "write the values out instead")
+        on_path.add(key)
+        stack.append((node, True))
+        for kid in _children(node):
+            if id(kid) in on_path:
+                raise MrplabError(f"{what} has an alias that refers to itself", "write the values out instead")
+            if id(kid) not in sizes:
+                stack.append((kid, False))
     return sizes[id(root)]
 
 
@@ -367,7 +376,7 @@ def yaml_load(text: str, what: str) -> Any:
         root = loader.get_single_node()
         if root is None:
             return None
-        if _expanded_size(root) > MAX_YAML_NODES:
+        if _expanded_size(root, what) > MAX_YAML_NODES:
             raise MrplabError(
                 f"{what} expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases re-used many times over)",
                 "write the values out instead of nesting aliases",
@@ -381,6 +390,9 @@ def yaml_load(text: str, what: str) -> Any:
         raise MrplabError(f"{what} is not valid YAML{where}", "fix the YAML syntax") from None
     except RecursionError:
         raise MrplabError(f"{what} nests too deeply", "flatten the YAML") from None
+    except (ValueError, TypeError, OverflowError) as err:  # a tagged value of the wrong form, e.g. !!int 1.5
+        raise MrplabError(f"{what} has a value YAML cannot read ({' '.join(str(err).split())[:80]})",
+                          "fix the value or drop its !! tag") from None
     finally:
         loader.dispose()
 
