@@ -233,3 +233,38 @@ def test_no_shipped_file_names_an_absolute_data_path():
 def test_self_referring_aliases_are_refused(text):
     with pytest.raises(MrplabError, match="refers to itself"):
         yaml_load(text, "doc")
+
+
+# --------------------------------------------------------------------------- smaller items
+
+
+def test_version():
+    from typer.testing import CliRunner
+
+    from mrplab import __version__
+    from mrplab.cli import app
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.startswith(f"mrplab {__version__} (torch ")
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "-x"])
+def test_names_cannot_leave_or_hide_in_the_output_folder(name):
+    from mrplab.sweep import spec
+    from tests.sweep.helpers import TINY_BASE
+
+    with pytest.raises(MrplabError, match="name"):
+        spec.from_mapping({"name": name, "base": TINY_BASE})
+    with pytest.raises(MrplabError, match="name"):
+        validate({"name": name})
+
+
+def test_evidence_names_a_missing_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from mrplab.cli import app
+
+    res = CliRunner().invoke(app, ["evidence", str(tmp_path / "nope"), str(tmp_path / "nope2"), "--out",
+                                   str(tmp_path / "ev")])
+    assert res.exit_code == 2 and f"{tmp_path / 'nope'} does not exist" in res.stderr
+    assert not (tmp_path / "ev").exists()

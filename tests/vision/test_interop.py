@@ -99,3 +99,20 @@ def test_bad_timm_specs_are_one_line(tmp_path, micro_run):
         evidence.run_evidence([str(micro_run), f"timm:nonet={__file__}"], None, tmp_path, 8, ("eigencam",))
     with pytest.raises(MrplabError, match="cannot read weights"):
         evidence.run_evidence([str(micro_run), f"timm:resnet18={__file__}"], None, tmp_path, 8, ("eigencam",))
+
+
+def test_finetune_from_an_exported_timm_folder_starts_from_the_same_encoder(tmp_path, micro_run):
+    from mrplab.vision.interop import timm_encoder_state
+
+    out = tmp_path / "timm"
+    assert CliRunner().invoke(app, ["export", str(micro_run), str(out)]).exit_code == 0
+    cfg = tiny("methods=[mae]")
+    spec = f"local-dir:{out / 's0-mae-pretrain.encoder'}"
+    original = load_file(str(micro_run / "checkpoints" / "s0-mae-pretrain.encoder.safetensors"))
+    loaded = timm_encoder_state(spec, cfg)
+    body = {k: v for k, v in original.items() if not k.startswith("vit.head.")}  # exported without its head
+    assert loaded.keys() == body.keys() and all(torch.equal(loaded[k], body[k]) for k in body)
+    res = train.run(cfg, "finetune", tmp_path / "ft", init=Path(spec))
+    assert [r["approach"] for r in res.table] == ["MRP+FT (timm)"]
+    with pytest.raises(Exception, match="model_args differ"):
+        train.run(tiny("model.patch_size=8"), "finetune", tmp_path / "c", init=Path(spec))

@@ -8,7 +8,8 @@ mean and std). ``timm.create_model("local-dir:OUT")`` rebuilds it with strict ke
 ResNets are not exported: mrplab's small-image stem (3x3 stride-1 convolution, no max-pool) is not a
 configuration timm's ResNet has, so timm could not rebuild the same network.
 
-Import: ``local-dir:DIR`` (a timm hub folder) or ``timm:NAME=FILE`` (a registered timm model plus a local
+Import: ``--init local-dir:DIR`` fine-tunes or probes the ViT of such a folder (its ``model_args`` must be
+the configured model's); ``local-dir:DIR`` (a timm hub folder) or ``timm:NAME=FILE`` (a registered timm model plus a local
 weights file, safetensors or a timm checkpoint: the published SL, MAE and data2vec checkpoints) become
 classifiers ``mrplab evidence`` explains beside mrplab's own; each sees the images normalised its own way.
 """
@@ -138,6 +139,21 @@ def export(src: Path, out_dir: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- import
+
+
+def timm_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
+    """The weights of a timm folder ``local-dir:DIR`` as mrplab encoder weights, for ``--init``: the folder must
+    hold the ViT ``cfg`` describes (an export of such a run, or any timm ViT with the same arguments)."""
+    folder = Path(spec[len("local-dir:"):])
+    conf = read_json(folder / "config.json", "timm config", "give a folder written by `mrplab vision export`")
+    args = conf.get("model_args", {}) if isinstance(conf, dict) else {}
+    want = vit_args(cfg, 0)
+    diff = {k: [args.get(k), v] for k, v in want.items() if k != "num_classes" and args.get(k) != v}
+    if diff:
+        raise MrplabError(f"{folder} is not the configured {cfg.model.name} (its model_args differ: {diff})",
+                          "fine-tune with the model section and data.image_size the folder was exported with")
+    state = read_safetensors(folder / "model.safetensors", "timm weights")
+    return {f"vit.{k}": v for k, v in state.items()}
 
 
 def is_timm_spec(text: str) -> bool:

@@ -65,7 +65,10 @@ def hyper(cfg: VisionConfig, stage: Stage) -> Hyper:
 
 
 def _encoder_files(init: Path, seed: int) -> list[tuple[str, Path]]:
-    """(method, encoder checkpoint) for one seed from --init: a pretrain run folder or one .safetensors file."""
+    """(method, encoder checkpoint) for one seed from --init: a pretrain run folder, one .safetensors file, or a
+    timm folder ``local-dir:DIR`` of the configured ViT (vision/interop.py)."""
+    if str(init).startswith("local-dir:"):
+        return [("timm", init)]
     if init.is_file():
         sidecar = init.with_name(init.name.replace(".encoder.safetensors", ".json"))
         method = None

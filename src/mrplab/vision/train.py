@@ -77,6 +77,10 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
     encoder = _new_encoder(cfg, stage.seed, k)
     if stage.kind in ("finetune", "linprobe"):
         state = encoders.get(stage.init)
+        if state is None and stage.init.startswith("local-dir:"):
+            from mrplab.vision.interop import timm_encoder_state
+
+            state = timm_encoder_state(stage.init, cfg)
         load_encoder(Path(stage.init) if state is None else state, encoder)
         with seeded_init(stage.seed, f"vision/{stage.key}/head-init"):
             encoder.reset_head(k)
