@@ -14,7 +14,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "mrplab"
 
 GROUND = {"mrplab", "mrplab.errors", "mrplab.rng", "mrplab.runtime", "mrplab.config", "mrplab.stats",
-          "mrplab.console", "mrplab.io"}
+          "mrplab.console", "mrplab.io", "mrplab.divergence", "mrplab.memory"}
 TRACKS = {"theory": ("mrplab.theory",), "vision": ("mrplab.vision",)}
 TOP = {"mrplab.cli", "mrplab.__main__"}
 

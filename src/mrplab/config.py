@@ -403,7 +403,7 @@ def read_yaml(path: str | Path, what: str = "config file", shape: str = "a mappi
     p = Path(path)
     try:
         if p.is_dir():
-            raise MrplabError(f"{what} {p} is a folder, not a file", "give the path of a .yaml file")
+            raise MrplabError(f"cannot read {what} {p}: it is a folder, not a file", "give the path of a .yaml file")
         if p.stat().st_size > MAX_CONFIG_BYTES:
             raise MrplabError(f"{what} {p} is over {MAX_CONFIG_BYTES >> 20} MiB", "give a config file, not data")
         data = p.read_bytes()
