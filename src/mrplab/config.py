@@ -26,6 +26,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"data": {"k": 2}} -> {"data.k": 2}."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def config_hash(cfg: BaseModel | dict[str, Any], drop: tuple[str, ...] = ()) -> str:
     """12 hex digits of the SHA-256 of the config as sorted JSON, without the top-level keys ``drop``:
     the key of a run folder, a checkpoint and a sweep row."""

@@ -34,6 +34,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from mrplab import config as config_mod
 from mrplab.errors import MrplabError
 from mrplab.sweep.spec import PlannedRun
 
@@ -74,21 +75,11 @@ def _value(v: Any) -> Any:
     return v
 
 
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in mapping.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_flat(dumped: dict[str, Any]) -> dict[str, Any]:
     """The flattened config with SQLite-safe names: column names are case-insensitive in SQLite, so a key
     that differs from another only in case and has capitals gets ``_upper`` (``data.Gamma_upper`` beside
     ``data.gamma``)."""
-    flat = flatten(dumped)
+    flat = config_mod.flatten(dumped)
     lower: dict[str, int] = {}
     for k in flat:
         lower[k.lower()] = lower.get(k.lower(), 0) + 1

@@ -133,16 +133,6 @@ another cadence): everything else would make the finished stages and the rest di
 change takes effect at the resume point (the stage and step the run records in run.json ``changes``)."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def open_resume(run_dir: Path) -> tuple[VisionConfig, str, Path | None]:
     """(config, command, init) of a stopped run folder for ``--resume``; refuses a config.yaml edited by hand."""
     run_dir = Path(run_dir)
@@ -177,8 +167,8 @@ def resume_changes(run_dir: Path, cfg: VisionConfig) -> dict[str, list]:
     """{key: [old, new]} between the stopped run's config and ``cfg``; a key outside RESUMABLE_KEYS is an error."""
     from mrplab.vision import config as vconfig
 
-    old = _flat(vconfig.validate(config_mod.read_yaml(run_dir / "config.yaml")).model_dump(mode="json"))
-    new = _flat(cfg.model_dump(mode="json"))
+    old = config_mod.flatten(vconfig.validate(config_mod.read_yaml(run_dir / "config.yaml")).model_dump(mode="json"))
+    new = config_mod.flatten(cfg.model_dump(mode="json"))
     changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
     check_resume_overrides(list(changed))
     return changed
