@@ -113,6 +113,6 @@ def test_finetune_from_an_exported_timm_folder_starts_from_the_same_encoder(tmp_
     body = {k: v for k, v in original.items() if not k.startswith("vit.head.")}  # exported without its head
     assert loaded.keys() == body.keys() and all(torch.equal(loaded[k], body[k]) for k in body)
     res = train.run(cfg, "finetune", tmp_path / "ft", init=Path(spec))
-    assert [r["approach"] for r in res.table] == ["MRP+FT (timm)"]
+    assert [r["approach"] for r in res.table] == ["timm -> FT"]
     with pytest.raises(Exception, match="model_args differ"):
         train.run(tiny("model.patch_size=8"), "finetune", tmp_path / "c", init=Path(spec))

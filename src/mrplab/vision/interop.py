@@ -148,7 +148,12 @@ def timm_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
     conf = read_json(folder / "config.json", "timm config", "give a folder written by `mrplab vision export`")
     args = conf.get("model_args", {}) if isinstance(conf, dict) else {}
     want = vit_args(cfg, 0)
-    diff = {k: [args.get(k), v] for k, v in want.items() if k != "num_classes" and args.get(k) != v}
+
+    def same(a: object, b: object) -> bool:  # timm records sizes as [h, w] pairs
+        pair = lambda v: list(v) if isinstance(v, (list, tuple)) else [v, v] if isinstance(v, int) else v  # noqa: E731
+        return pair(a) == pair(b) if {type(a), type(b)} & {list, tuple} else a == b
+
+    diff = {k: [args.get(k), v] for k, v in want.items() if k != "num_classes" and not same(args.get(k), v)}
     if diff:
         raise MrplabError(f"{folder} is not the configured {cfg.model.name} (its model_args differ: {diff})",
                           "fine-tune with the model section and data.image_size the folder was exported with")
