@@ -11,7 +11,8 @@ is 0 and the claims are measured on nonsense. ``Guard.check`` stops such a phase
   ``NORM_FLOOR``, so that a head that starts at zero is judged on an absolute scale).
 
 The bounds are orders of magnitude, not tuned margins: the default theory run and every run of the
-test suite stay under them (``Guard.max_norm_growth`` records how close a phase came). Checked on the tensors a step already has; per run for the theory's run axis.
+test suite stay under them (``Guard.max_norm_growth`` records how close a phase came). Checked on the
+tensors a step already has; per run for the theory's run axis.
 """
 
 from __future__ import annotations
