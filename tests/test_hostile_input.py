@@ -268,3 +268,21 @@ def test_evidence_names_a_missing_path(tmp_path):
                                    str(tmp_path / "ev")])
     assert res.exit_code == 2 and f"{tmp_path / 'nope'} does not exist" in res.stderr
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_full_sweep_store_is_one_error_and_keeps_its_rows(tmp_path):
+    """SQLite's own full-disk condition (max_page_count reached): one MrplabError, earlier rows intact."""
+    from mrplab.sweep import spec
+    from mrplab.sweep.store import Store
+    from tests.sweep.helpers import TINY_BASE
+
+    sw = spec.from_mapping({"name": "full", "base": TINY_BASE, "seeds": [0, 1]})
+    with Store(tmp_path / "results.sqlite") as st:
+        st.plan(sw.name, sw.runs)
+        st.finish(sw.runs[0].key, {"ok": False, "error": "first", "started": "t0", "finished": "t1"})
+        pages = st.conn.execute("PRAGMA page_count").fetchone()[0]
+        st.conn.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(MrplabError, match="cannot write the results store .*full") as info:
+            st.finish(sw.runs[1].key, {"ok": False, "error": "x" * 200_000, "started": "t0", "finished": "t1"})
+        assert "finished runs are kept" in info.value.fix
+        assert st.statuses() == {sw.runs[0].key: "failed", sw.runs[1].key: "pending"}

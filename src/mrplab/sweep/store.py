@@ -137,16 +137,26 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        if self.conn.in_transaction:  # left open by an interrupt between BEGIN and COMMIT
-            self.conn.execute("ROLLBACK")
-        self.conn.execute("BEGIN IMMEDIATE")
+        """One write: committed whole or not at all. A write SQLite refuses (disk or quota full, read-only
+        file, I/O error, locked past the timeout) is one MrplabError; the rows written before stay."""
         try:
-            yield self.conn
-        except BaseException:
-            if self.conn.in_transaction:
+            if self.conn.in_transaction:  # left open by an interrupt between BEGIN and COMMIT
                 self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as err:
+            if self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            raise MrplabError(f"cannot write the results store {self.path}: {err}",
+                              "free disk space (or fix permissions), then run the same command again: finished "
+                              "runs are kept and skipped") from None
 
     # -- writes
 
