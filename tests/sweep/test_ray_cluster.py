@@ -32,7 +32,7 @@ def ray_head(tmp_path):
         pytest.skip("the ray command is not installed")
     home = tmp_path / "home"
     home.mkdir()
-    temp = tempfile.mkdtemp(prefix="/tmp/rh")  # short: Ray's socket paths live under it
+    temp = tempfile.mkdtemp(prefix="rh")  # the system temp folder, not pytest's deep tmp_path: Ray's socket paths live under it
     env = {**os.environ, "HOME": str(home)}
     env.pop("RAY_AUTH_MODE", None)
     env.pop("RAY_ADDRESS", None)
