@@ -89,15 +89,13 @@ def _encoder_state(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
     return {k[len("vit."):]: v for k, v in state.items()}
 
 
-def export_one(ckpt: Path, out: Path) -> Path:
-    """One checkpoint as a timm hub folder ``out`` (built beside it, renamed when complete)."""
+def export_one(ckpt: Path, info: dict, cfg: VisionConfig, stats: tuple[torch.Tensor, torch.Tensor],
+               out: Path) -> Path:
+    """One checkpoint (its sidecar ``info`` and config, the training images' channel ``stats``) as a timm hub
+    folder ``out`` (built beside it, renamed when complete)."""
     import timm
     from timm.models import save_for_hf
 
-    from mrplab.vision.data import channel_stats, load_split
-
-    info = _sidecar_of(ckpt)
-    cfg = VisionConfig.model_validate(info["config"])
     state = _encoder_state(ckpt, info.get("kind", ""))
     pretrained = info.get("kind") == "pretrain"  # its head was never trained: exported without one
     num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state and not pretrained else 0
@@ -106,7 +104,7 @@ def export_one(ckpt: Path, out: Path) -> Path:
     args = vit_args(cfg, num_classes)
     model = timm.create_model(ARCHITECTURE, pretrained=False, **args)
     model.load_state_dict(state, strict=True)
-    mean, std = channel_stats(load_split(cfg.data, "train").images)
+    mean, std = stats
     S = cfg.data.image_size
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -124,10 +122,14 @@ def export_one(ckpt: Path, out: Path) -> Path:
 
 def export(src: Path, out_dir: Path) -> list[Path]:
     """A checkpoint -> ``out_dir``; a run folder -> ``out_dir/<stage>`` for each classifier and encoder."""
+    from mrplab.config import config_hash
+    from mrplab.vision.data import channel_stats, load_split
+
     items = _exportable(Path(src))
-    for ckpt, _ in items:  # every checkpoint checked before anything is written
-        _sidecar_of(ckpt)
-        vit_args(VisionConfig.model_validate(_sidecar_of(ckpt)["config"]), 0)
+    infos = [_sidecar_of(ckpt) for ckpt, _ in items]  # every checkpoint checked before anything is written
+    cfgs = [VisionConfig.model_validate(info["config"]) for info in infos]
+    for cfg in cfgs:
+        vit_args(cfg, 0)
     out_dir = Path(out_dir)
     single = len(items) == 1 and Path(src).is_file()
     targets = [out_dir] if single else [out_dir / name for _, name in items]
@@ -135,7 +137,13 @@ def export(src: Path, out_dir: Path) -> list[Path]:
         if t.exists():
             raise MrplabError(f"{t} already exists", "choose a new output folder")
     (out_dir.parent if single else out_dir).mkdir(parents=True, exist_ok=True)
-    return [export_one(ckpt, t) for (ckpt, _), t in zip(items, targets)]
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the training images' statistics, once per data set
+    for cfg in cfgs:
+        key = config_hash(cfg.data)
+        if key not in stats:
+            stats[key] = channel_stats(load_split(cfg.data, "train").images)
+    return [export_one(ckpt, info, cfg, stats[config_hash(cfg.data)], t)
+            for (ckpt, _), info, cfg, t in zip(items, infos, cfgs, targets)]
 
 
 # --------------------------------------------------------------------------- import
@@ -218,6 +226,7 @@ def _num_classes_in(file: Path, classifier: str) -> int | None:
 def load_timm(spec: str, data: VisionDataConfig | None) -> Classifier:
     """``local-dir:DIR`` or ``timm:NAME=FILE`` as an evidence classifier, weights loaded with strict key matching."""
     import timm
+    from timm.models import get_pretrained_cfg_value
 
     if data is None:
         raise MrplabError(f"{spec} brings no data set of its own", "give --data ROOT (an ImageFolder the model classifies)")
@@ -236,7 +245,7 @@ def load_timm(spec: str, data: VisionDataConfig | None) -> Classifier:
                                   "e.g. timm:vit_base_patch16_224=/models/mae_finetuned.safetensors")
             if not timm.is_model(name):
                 raise MrplabError(f"timm has no model {name}", "see timm.list_models()")
-            classifier = timm.create_model(name, pretrained=False).default_cfg.get("classifier", "head")
+            classifier = get_pretrained_cfg_value(name, "classifier") or "head"  # read, not a model built
             k = _num_classes_in(Path(file), classifier if isinstance(classifier, str) else classifier[0])
             # the overlay's num_classes says the file's head fits; otherwise timm would drop it and load non-strictly
             model = timm.create_model(name, pretrained=True, num_classes=k or 1000,
