@@ -223,6 +223,34 @@ def test_data_root_takes_environment_variables(monkeypatch, tmp_path):
         expand_root("${MRPLAB_NOPE}/c10")
 
 
+def test_data_root_is_filled_when_the_config_is_read(monkeypatch, tmp_path):
+    """The key of a run, a sweep row and a cached pretraining names the folder actually read: the same folder
+    spelled through a variable is the same key (a preset that gained ${MRPLAB_CIFAR10:-...} keeps its finished
+    sweep rows), another folder behind the variable is another key (never a reused pretraining of other data)."""
+    from mrplab.vision import checkpoints, stages
+    from mrplab.vision.config import VisionConfig
+
+    def cfg(root: str, pretrain_root: str | None = None) -> VisionConfig:
+        return VisionConfig.model_validate({"data": {"source": "folder", "root": root},
+                                            "pretrain": {"data": {"source": "folder", "root": pretrain_root}}})
+
+    def pretrain_key(c: VisionConfig) -> str:
+        return checkpoints.pretrain_key(c, stages.Stage("pretrain", 0, "mae"))
+
+    monkeypatch.delenv("MRPLAB_CIFAR10", raising=False)
+    spelled, literal = cfg("${MRPLAB_CIFAR10:-../c10}", "$HOME_OF_NOTHING_${MRPLAB_CIFAR10:-x}"), cfg("../c10")
+    assert spelled.data.root == "../c10"
+    assert spelled.pretrain.data.root == "$HOME_OF_NOTHING_${MRPLAB_CIFAR10:-x}"  # an unset variable: kept as written
+    spelled = cfg("${MRPLAB_CIFAR10:-../c10}")
+    assert spelled.hash() == literal.hash() and pretrain_key(spelled) == pretrain_key(literal)
+    monkeypatch.setenv("MRPLAB_CIFAR10", str(tmp_path / "other"))
+    moved = cfg("${MRPLAB_CIFAR10:-../c10}")
+    assert moved.data.root == str(tmp_path / "other")
+    assert moved.hash() != literal.hash() and pretrain_key(moved) != pretrain_key(literal)
+    monkeypatch.setenv("PRETRAIN_ROOT", str(tmp_path / "unlabelled"))
+    assert cfg("../c10", "$PRETRAIN_ROOT/train").pretrain.data.root == f"{tmp_path / 'unlabelled'}/train"
+
+
 def test_no_shipped_file_names_an_absolute_data_path():
     for path in config.presets_dir().rglob("*.yaml"):
         for line in path.read_text().splitlines():

@@ -16,6 +16,7 @@ from mrplab import config as config_mod
 from mrplab.config import Seeds, Strict, config_hash
 from mrplab.errors import MrplabError
 from mrplab.vision.data import MIN_IMAGE_SIZE, VisionDataConfig
+from mrplab.vision.data.base import Root
 from mrplab.vision.models import ENCODER_NAMES
 
 Method = Literal["mae", "data2vec"]
@@ -55,7 +56,7 @@ class PretrainDataConfig(Strict):
     extra_classes: int = Field(0, ge=0, description="embedded: classes that exist only in pretraining (own motifs)")
     single_view: float = Field(0.0, ge=0.0, le=1.0, description="embedded: single-view fraction of the pretraining "
                                "images")
-    root: str | None = Field(None, description="folder: ImageFolder root whose train/ is used; null = data.root")
+    root: Root = Field(None, description="folder: ImageFolder root whose train/ is used; null = data.root")
 
 
 class PretrainConfig(Strict):

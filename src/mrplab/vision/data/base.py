@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from mrplab.config import Strict
+from mrplab.errors import MrplabError
 
 Split = Literal["train", "test"]
 ProgressFn = Callable[[int, int], None]  # (images done, images in all)
@@ -26,6 +29,40 @@ def grid(image_size: int, L: int) -> tuple[int, int, int]:
     return per_side, cell, (image_size - per_side * cell) // 2
 
 
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
+
+
+def expand_root(text: str) -> str:
+    """``data.root`` with environment variables filled in: ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` (the
+    shell's forms), so a shipped preset names a variable and an example default, never one machine's path."""
+    def fill(m: re.Match) -> str:
+        name, default = m.group(1) or m.group(3), m.group(2)
+        value = os.environ.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        raise MrplabError(f"data.root {text} names ${name}, which is not set",
+                          f"export {name}=/path/to/the/data, or give data.root as a path")
+    return _VAR.sub(fill, text)
+
+
+def _filled(text: str | None) -> str | None:
+    """A root as the run sees it, variables filled in when the config is read, so the config a run folder keeps,
+    its hash, a sweep row's key and a cached pretraining's key name the folder actually used (a changed
+    $MRPLAB_CIFAR10 is another key; a preset that spells the same folder through a variable is the same key).
+    An unset variable without a default stays as written: it is an error only where the root is read."""
+    if text is None:
+        return None
+    try:
+        return expand_root(text)
+    except MrplabError:
+        return text
+
+
+Root = Annotated[str | None, AfterValidator(_filled)]
+"""An ImageFolder root setting: environment variables filled in at validation (``expand_root``)."""
+
 
 class VisionDataConfig(Strict):
     """Where the vision track's images come from (vision/data/)."""
@@ -33,7 +70,7 @@ class VisionDataConfig(Strict):
     source: Literal["embedded", "folder"] = Field(
         "embedded", description="embedded: generated multi-view motif images; folder: an ImageFolder tree at root"
     )
-    root: str | None = Field(None, description="folder source: ImageFolder root holding train/ and test/")
+    root: Root = Field(None, description="folder source: ImageFolder root holding train/ and test/; $VAR, ${VAR:-default} filled from the environment")
     image_size: int = Field(
         32, ge=MIN_IMAGE_SIZE, description="side of the square images; folder images are fitted to it if they differ"
     )

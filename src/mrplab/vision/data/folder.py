@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import torch
 
 from mrplab import memory
 from mrplab.errors import MrplabError
-from mrplab.vision.data.base import ImageSet, ProgressFn, Split, VisionDataConfig
+from mrplab.vision.data.base import ImageSet, ProgressFn, Split, VisionDataConfig, expand_root
 
 CACHE_VERSION = 1
 PROGRESS_MIN_IMAGES = 5000  # decoding fewer images than this shows no progress by default
@@ -196,24 +195,6 @@ def _cache_file(cfg: VisionDataConfig, root: Path, split: Split, samples: list[t
     key = _cache_key(root, split, cfg.image_size, samples)
     base = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     return base / "images" / f"{root.name}-{split}-{cfg.image_size}px-{key}.safetensors"
-
-
-_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
-
-
-def expand_root(text: str) -> str:
-    """``data.root`` with environment variables filled in: ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` (the
-    shell's forms), so a shipped preset names a variable and an example default, never one machine's path."""
-    def fill(m: re.Match) -> str:
-        name, default = m.group(1) or m.group(3), m.group(2)
-        value = os.environ.get(name)
-        if value:
-            return value
-        if default is not None:
-            return default
-        raise MrplabError(f"data.root {text} names ${name}, which is not set",
-                          f"export {name}=/path/to/the/data, or give data.root as a path")
-    return _VAR.sub(fill, text)
 
 
 def _folder_root(cfg: VisionDataConfig) -> Path:
