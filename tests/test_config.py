@@ -218,6 +218,26 @@ def test_hash_stable_and_sensitive():
     assert h1 == h2
 
 
+def test_a_setting_added_later_keeps_old_keys_at_its_neutral_value():
+    """model.stem came after finished sweep rows and cached pretrainings were keyed: at its neutral value the
+    hash is the one the config had without the setting; at any other value the hash moves."""
+    import hashlib
+    import json
+
+    from mrplab.vision import checkpoints, stages
+    from mrplab.vision.config import VisionConfig
+
+    cfg = VisionConfig()
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["model"].pop("stem") == "small"
+    dumped.pop("pretrain_cache")  # never part of a vision hash
+    assert cfg.hash() == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:12]
+    timm_stem = VisionConfig.model_validate({"model": {"stem": "timm"}})
+    assert timm_stem.hash() != cfg.hash()
+    stage = stages.Stage("pretrain", 0, "mae")
+    assert checkpoints.pretrain_key(timm_stem, stage) != checkpoints.pretrain_key(cfg, stage)
+
+
 def test_mrplab_error_line():
     err = MrplabError("what went wrong", "how to fix")
     assert str(err) == "what went wrong (how to fix)"

@@ -37,10 +37,34 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def since(neutral: Any) -> dict[str, Any]:
+    """``json_schema_extra`` of a setting added after runs were keyed: at ``neutral`` (the value that does what
+    mrplab did before the setting existed) it is left out of the config hash, so finished sweep rows, run
+    folders and cached pretrainings keep their keys; any other value is hashed as usual."""
+    return {"hash_neutral": neutral}
+
+
+def hash_view(model: BaseModel) -> dict[str, Any]:
+    """The config as the hash sees it: ``model_dump(mode="json")`` without settings at their neutral value."""
+    dumped = model.model_dump(mode="json")
+    _drop_neutral(model, dumped)
+    return dumped
+
+
+def _drop_neutral(model: BaseModel, dumped: dict[str, Any]) -> None:
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        value = getattr(model, name)
+        if "hash_neutral" in extra and dumped.get(name) == extra["hash_neutral"]:
+            dumped.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
+            _drop_neutral(value, dumped[name])
+
+
 def config_hash(cfg: BaseModel | dict[str, Any], drop: tuple[str, ...] = ()) -> str:
-    """12 hex digits of the SHA-256 of the config as sorted JSON, without the top-level keys ``drop``:
-    the key of a run folder, a checkpoint and a sweep row."""
-    dumped = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
+    """12 hex digits of the SHA-256 of the config as sorted JSON (``hash_view``), without the top-level keys
+    ``drop``: the key of a run folder, a checkpoint and a sweep row."""
+    dumped = hash_view(cfg) if isinstance(cfg, BaseModel) else dict(cfg)
     for key in drop:
         dumped.pop(key, None)
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:12]

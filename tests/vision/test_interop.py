@@ -61,12 +61,46 @@ def test_exported_vit_loads_strictly_in_timm_and_matches(tmp_path, micro_run, na
             assert torch.allclose(_timm_features(model, x), enc.eval().features(x), atol=1e-5)
 
 
-def test_resnet_export_is_refused_with_the_reason(tmp_path):
+def test_small_stem_resnet_export_is_refused_with_the_reason(tmp_path):
     run = train.run(tiny("model.name=resnet_small", "finetune.epochs=1", "pretrain.epochs=1"), "scratch",
                     tmp_path / "runs").path
     res = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "timm")])
-    assert res.exit_code == 2 and "3x3 stride-1 stem" in res.stderr
+    assert res.exit_code == 2 and "3x3 stride-1 stem" in res.stderr and "model.stem=timm" in res.stderr
     assert not (tmp_path / "timm").exists()
+
+
+def test_timm_stem_resnet_exports_loads_strictly_and_fine_tunes_back(tmp_path):
+    """A ResNet trained with timm's stem is exactly timm's resnet18 with mrplab's stage sizes: strict load, the
+    same logits and feature maps; its exported encoder starts a fine-tuning with the same weights."""
+    from mrplab.vision.interop import timm_encoder_state
+
+    cfg = tiny("model.name=resnet_small", "model.stem=timm", "methods=[mae]", "finetune.epochs=1",
+               "pretrain.epochs=1")
+    run = train.run(cfg, "compare", tmp_path / "runs").path
+    out = tmp_path / "timm"
+    res = CliRunner().invoke(app, ["export", str(run), str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["s0-mae-finetune", "s0-mae-pretrain.encoder", "s0-scratch"]
+    x = torch.randn(3, 3, 16, 16)
+    for folder in ("s0-mae-finetune", "s0-scratch"):
+        conf = json.loads((out / folder / "config.json").read_text())
+        assert conf["architecture"] == "resnet18"
+        assert conf["model_args"]["layers"] == [1, 1, 1, 1] and conf["model_args"]["channels"] == [32, 64, 128, 256]
+        model = timm.create_model(f"local-dir:{out / folder}", pretrained=True, pretrained_strict=True).eval()
+        enc = load_classifier(run / "checkpoints" / f"{folder}.safetensors").encoder.eval()
+        assert enc.net.conv1.kernel_size == (7, 7)  # the run's own network has timm's stem
+        with torch.no_grad():
+            assert torch.allclose(model(x), enc(x), atol=1e-5)
+            assert torch.allclose(model.forward_features(x), enc.features(x), atol=1e-5)
+    spec = f"local-dir:{out / 's0-mae-pretrain.encoder'}"
+    original = load_file(str(run / "checkpoints" / "s0-mae-pretrain.encoder.safetensors"))
+    loaded = timm_encoder_state(spec, cfg)
+    body = {k: v for k, v in original.items() if not k.startswith("net.fc.")}
+    assert loaded.keys() == body.keys() and all(torch.equal(loaded[k], body[k]) for k in body)
+    res = train.run(cfg, "finetune", tmp_path / "ft", init=Path(spec))
+    assert [r["approach"] for r in res.table] == ["timm -> FT"]
+    with pytest.raises(Exception, match="holds a timm resnet18, not the configured vit_micro"):
+        train.run(tiny(), "finetune", tmp_path / "c", init=Path(spec))
 
 
 def test_evidence_explains_plain_timm_models_from_local_files(tmp_path, micro_run):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mrplab.config import config_hash
+from mrplab.config import config_hash, hash_view
 from mrplab.errors import MrplabError
 from mrplab.io import atomic_write_text, atomic_write_with, dumps, read_json
 from mrplab.vision.config import VisionConfig
@@ -138,8 +138,8 @@ def pretrain_key(cfg: VisionConfig, stage: Stage) -> str:
     """The hash of everything a pretraining stage's result depends on: the pretraining recipe and its data,
     the model, the downstream data section (the pool or the motif bank), the seed and method, gradient
     clipping, precision and device. Runs that agree on these share one pretrained encoder."""
-    return config_hash({"pretrain": cfg.pretrain.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-                        "data": cfg.data.model_dump(mode="json"), "seed": stage.seed, "method": stage.method,
+    return config_hash({"pretrain": hash_view(cfg.pretrain), "model": hash_view(cfg.model),
+                        "data": hash_view(cfg.data), "seed": stage.seed, "method": stage.method,
                         "grad_clip": cfg.grad_clip, "precision": cfg.precision, "device": cfg.device})
 
 
@@ -222,7 +222,8 @@ def load_classifier(path: str | Path) -> Classifier:
         raise MrplabError(f"{path} is not a safetensors checkpoint", "give a .safetensors file from a run's checkpoints/") from None
     if approach.startswith("LP"):  # LinearProbe wraps the encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    encoder = build_encoder(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, _num_classes(state, cfg))
+    encoder = build_encoder(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, _num_classes(state, cfg),
+                            cfg.model.stem)
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError:

@@ -210,7 +210,7 @@ def export(
                                   help="a `mrplab vision` run folder or one .safetensors checkpoint of it"),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="the timm folder (a run folder: one per checkpoint)"),
 ) -> None:
-    """Export ViT checkpoints as timm-native folders: timm.create_model("local-dir:OUT_DIR") loads them strictly."""
+    """Export ViT and timm-stem ResNet checkpoints as timm-native folders: timm.create_model("local-dir:OUT_DIR") loads them strictly."""
     console = make_console()
     try:
         from mrplab.vision.interop import export as export_run

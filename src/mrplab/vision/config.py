@@ -39,6 +39,10 @@ class ModelConfig(Strict):
     patch_size: int = Field(4, ge=1, description="mask (and ViT token) patch side in pixels; divides data.image_size")
     decoder_dim: int = Field(64, ge=8, description="width of the light pretraining decoder")
     decoder_depth: int = Field(1, ge=1, description="ViT decoder blocks (the CNN decoder is three convs)")
+    stem: Literal["small", "timm"] = Field(
+        "small", json_schema_extra=config_mod.since("small"),
+        description="ResNets: small = 3x3 stride-1 conv, no max-pool (small images keep their resolution); timm = "
+        "timm's 7x7 stride-2 conv + max-pool (ImageNet-size images; `mrplab vision export` writes it for timm)")
 
 
 class PretrainDataConfig(Strict):

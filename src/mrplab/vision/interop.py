@@ -5,11 +5,12 @@ written by timm itself (``timm.models.save_for_hf``): ``model.safetensors`` with
 ``config.json`` with the architecture (a registered timm ViT plus the ``model_args`` that give mrplab's
 sizes: no class token, average pooling) and the preprocessing (input size, the training images' channel
 mean and std). ``timm.create_model("local-dir:OUT")`` rebuilds it with strict key matching.
-ResNets are not exported: mrplab's small-image stem (3x3 stride-1 convolution, no max-pool) is not a
-configuration timm's ResNet has, so timm could not rebuild the same network.
+ResNets are exported when trained with ``model.stem: timm`` (architecture resnet18 plus the stage sizes):
+the default small-image stem (3x3 stride-1 convolution, no max-pool) is not a configuration timm's ResNet
+has, so timm could not rebuild that network.
 
-Import: ``--init local-dir:DIR`` fine-tunes or probes the ViT of such a folder (its ``model_args`` must be
-the configured model's); ``local-dir:DIR`` (a timm hub folder) or ``timm:NAME=FILE`` (a registered timm model plus a local
+Import: ``--init local-dir:DIR`` fine-tunes or probes the ViT or ResNet of such a folder (its ``model_args``
+must be the configured model's); ``local-dir:DIR`` (a timm hub folder) or ``timm:NAME=FILE`` (a registered timm model plus a local
 weights file, safetensors or a timm checkpoint: the published SL, MAE and data2vec checkpoints) become
 classifiers ``mrplab evidence`` explains beside mrplab's own; each sees the images normalised its own way.
 """
@@ -28,25 +29,40 @@ from mrplab.errors import MrplabError
 from mrplab.io import read_json
 from mrplab.vision.checkpoints import Classifier, read_safetensors
 from mrplab.vision.config import VisionConfig, VisionDataConfig
-from mrplab.vision.models import VIT_SIZES
+from mrplab.vision.models import RESNET_SIZES, VIT_SIZES
 
 ARCHITECTURE = "vit_tiny_patch16_224"  # a registered timm ViT; model_args give every size mrplab changes
+RESNET_ARCHITECTURE = "resnet18"  # a registered timm BasicBlock ResNet; model_args give the stage sizes
 TIMM_PREFIXES = ("local-dir:", "timm:")
 
 
 # --------------------------------------------------------------------------- export
 
 
-def vit_args(cfg: VisionConfig, num_classes: int) -> dict:
-    """timm VisionTransformer arguments that build mrplab's ViT of ``cfg`` (models.ViTEncoder)."""
-    if cfg.model.name not in VIT_SIZES:
+def timm_args(cfg: VisionConfig, num_classes: int) -> tuple[str, dict]:
+    """(registered timm architecture, its arguments) that build mrplab's encoder of ``cfg`` (models.py)."""
+    name = cfg.model.name
+    if name in VIT_SIZES:
+        dim, depth, heads, mlp = VIT_SIZES[name]
+        return ARCHITECTURE, {"img_size": cfg.data.image_size, "patch_size": cfg.model.patch_size, "embed_dim": dim,
+                              "depth": depth, "num_heads": heads, "mlp_ratio": mlp, "class_token": False,
+                              "global_pool": "avg", "fc_norm": False, "num_classes": num_classes}
+    if cfg.model.stem != "timm":
         raise MrplabError(
-            f"{cfg.model.name} cannot be exported to timm: timm's ResNet has no 3x3 stride-1 stem without max-pool, "
-            "which mrplab's small-image ResNets use", "export a ViT run (model.name vit_micro or vit_tiny)")
-    dim, depth, heads, mlp = VIT_SIZES[cfg.model.name]
-    return {"img_size": cfg.data.image_size, "patch_size": cfg.model.patch_size, "embed_dim": dim, "depth": depth,
-            "num_heads": heads, "mlp_ratio": mlp, "class_token": False, "global_pool": "avg", "fc_norm": False,
-            "num_classes": num_classes}
+            f"{name} with the small-image stem cannot be exported to timm: timm's ResNet has no 3x3 stride-1 stem "
+            "without max-pool", "train the ResNet with --set model.stem=timm (timm's 7x7 stride-2 stem), or export "
+            "a ViT run")
+    layers, channels = RESNET_SIZES[name]
+    return RESNET_ARCHITECTURE, {"layers": list(layers), "channels": list(channels), "num_classes": num_classes}
+
+
+def _prefix(cfg: VisionConfig) -> str:
+    """The key prefix of the timm model inside mrplab's encoder (models.ViTEncoder.vit, CNNEncoder.net)."""
+    return "vit." if cfg.model.name in VIT_SIZES else "net."
+
+
+def _head(cfg: VisionConfig) -> str:
+    return "head." if cfg.model.name in VIT_SIZES else "fc."
 
 
 def _exportable(path: Path) -> list[tuple[Path, str]]:
@@ -80,13 +96,15 @@ def _sidecar_of(ckpt: Path) -> dict:
     return info
 
 
-def _encoder_state(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
+def _encoder_state(ckpt: Path, kind: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
     state = read_safetensors(ckpt, "checkpoint")
     if kind == "linprobe":  # LinearProbe wraps the encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    if not all(k.startswith("vit.") for k in state):
-        raise MrplabError(f"{ckpt} is not a ViT encoder checkpoint", "export a ViT run (vit_micro or vit_tiny)")
-    return {k[len("vit."):]: v for k, v in state.items()}
+    prefix = _prefix(cfg)
+    if not state or not all(k.startswith(prefix) for k in state):
+        raise MrplabError(f"{ckpt} is not a {cfg.model.name} encoder checkpoint (its keys do not start with "
+                          f"{prefix})", "give a checkpoint of the run whose sidecar lies beside it")
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def export_one(ckpt: Path, info: dict, cfg: VisionConfig, stats: tuple[torch.Tensor, torch.Tensor],
@@ -96,13 +114,14 @@ def export_one(ckpt: Path, info: dict, cfg: VisionConfig, stats: tuple[torch.Ten
     import timm
     from timm.models import save_for_hf
 
-    state = _encoder_state(ckpt, info.get("kind", ""))
+    state = _encoder_state(ckpt, info.get("kind", ""), cfg)
+    head = _head(cfg)
     pretrained = info.get("kind") == "pretrain"  # its head was never trained: exported without one
-    num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state and not pretrained else 0
+    num_classes = int(state[f"{head}weight"].shape[0]) if f"{head}weight" in state and not pretrained else 0
     if num_classes == 0:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    args = vit_args(cfg, num_classes)
-    model = timm.create_model(ARCHITECTURE, pretrained=False, **args)
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    architecture, args = timm_args(cfg, num_classes)
+    model = timm.create_model(architecture, pretrained=False, **args)
     model.load_state_dict(state, strict=True)
     mean, std = stats
     S = cfg.data.image_size
@@ -129,7 +148,7 @@ def export(src: Path, out_dir: Path) -> list[Path]:
     infos = [_sidecar_of(ckpt) for ckpt, _ in items]  # every checkpoint checked before anything is written
     cfgs = [VisionConfig.model_validate(info["config"]) for info in infos]
     for cfg in cfgs:
-        vit_args(cfg, 0)
+        timm_args(cfg, 0)
     out_dir = Path(out_dir)
     single = len(items) == 1 and Path(src).is_file()
     targets = [out_dir] if single else [out_dir / name for _, name in items]
@@ -151,11 +170,14 @@ def export(src: Path, out_dir: Path) -> list[Path]:
 
 def timm_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
     """The weights of a timm folder ``local-dir:DIR`` as mrplab encoder weights, for ``--init``: the folder must
-    hold the ViT ``cfg`` describes (an export of such a run, or any timm ViT with the same arguments)."""
+    hold the network ``cfg`` describes (an export of such a run, or any timm model with the same arguments)."""
     folder = Path(spec[len("local-dir:"):])
     conf = read_json(folder / "config.json", "timm config", "give a folder written by `mrplab vision export`")
     args = conf.get("model_args", {}) if isinstance(conf, dict) else {}
-    want = vit_args(cfg, 0)
+    architecture, want = timm_args(cfg, 0)
+    if isinstance(conf, dict) and conf.get("architecture") != architecture:
+        raise MrplabError(f"{folder} holds a timm {conf.get('architecture')}, not the configured {cfg.model.name} "
+                          f"({architecture})", "fine-tune with the model section the folder was exported with")
 
     def same(a: object, b: object) -> bool:  # timm records sizes as [h, w] pairs
         pair = lambda v: list(v) if isinstance(v, (list, tuple)) else [v, v] if isinstance(v, int) else v  # noqa: E731
@@ -166,7 +188,7 @@ def timm_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
         raise MrplabError(f"{folder} is not the configured {cfg.model.name} (its model_args differ: {diff})",
                           "fine-tune with the model section and data.image_size the folder was exported with")
     state = read_safetensors(folder / "model.safetensors", "timm weights")
-    return {f"vit.{k}": v for k, v in state.items()}
+    return {f"{_prefix(cfg)}{k}": v for k, v in state.items()}
 
 
 def is_timm_spec(text: str) -> bool:

@@ -110,18 +110,25 @@ class ViTEncoder(_EncoderBase):
 # --------------------------------------------------------------------------- CNN
 
 
+STEMS = ("small", "timm")
+
+
 class CNNEncoder(_EncoderBase):
-    """timm ResNet for small images: 3x3 stride-1 stem, no max-pool; masked patches are zeroed at the input."""
+    """timm ResNet; masked patches are zeroed at the input. ``stem`` small (for small images): a 3x3 stride-1
+    conv and no max-pool; timm: timm's own 7x7 stride-2 conv and max-pool, so the network is exactly a timm
+    ResNet (what ``mrplab vision export`` needs)."""
 
     kind = "cnn"
     head_prefix = "net.fc."
 
     def __init__(self, image_size: int, patch_size: int, num_classes: int, layers: tuple[int, ...],
-                 channels: tuple[int, ...]):
+                 channels: tuple[int, ...], stem: str = "small"):
         super().__init__()
         net = ResNet(BasicBlock, layers=layers, channels=channels, num_classes=num_classes)
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
+        if stem == "small":
+            net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        self.stem = stem
         self.net = net
         self.patch_size = patch_size
         self.grid = (image_size // patch_size, image_size // patch_size)
@@ -154,21 +161,26 @@ class CNNEncoder(_EncoderBase):
 Encoder = ViTEncoder | CNNEncoder
 
 
-def matmul_shapes(name: str, image_size: int, patch_size: int, batch: int) -> list[tuple[int, int, int]]:
+def matmul_shapes(name: str, image_size: int, patch_size: int, batch: int, stem: str = "small"
+                  ) -> list[tuple[int, int, int]]:
     """The encoder's typical matmul (m, k, n) at this batch, for the precision probe (runtime.py):
-    a ViT's MLP layer over all tokens, or a ResNet's first-stage 3x3 conv as im2col."""
+    a ViT's MLP layer over all tokens, or a ResNet's first-stage 3x3 conv as im2col (the timm stem works at a
+    quarter of the image side)."""
     if name in VIT_SIZES:
         dim, _, _, ratio = VIT_SIZES[name]
         return [(batch * (image_size // patch_size) ** 2, dim, int(dim * ratio))]
     c = RESNET_SIZES[name][1][0]
-    return [(batch * (image_size // 2) ** 2, 9 * c, c)]
+    side = image_size if stem == "small" else max(1, image_size // 4)
+    return [(batch * side ** 2, 9 * c, c)]
 
 
-def build_encoder(name: str, image_size: int, patch_size: int, num_classes: int) -> Encoder:
-    """An encoder by name: vit_tiny, vit_micro, resnet18, resnet_small. Initialised from torch's global RNG
-    (callers that need reproducibility build it under ``torch.random.fork_rng`` with a seed)."""
+def build_encoder(name: str, image_size: int, patch_size: int, num_classes: int, stem: str = "small") -> Encoder:
+    """An encoder by name: vit_tiny, vit_micro, resnet18, resnet_small (``stem``: CNNEncoder's). Initialised
+    from torch's global RNG (callers that need reproducibility build it under ``torch.random.fork_rng``)."""
     if name not in ENCODER_NAMES:
         raise MrplabError(f"unknown model name '{name}'", f"use one of {', '.join(ENCODER_NAMES)}")
+    if stem not in STEMS:
+        raise MrplabError(f"unknown stem '{stem}'", f"use one of {', '.join(STEMS)}")
     if patch_size < 1 or image_size % patch_size:
         raise MrplabError(
             f"image size {image_size} is not divisible by patch size {patch_size}",
@@ -178,7 +190,7 @@ def build_encoder(name: str, image_size: int, patch_size: int, num_classes: int)
         dim, depth, heads, mlp = VIT_SIZES[name]
         return ViTEncoder(image_size, patch_size, num_classes, dim, depth, heads, mlp)
     layers, channels = RESNET_SIZES[name]
-    return CNNEncoder(image_size, patch_size, num_classes, layers, channels)
+    return CNNEncoder(image_size, patch_size, num_classes, layers, channels, stem)
 
 
 # --------------------------------------------------------------------------- decoders

@@ -41,7 +41,7 @@ from mrplab.vision.stages import Stage, StageResult, plan, planned_images, stage
 def _new_encoder(cfg: VisionConfig, seed: int, num_classes: int) -> Encoder:
     m = cfg.model
     with seeded_init(seed, "vision/encoder-init"):
-        return build_encoder(m.name, cfg.data.image_size, m.patch_size, num_classes)
+        return build_encoder(m.name, cfg.data.image_size, m.patch_size, num_classes, m.stem)
 
 
 def _pretrainer(cfg: VisionConfig, stage: Stage, encoder: Encoder) -> Pretrainer:
@@ -225,7 +225,8 @@ def memory_parts(cfg: VisionConfig, stages: list[Stage]) -> dict[str, float]:
         tokens = (S // cfg.model.patch_size) ** 2 + 1
         parts["activations"] = 4.0 * batch * tokens * dim * depth * (12 + 2 * mlp)
     else:
-        parts["activations"] = 4.0 * batch * S * S * 64 * 24
+        side = S if cfg.model.stem == "small" else S / 4  # the timm stem leaves a quarter of the side
+        parts["activations"] = 4.0 * batch * side * side * 64 * 24
     return parts
 
 
@@ -261,7 +262,8 @@ def resolve_precision(cfg: VisionConfig, device: torch.device) -> tuple[VisionCo
     """precision auto -> fp32 or bf16 (runtime.choose_precision at the model's matmul shapes), and why."""
     if cfg.precision != "auto":
         return cfg, "set by the config (precision)"
-    shapes = matmul_shapes(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, cfg.finetune.batch)
+    shapes = matmul_shapes(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, cfg.finetune.batch,
+                           cfg.model.stem)
     precision, why, _ = runtime.choose_precision("auto", device, shapes)
     return cfg.model_copy(update={"precision": precision}), why
 
