@@ -223,7 +223,7 @@ def load_classifier(path: str | Path) -> Classifier:
     if approach.startswith("LP"):  # LinearProbe wraps the encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     encoder = build_encoder(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, _num_classes(state, cfg),
-                            cfg.model.stem)
+                            cfg.model.stem, cfg.model.timm)
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError:

@@ -3,8 +3,8 @@
     mrplab vision compare   [--config FILE] [--set key=value ...] [--out DIR] [--resume RUN_DIR] [--quiet]
     mrplab vision pretrain  (same options)
     mrplab vision scratch   (same options)
-    mrplab vision finetune  --init PRETRAIN_RUN_DIR|ENCODER.safetensors (and the same options)
-    mrplab vision linprobe  --init PRETRAIN_RUN_DIR|ENCODER.safetensors (and the same options)
+    mrplab vision finetune  --init PRETRAIN_RUN_DIR|ENCODER.safetensors|local-dir:DIR|timm:NAME=FILE (and the same options)
+    mrplab vision linprobe  --init (as finetune) (and the same options)
 
     mrplab evidence MODEL ... [--data ROOT] [--images N] [--cam eigencam|gradcam|both] [--out DIR]
                             (mounted on the top-level app by cli.py)
@@ -170,7 +170,9 @@ _RESUME = typer.Option(None, "--resume", metavar="RUN_DIR",
                             "epochs, log_every, checkpoint_every and threads")
 _QUIET = typer.Option(False, "--quiet", "-q", help="no progress and no table; print only the run folder")
 _INIT = typer.Option(None, "--init", metavar="PATH",
-                     help="pretrained encoder: a `vision pretrain` run folder or an .encoder.safetensors file")
+                     help="pretrained encoder: a `vision pretrain` run folder, an .encoder.safetensors file, a timm "
+                     "folder local-dir:DIR (`vision export`), or timm:NAME=FILE (a timm ViT / ResNet architecture and "
+                     "a local weights file, e.g. a published MAE checkpoint; sets model.timm)")
 
 
 _DOCS = {

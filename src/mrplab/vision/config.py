@@ -39,10 +39,26 @@ class ModelConfig(Strict):
     patch_size: int = Field(4, ge=1, description="mask (and ViT token) patch side in pixels; divides data.image_size")
     decoder_dim: int = Field(64, ge=8, description="width of the light pretraining decoder")
     decoder_depth: int = Field(1, ge=1, description="ViT decoder blocks (the CNN decoder is three convs)")
+    timm: str | None = Field(
+        None, json_schema_extra=config_mod.since(None),
+        description="a registered timm VisionTransformer or ResNet architecture used instead of name (e.g. "
+        "vit_base_patch16_224: its class token, pooling and patch size; with --init timm:NAME=FILE the weights of "
+        "a published checkpoint); null = name")
     stem: Literal["small", "timm"] = Field(
         "small", json_schema_extra=config_mod.since("small"),
         description="ResNets: small = 3x3 stride-1 conv, no max-pool (small images keep their resolution); timm = "
         "timm's 7x7 stride-2 conv + max-pool (ImageNet-size images; `mrplab vision export` writes it for timm)")
+
+    @model_validator(mode="after")
+    def _known_timm(self) -> "ModelConfig":
+        if self.timm is not None:
+            from mrplab.vision.models import timm_family
+
+            try:
+                timm_family(self.timm)
+            except MrplabError as err:
+                raise ValueError(str(err)) from None
+        return self
 
 
 class PretrainDataConfig(Strict):

@@ -29,7 +29,7 @@ from mrplab.errors import MrplabError
 from mrplab.io import read_json
 from mrplab.vision.checkpoints import Classifier, read_safetensors
 from mrplab.vision.config import VisionConfig, VisionDataConfig
-from mrplab.vision.models import RESNET_SIZES, VIT_SIZES
+from mrplab.vision.models import RESNET_SIZES, VIT_SIZES, timm_family
 
 ARCHITECTURE = "vit_tiny_patch16_224"  # a registered timm ViT; model_args give every size mrplab changes
 RESNET_ARCHITECTURE = "resnet18"  # a registered timm BasicBlock ResNet; model_args give the stage sizes
@@ -42,6 +42,9 @@ TIMM_PREFIXES = ("local-dir:", "timm:")
 def timm_args(cfg: VisionConfig, num_classes: int) -> tuple[str, dict]:
     """(registered timm architecture, its arguments) that build mrplab's encoder of ``cfg`` (models.py)."""
     name = cfg.model.name
+    if cfg.model.timm is not None:  # the architecture is timm's own: only the sizes mrplab changed
+        family = timm_family(cfg.model.timm)
+        return cfg.model.timm, ({"img_size": cfg.data.image_size} if family == "vit" else {}) | {"num_classes": num_classes}
     if name in VIT_SIZES:
         dim, depth, heads, mlp = VIT_SIZES[name]
         return ARCHITECTURE, {"img_size": cfg.data.image_size, "patch_size": cfg.model.patch_size, "embed_dim": dim,
@@ -56,13 +59,17 @@ def timm_args(cfg: VisionConfig, num_classes: int) -> tuple[str, dict]:
     return RESNET_ARCHITECTURE, {"layers": list(layers), "channels": list(channels), "num_classes": num_classes}
 
 
+def _is_vit(cfg: VisionConfig) -> bool:
+    return timm_family(cfg.model.timm) == "vit" if cfg.model.timm is not None else cfg.model.name in VIT_SIZES
+
+
 def _prefix(cfg: VisionConfig) -> str:
     """The key prefix of the timm model inside mrplab's encoder (models.ViTEncoder.vit, CNNEncoder.net)."""
-    return "vit." if cfg.model.name in VIT_SIZES else "net."
+    return "vit." if _is_vit(cfg) else "net."
 
 
 def _head(cfg: VisionConfig) -> str:
-    return "head." if cfg.model.name in VIT_SIZES else "fc."
+    return "head." if _is_vit(cfg) else "fc."
 
 
 def _exportable(path: Path) -> list[tuple[Path, str]]:
@@ -169,8 +176,11 @@ def export(src: Path, out_dir: Path) -> list[Path]:
 
 
 def timm_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
-    """The weights of a timm folder ``local-dir:DIR`` as mrplab encoder weights, for ``--init``: the folder must
-    hold the network ``cfg`` describes (an export of such a run, or any timm model with the same arguments)."""
+    """The weights of ``spec`` as mrplab encoder weights (without a head), for ``--init``: ``local-dir:DIR`` must
+    hold the network ``cfg`` describes (an export of such a run, or any timm model with the same arguments);
+    ``timm:NAME=FILE`` is a weights file of the architecture ``model.timm`` (``config_for_init`` sets it)."""
+    if spec.startswith("timm:"):
+        return _file_encoder_state(spec, cfg)
     folder = Path(spec[len("local-dir:"):])
     conf = read_json(folder / "config.json", "timm config", "give a folder written by `mrplab vision export`")
     args = conf.get("model_args", {}) if isinstance(conf, dict) else {}
@@ -189,6 +199,62 @@ def timm_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
                           "fine-tune with the model section and data.image_size the folder was exported with")
     state = read_safetensors(folder / "model.safetensors", "timm weights")
     return {f"{_prefix(cfg)}{k}": v for k, v in state.items()}
+
+
+def parse_file_spec(spec: str) -> tuple[str, Path]:
+    """``timm:NAME=FILE`` -> (NAME, FILE), the file existing; one error line otherwise."""
+    name, sep, file = spec[len("timm:"):].partition("=")
+    if not sep or not name or not Path(file).is_file():
+        raise MrplabError(f"{spec} is not timm:NAME=FILE with an existing file",
+                          "e.g. timm:vit_base_patch16_224=/models/mae_pretrain_vit_base.pth")
+    return name, Path(file)
+
+
+def config_for_init(cfg: VisionConfig, init: str) -> VisionConfig:
+    """The config a ``--init timm:NAME=FILE`` run computes with: ``model.timm`` set to NAME (recorded in the run
+    folder's config.yaml), or refused when the config names another architecture."""
+    if not init.startswith("timm:"):
+        return cfg
+    name, _ = parse_file_spec(init)
+    if cfg.model.timm not in (None, name):
+        raise MrplabError(f"--init {init} is a {name}, but model.timm is {cfg.model.timm}",
+                          f"drop model.timm or set it to {name}")
+    return VisionConfig.model_validate({**cfg.model_dump(mode="json"),
+                                        "model": {**cfg.model.model_dump(mode="json"), "timm": name}})
+
+
+def _file_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]:
+    """A local weights file of a registered timm architecture (safetensors, or a torch checkpoint holding
+    ``model`` / ``state_dict``) through timm's own reading and key conversion (a ViT's positions resampled to
+    data.image_size); every non-classifier weight of the model must come from the file."""
+    import timm
+    from timm.models import load_state_dict
+
+    name, file = parse_file_spec(spec)
+    family = timm_family(name)
+    model = timm.create_model(name, pretrained=False, num_classes=0,
+                              **({"img_size": cfg.data.image_size} if family == "vit" else {}))
+    try:
+        state = load_state_dict(str(file), use_ema=False, weights_only=True)
+        if family == "vit":
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            state = checkpoint_filter_fn(state, model)
+    except Exception as err:  # noqa: BLE001 - any unreadable weights file is the user's file problem
+        raise MrplabError(f"cannot read weights {file} as {name} ({type(err).__name__}: {' '.join(str(err).split())[:120]})",
+                          "give a safetensors file or a timm / torch checkpoint of that architecture") from None
+    classifier = ("head.", "fc.", "head_dist.")
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise MrplabError(f"{file} does not fit timm's {name} at {cfg.data.image_size} px: "
+                          f"{' '.join(str(err).split())[:160]}", "give that architecture's weights") from None
+    if missing or unexpected:
+        raise MrplabError(f"{file} is not timm's {name}: {len(missing)} of its weights missing "
+                          f"({', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected ({', '.join(unexpected[:3]) or '-'})",
+                          "give the weights of that architecture (or the architecture of those weights)")
+    return {f"{_prefix(cfg)}{k}": v for k, v in model.state_dict().items()}
 
 
 def is_timm_spec(text: str) -> bool:
@@ -261,10 +327,7 @@ def load_timm(spec: str, data: VisionDataConfig | None) -> Classifier:
             name = json.loads((folder / "config.json").read_text()).get("architecture", "timm")
             model = timm.create_model(spec, pretrained=True)
         else:
-            name, sep, file = spec[len("timm:"):].partition("=")
-            if not sep or not name or not Path(file).is_file():
-                raise MrplabError(f"{spec} is not timm:NAME=FILE with an existing file",
-                                  "e.g. timm:vit_base_patch16_224=/models/mae_finetuned.safetensors")
+            name, file = parse_file_spec(spec)
             if not timm.is_model(name):
                 raise MrplabError(f"timm has no model {name}", "see timm.list_models()")
             classifier = get_pretrained_cfg_value(name, "classifier") or "head"  # read, not a model built

@@ -152,7 +152,7 @@ class MAE(nn.Module):
         self.decoder = build_decoder(encoder, out_dim=p * p * 3, dim=decoder_dim, depth=decoder_depth)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder.features(x, mask), mask)  # [B, N, P]
+        return self.decoder(self.encoder.patch_tokens(self.encoder.features(x, mask)), mask)  # [B, N, P]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pred = self.predict(x, mask)  # [B, N, P]
@@ -185,7 +185,7 @@ class Data2Vec(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         target = self.targets(x)  # [B, N, D]
-        pred = self.decoder(self.encoder.features(x, mask), mask)  # [B, N, D]
+        pred = self.decoder(self.encoder.patch_tokens(self.encoder.features(x, mask)), mask)  # [B, N, D]
         loss = regression_loss(pred, target, mask)
         return loss, {"target_var": channel_var(target[mask]), "pred_var": channel_var(pred[mask])}
 

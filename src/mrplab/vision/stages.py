@@ -66,8 +66,8 @@ def hyper(cfg: VisionConfig, stage: Stage) -> Hyper:
 
 def _encoder_files(init: Path, seed: int) -> list[tuple[str, Path]]:
     """(method, encoder checkpoint) for one seed from --init: a pretrain run folder, one .safetensors file, or a
-    timm folder ``local-dir:DIR`` of the configured ViT (vision/interop.py)."""
-    if str(init).startswith("local-dir:"):
+    timm folder ``local-dir:DIR`` of the configured model, or ``timm:NAME=FILE`` (vision/interop.py)."""
+    if str(init).startswith(("local-dir:", "timm:")):
         return [("timm", init)]
     if init.is_file():
         sidecar = init.with_name(init.name.replace(".encoder.safetensors", ".json"))

@@ -30,7 +30,7 @@ from mrplab.vision.checkpoints import Provenance, cpu_state, load_encoder, load_
 from mrplab.vision.config import VisionConfig
 from mrplab.vision.data import ImageSet, channel_stats, load_split
 from mrplab.vision.engine import Compute, Dist, LinearProbe, Loop, evaluate, fit, param_groups, seeded_init
-from mrplab.vision.models import VIT_SIZES, Encoder, build_encoder, matmul_shapes
+from mrplab.vision.models import Encoder, build_encoder, encoder_sizes, matmul_shapes
 from mrplab.vision.objectives import MAE, CollapseCheck, Data2Vec, Pretrainer, check_mask_ratio, momentum_at
 from mrplab.vision.run_folder import VisionRunFolder, read_stages, resume_changes, resume_pointer
 from mrplab.vision.stages import Stage, StageResult, plan, planned_images, stage_steps
@@ -41,7 +41,7 @@ from mrplab.vision.stages import Stage, StageResult, plan, planned_images, stage
 def _new_encoder(cfg: VisionConfig, seed: int, num_classes: int) -> Encoder:
     m = cfg.model
     with seeded_init(seed, "vision/encoder-init"):
-        return build_encoder(m.name, cfg.data.image_size, m.patch_size, num_classes, m.stem)
+        return build_encoder(m.name, cfg.data.image_size, m.patch_size, num_classes, m.stem, m.timm)
 
 
 def _pretrainer(cfg: VisionConfig, stage: Stage, encoder: Encoder) -> Pretrainer:
@@ -77,7 +77,7 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
     encoder = _new_encoder(cfg, stage.seed, k)
     if stage.kind in ("finetune", "linprobe"):
         state = encoders.get(stage.init)
-        if state is None and stage.init.startswith("local-dir:"):
+        if state is None and stage.init.startswith(("local-dir:", "timm:")):
             from mrplab.vision.interop import timm_encoder_state
 
             state = timm_encoder_state(stage.init, cfg)
@@ -220,14 +220,17 @@ def memory_parts(cfg: VisionConfig, stages: list[Stage]) -> dict[str, float]:
             n += cfg.pretrain.data.n_images or 10 * cfg.data.n_train
         parts["images"] = 2.0 * n * 3 * S * S  # uint8 images and the labelled / pretraining subsets taken of them
     batch = max(cfg.pretrain.batch, cfg.finetune.batch, cfg.linprobe.batch)
-    if cfg.model.name in VIT_SIZES:
-        dim, depth, _, mlp = VIT_SIZES[cfg.model.name]
-        tokens = (S // cfg.model.patch_size) ** 2 + 1
-        parts["activations"] = 4.0 * batch * tokens * dim * depth * (12 + 2 * mlp)
-    else:
-        side = S if cfg.model.stem == "small" else S / 4  # the timm stem leaves a quarter of the side
-        parts["activations"] = 4.0 * batch * side * side * 64 * 24
+    z = sizes_of(cfg)
+    if "dim" in z:
+        parts["activations"] = 4.0 * batch * (z["tokens"] + 1) * z["dim"] * z["depth"] * (12 + 2 * z["mlp_ratio"])
+    else:  # 64 channels x 24 maps at the first stage's resolution, an upper end for the stages after it
+        parts["activations"] = 4.0 * batch * z["side"] ** 2 * max(64.0, z["width"]) * 24
     return parts
+
+
+def sizes_of(cfg: VisionConfig) -> dict[str, float]:
+    m = cfg.model
+    return encoder_sizes(m.name, cfg.data.image_size, m.patch_size, m.stem, m.timm)
 
 
 def load_data(cfg: VisionConfig) -> tuple[ImageSet, ImageSet]:
@@ -250,6 +253,10 @@ def run(cfg: VisionConfig, command: str, out_dir: str | Path = "runs", init: Pat
     ``on_folder(path)`` is told the partial run folder once it exists (rank 0).
     """
     t0 = time.perf_counter()
+    if init is not None and str(init).startswith("timm:"):
+        from mrplab.vision.interop import config_for_init
+
+        cfg = config_for_init(cfg, str(init))  # model.timm: the architecture of the weights file
     share = runtime.CoreShare(cfg.threads)
     try:
         return _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_step, argv, t0, share,
@@ -262,8 +269,7 @@ def resolve_precision(cfg: VisionConfig, device: torch.device) -> tuple[VisionCo
     """precision auto -> fp32 or bf16 (runtime.choose_precision at the model's matmul shapes), and why."""
     if cfg.precision != "auto":
         return cfg, "set by the config (precision)"
-    shapes = matmul_shapes(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, cfg.finetune.batch,
-                           cfg.model.stem)
+    shapes = matmul_shapes(sizes_of(cfg), cfg.finetune.batch)
     precision, why, _ = runtime.choose_precision("auto", device, shapes)
     return cfg.model_copy(update={"precision": precision}), why
 
