@@ -69,12 +69,12 @@ def test_small_stem_resnet_export_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "timm").exists()
 
 
-def test_timm_stem_resnet_exports_loads_strictly_and_fine_tunes_back(tmp_path):
-    """A ResNet trained with timm's stem is exactly timm's resnet18 with mrplab's stage sizes: strict load, the
+def test_timm_stem_resnet18_exports_loads_strictly_and_fine_tunes_back(tmp_path):
+    """A ResNet trained with timm's stem is exactly timm's resnet18 (with mrplab's stage sizes in model_args): strict load, the
     same logits and feature maps; its exported encoder starts a fine-tuning with the same weights."""
     from mrplab.vision.interop import timm_encoder_state
 
-    cfg = tiny("model.name=resnet_small", "model.stem=timm", "methods=[mae]", "finetune.epochs=1",
+    cfg = tiny("model.name=resnet18", "model.stem=timm", "methods=[mae]", "finetune.epochs=1",
                "pretrain.epochs=1")
     run = train.run(cfg, "compare", tmp_path / "runs").path
     out = tmp_path / "timm"
@@ -85,7 +85,7 @@ def test_timm_stem_resnet_exports_loads_strictly_and_fine_tunes_back(tmp_path):
     for folder in ("s0-mae-finetune", "s0-scratch"):
         conf = json.loads((out / folder / "config.json").read_text())
         assert conf["architecture"] == "resnet18"
-        assert conf["model_args"]["layers"] == [1, 1, 1, 1] and conf["model_args"]["channels"] == [32, 64, 128, 256]
+        assert conf["model_args"]["layers"] == [2, 2, 2, 2] and conf["model_args"]["channels"] == [64, 128, 256, 512]
         model = timm.create_model(f"local-dir:{out / folder}", pretrained=True, pretrained_strict=True).eval()
         enc = load_classifier(run / "checkpoints" / f"{folder}.safetensors").encoder.eval()
         assert enc.net.conv1.kernel_size == (7, 7)  # the run's own network has timm's stem
