@@ -111,6 +111,37 @@ def test_memory_check_names_the_largest_parts_and_the_keys():
     assert info.value.fix == "shrink data.d"
 
 
+def test_on_cuda_host_and_device_memory_are_checked_apart():
+    """On the CPU every part counts once against host memory; on CUDA sampling is judged against the host and a
+    step's tensors against the device, each with its own line (no GPU needed: the amounts are given)."""
+    import torch
+
+    from mrplab.config import load
+    from mrplab.theory.experiment import check_memory, memory_parts
+    from mrplab.vision import config as vconfig
+    from mrplab.vision import stages as vstages
+    from mrplab.vision.train import check_memory as vision_check
+
+    cfg = load(None, ["data.n_train=200000"])
+    parts = memory_parts(cfg)
+    host = parts["data"] + parts["sampling"]
+    device = parts["data"] + parts["step temporaries"] + parts["weights"]
+    cpu_need = sum(parts.values()) + 2**29
+    cuda = torch.device("cuda", 0)
+    check_memory(cfg, torch.device("cpu"), {"host": int(cpu_need / 0.85)})  # fits
+    with pytest.raises(MrplabError, match=r"GiB of memory .* but"):
+        check_memory(cfg, torch.device("cpu"), {"host": int(cpu_need / 1.2)})
+    check_memory(cfg, cuda, {"host": int((host + 2**29) / 0.85), "device": int(device / 0.85)})  # each fits
+    with pytest.raises(MrplabError, match=r"GiB of cuda:0 memory \(.*step temporaries"):
+        check_memory(cfg, cuda, {"host": 10**15, "device": int(device / 1.2)})
+    with pytest.raises(MrplabError, match=r"GiB of memory \(.*sampling"):
+        check_memory(cfg, cuda, {"host": int((host + 2**29) / 1.2), "device": 10**15})
+    vcfg = vconfig.load(None, ["model.timm=vit_base_patch16_224", "model.patch_size=16", "data.image_size=32"])
+    plan = vstages.plan(vcfg, "compare")
+    with pytest.raises(MrplabError, match=r"GiB of cuda:0 memory \(.*weights and optimiser"):
+        vision_check(vcfg, plan, cuda, {"host": 10**15, "device": 2 * 2**30})  # 86 M parameters: 1.7 GiB with Adam
+
+
 @pytest.mark.parametrize("key", ["data.d=2000000", "data.n_train=1e8"])
 def test_theory_runs_that_cannot_fit_are_refused_before_allocating(tmp_path, theory_cli, key):
     out = tmp_path / "runs"

@@ -43,12 +43,30 @@ def gib(n: float) -> str:
 
 def check(parts: dict[str, float], shrink: str, device: torch.device | str = "cpu",
           available: int | None = None) -> None:
-    """Raise one MrplabError when the estimated ``parts`` exceed HEADROOM x the available memory."""
-    parts = {**parts, "process": PROCESS}
+    """Raise one MrplabError when the estimated ``parts`` (plus the process itself on the host) exceed
+    HEADROOM x the memory available on ``device``."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    parts = parts if on_gpu else {**parts, "process": PROCESS}  # a CUDA context is already out of mem_get_info
     need = sum(parts.values())
     have = available if available is not None else available_bytes(device)
     if have is None or need <= HEADROOM * have:
         return
     largest = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])
-    raise MrplabError(f"this run needs about {gib(need)} of memory ({largest}) but {gib(have)} is available",
+    where = f"{device} memory" if on_gpu else "memory"
+    raise MrplabError(f"this run needs about {gib(need)} of {where} ({largest}) but {gib(have)} is available",
                       f"shrink {shrink}")
+
+
+def check_run(host: dict[str, float], on_device: dict[str, float], shrink: str,
+              device: torch.device | str = "cpu", available: dict[str, int] | None = None) -> None:
+    """A run's check: on the CPU every part once (a key in both dicts is one allocation) against host memory;
+    on CUDA the ``host`` parts against host memory and the ``on_device`` parts against the device's free
+    memory. ``available`` ({"host": bytes, "device": bytes}) replaces the measured amounts (tests)."""
+    device = torch.device(device)
+    available = available or {}
+    if device.type != "cuda":
+        check({**host, **on_device}, shrink, "cpu", available.get("host"))
+        return
+    check(host, shrink, "cpu", available.get("host"))
+    check(on_device, shrink, device, available.get("device"))

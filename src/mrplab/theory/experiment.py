@@ -331,10 +331,21 @@ def memory_parts(cfg: TheoryConfig) -> dict[str, float]:
     }
 
 
+HOST_PARTS = ("data", "sampling")  # sampled on the host (then moved)
+DEVICE_PARTS = ("data", "step temporaries", "weights")  # what a step on the device holds
+
+
+def check_memory(cfg: TheoryConfig, device: torch.device, available: dict[str, int] | None = None) -> None:
+    """memory_parts against free memory: all on the CPU; on CUDA the host's and the device's parts apart."""
+    parts = memory_parts(cfg)
+    memory.check_run({k: parts[k] for k in HOST_PARTS}, {k: parts[k] for k in DEVICE_PARTS},
+                     "data.d, data.n_pretrain / n_train / n_test or the seeds (or set data.share_across_runs=true)",
+                     device, available)
+
+
 def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResult:
     device = resolve_device(cfg.device)
-    memory.check(memory_parts(cfg), "data.d, data.n_pretrain / n_train / n_test or the seeds (or set "
-                 "data.share_across_runs=true)", device)
+    check_memory(cfg, device)
     t0 = time.perf_counter()
     flops0 = runtime.matmul_flops.total
     choice, act_shape, probed_now = choose_runtime(cfg, device)

@@ -200,19 +200,15 @@ def encoder_sizes(name: str, image_size: int, patch_size: int, stem: str = "smal
                   ) -> dict[str, float]:
     """What the memory estimate and the precision probe need, without building weights (a timm architecture
     is built on the meta device): ViT {"dim", "depth", "mlp_ratio", "tokens"}; CNN {"width" (first stage's
-    channels), "side" (the first stage's map side)}."""
-    if timm_name is not None:
-        with torch.device("meta"):
-            enc = build_timm_encoder(timm_name, image_size, patch_size, 0)
-        if isinstance(enc, ViTEncoder):
-            b = enc.vit.blocks[0]
-            return {"dim": enc.feature_dim, "depth": len(enc.vit.blocks), "tokens": enc.grid[0] * enc.grid[1] + enc.prefix,
-                    "mlp_ratio": b.mlp.fc1.out_features / enc.feature_dim}
-        return {"width": float(enc.net.layer1[0].conv1.out_channels), "side": max(1.0, image_size / 4)}
-    if name in VIT_SIZES:
-        dim, depth, _, ratio = VIT_SIZES[name]
-        return {"dim": dim, "depth": depth, "mlp_ratio": ratio, "tokens": (image_size // patch_size) ** 2}
-    return {"width": float(RESNET_SIZES[name][1][0]), "side": float(image_size if stem == "small" else max(1, image_size // 4))}
+    channels), "side" (the first stage's map side)}; both "params" (the encoder's parameter count)."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        enc = build_encoder(name, image_size, patch_size, 0, stem, timm_name)
+    params = float(sum(p.numel() for p in enc.parameters()))
+    if isinstance(enc, ViTEncoder):
+        return {"dim": enc.feature_dim, "depth": len(enc.vit.blocks), "tokens": enc.grid[0] * enc.grid[1] + enc.prefix,
+                "mlp_ratio": enc.vit.blocks[0].mlp.fc1.out_features / enc.feature_dim, "params": params}
+    side = image_size if timm_name is None and stem == "small" else max(1, image_size // 4)
+    return {"width": float(enc.net.layer1[0].conv1.out_channels), "side": float(side), "params": params}
 
 
 def matmul_shapes(sizes: dict[str, float], batch: int) -> list[tuple[int, int, int]]:

@@ -225,7 +225,22 @@ def memory_parts(cfg: VisionConfig, stages: list[Stage]) -> dict[str, float]:
         parts["activations"] = 4.0 * batch * (z["tokens"] + 1) * z["dim"] * z["depth"] * (12 + 2 * z["mlp_ratio"])
     else:  # 64 channels x 24 maps at the first stage's resolution, an upper end for the stages after it
         parts["activations"] = 4.0 * batch * z["side"] ** 2 * max(64.0, z["width"]) * 24
+    # fp32 weights, gradients and AdamW's two moments, plus data2vec's EMA teacher (decoders are small)
+    parts["weights and optimiser"] = 4.0 * z["params"] * 5
     return parts
+
+
+DEVICE_PARTS = ("images", "activations", "weights and optimiser")  # StageData moves the images to the device
+
+
+def check_memory(cfg: VisionConfig, stages: list[Stage], device: torch.device,
+                 available: dict[str, int] | None = None) -> None:
+    """memory_parts against free memory: all on the CPU; on CUDA the images also against host memory (decoded
+    there) and every part against the device's."""
+    parts = memory_parts(cfg, stages)
+    memory.check_run({k: v for k, v in parts.items() if k == "images"}, {k: parts[k] for k in DEVICE_PARTS if k in parts},
+                     "data.n_train / n_test, pretrain.data.n_images, data.image_size, the model or the batch sizes",
+                     device, available)
 
 
 def sizes_of(cfg: VisionConfig) -> dict[str, float]:
@@ -288,10 +303,9 @@ def _run(cfg, command, out_dir, init, resume, on_record, advance, on_plan, on_st
             importlib.import_module("torch.utils.tensorboard")
         except ImportError:
             raise MrplabError("tensorboard=true needs the tensorboard package", "pip install tensorboard") from None
-    memory.check(memory_parts(cfg, stages), "data.n_train / n_test, pretrain.data.n_images, data.image_size or "
-                 "the batch sizes")
     dst, device, started = _dist_setup(cfg)
     try:
+        check_memory(cfg, stages, device)
         given = cfg  # what the run folder records (precision may be auto); cfg: what the run computes with
         cfg, precision_reason = resolve_precision(cfg, device)
         train, test = load_data(cfg)
