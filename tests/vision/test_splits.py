@@ -115,11 +115,12 @@ def test_a_shared_pretraining_is_reused_by_other_label_counts(tmp_path):
             "finetune.epochs=1", "checkpoint_every=0", "precision=fp32", "threads=2", "model.decoder_dim=32",
             "finetune.epochs_menu=null", "labels.val_fraction=0",
             "pretrain.data.source=embedded", "pretrain.data.n_images=64", f"pretrain_cache={tmp_path / 'cache'}"]
+    pretrainings = lambda: [p for p in (tmp_path / "cache").iterdir() if (p / "pretrainer.safetensors").is_file()]  # noqa: E731
     first = train.run(vconfig.load(None, [*base, "labels.per_class=10"]), "compare", tmp_path / "a")
-    assert len(list((tmp_path / "cache").iterdir())) == 1  # one pretraining row ...
+    assert len(pretrainings()) == 1  # one pretraining row ...
     again = train.run(vconfig.load(None, [*base, "labels.per_class=10"]), "compare", tmp_path / "b")
     fewer = train.run(vconfig.load(None, [*base, "labels.per_class=4"]), "compare", tmp_path / "c")
-    assert len(list((tmp_path / "cache").iterdir())) == 1  # ... for every downstream run
+    assert len(pretrainings()) == 1  # ... for every downstream run
     rec = lambda res, key: next(r for r in res.stages if r["stage"] == key)  # noqa: E731
     assert not rec(first, "s0-mae-pretrain")["reused"]
     assert rec(again, "s0-mae-pretrain")["reused"] and rec(fewer, "s0-mae-pretrain")["reused"]
@@ -130,7 +131,31 @@ def test_a_shared_pretraining_is_reused_by_other_label_counts(tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
     # a different pretraining (another seed) is not confused with it
     other = train.run(vconfig.load(None, [*base, "seeds=[1]", "labels.per_class=10"]), "compare", tmp_path / "d")
-    assert not rec(other, "s1-mae-pretrain")["reused"] and len(list((tmp_path / "cache").iterdir())) == 2
+    assert not rec(other, "s1-mae-pretrain")["reused"] and len(pretrainings()) == 2
+
+
+def test_sl_from_scratch_is_shared_by_rows_that_differ_only_in_pretraining(tmp_path):
+    """Coverage rows of a study train the same SL model: the second row loads it (same weights, the accuracies
+    measured when it was trained, equal to training it again without the cache); other labels train anew."""
+    base = ["data.image_size=16", "data.n_train=80", "data.n_test=32", "seeds=[0]", "pretrain.epochs=1",
+            "finetune.epochs=1", "checkpoint_every=0", "precision=fp32", "threads=2", "model.decoder_dim=32",
+            "finetune.epochs_menu=null", "labels.per_class=10", "methods=[mae]",
+            "pretrain.data.source=embedded", "pretrain.data.n_images=64"]
+    cache = f"pretrain_cache={tmp_path / 'cache'}"
+    rec = lambda res, key: next(r for r in res.stages if r["stage"] == key)  # noqa: E731
+    first = train.run(vconfig.load(None, [*base, cache, "pretrain.data.coverage=1.0"]), "compare", tmp_path / "a")
+    half = train.run(vconfig.load(None, [*base, cache, "pretrain.data.coverage=0.5"]), "compare", tmp_path / "b")
+    fresh = train.run(vconfig.load(None, [*base, "pretrain.data.coverage=0.5"]), "compare", tmp_path / "c")
+    assert not rec(first, "s0-scratch")["reused"] and rec(half, "s0-scratch")["reused"]
+    assert not rec(half, "s0-mae-pretrain")["reused"]  # the pretraining itself differs
+    for key in ("test_acc", "test_acc_single", "test_acc_multi", "val_acc"):
+        assert rec(half, "s0-scratch")[key] == rec(first, "s0-scratch")[key] == rec(fresh, "s0-scratch")[key], key
+    a = load_file(str(first.path / "checkpoints" / "s0-scratch.safetensors"))
+    b = load_file(str(half.path / "checkpoints" / "s0-scratch.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(json.loads(line).get("event") == "reused" for line in (half.path / "metrics.jsonl").read_text().splitlines())
+    other = train.run(vconfig.load(None, [*base, cache, "labels.per_class=6"]), "compare", tmp_path / "d")
+    assert not rec(other, "s0-scratch")["reused"]
 
 
 def test_the_epochs_menu_is_chosen_on_validation_never_on_test():

@@ -143,24 +143,41 @@ def pretrain_key(cfg: VisionConfig, stage: Stage) -> str:
                         "grad_clip": cfg.grad_clip, "precision": cfg.precision, "device": cfg.device})
 
 
-def cached_pretrainer(cache: Path, key: str) -> tuple[Path, dict] | None:
-    """(weights file, its stage record) of a pretrained model in the cache, or None."""
+def scratch_key(cfg: VisionConfig, stage: Stage, epochs: int) -> str:
+    """The hash of everything an SL-from-scratch stage's result depends on: the whole config (hash_view) but
+    what SL never reads (pretraining, probing, the methods, the run's name and seeds, output cadence,
+    threads, the cache path; fine-tuning's own epochs, menu and layer decay), plus the stage's epochs and
+    seed. Rows of a study that differ only in pretraining (coverage, method) share one SL model."""
+    view = hash_view(cfg)
+    for k in ("name", "seeds", "methods", "threads", "log_every", "checkpoint_every", "tensorboard",
+              "pretrain_cache", "pretrain", "linprobe"):
+        view.pop(k, None)
+    for k in ("epochs", "epochs_menu", "layer_decay"):
+        view["finetune"].pop(k, None)
+    return config_hash({"scratch": view, "epochs": epochs, "seed": stage.seed})
+
+
+CACHE_FILES = {"pretrain": "pretrainer.safetensors", "scratch": "classifier.safetensors"}
+
+
+def cached_stage(cache: Path, key: str, kind: str) -> tuple[Path, dict] | None:
+    """(weights file, its stage record) of a pretrain or scratch stage in the cache, or None."""
     folder = Path(cache) / key
-    if not (folder / "stage.json").is_file():
+    if not (folder / "stage.json").is_file() or not (folder / CACHE_FILES[kind]).is_file():
         return None
-    return folder / "pretrainer.safetensors", json.loads((folder / "stage.json").read_text())
+    return folder / CACHE_FILES[kind], json.loads((folder / "stage.json").read_text())
 
 
-def store_pretrainer(cache: Path, key: str, module: nn.Module, record: dict, prov: Provenance) -> None:
-    """Put a pretrained model into the cache: built in a hidden folder and renamed, so a reader sees all or
-    nothing; when another run stored the same key first, its copy is kept."""
+def store_stage(cache: Path, key: str, kind: str, module: nn.Module, record: dict, prov: Provenance) -> None:
+    """Put a trained stage's module into the cache: built in a hidden folder and renamed, so a reader sees all
+    or nothing; when another run stored the same key first, its copy is kept."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{key}.{os.getpid()}.partial"
     tmp.mkdir()
     try:
-        save_weights(tmp / "pretrainer.safetensors", module, {"pretrain_key": key})
-        atomic_write_text(tmp / "stage.json", prov.sidecar(**record, pretrain_key=key))
+        save_weights(tmp / CACHE_FILES[kind], module, {"cache_key": key})
+        atomic_write_text(tmp / "stage.json", prov.sidecar(**record, cache_key=key))
         try:
             os.rename(tmp, cache / key)
         except OSError:  # stored meanwhile by another run

@@ -33,7 +33,7 @@ from mrplab.vision.engine import Compute, Dist, LinearProbe, Loop, evaluate, fit
 from mrplab.vision.models import Encoder, build_encoder, encoder_sizes, matmul_shapes
 from mrplab.vision.objectives import MAE, CollapseCheck, Data2Vec, Pretrainer, check_mask_ratio, momentum_at
 from mrplab.vision.run_folder import VisionRunFolder, read_stages, resume_changes, resume_pointer
-from mrplab.vision.stages import Stage, StageResult, plan, planned_images, stage_steps
+from mrplab.vision.stages import Stage, StageResult, hyper, plan, planned_images, stage_steps
 
 # --------------------------------------------------------------------------- stages
 
@@ -84,17 +84,29 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
         load_encoder(Path(stage.init) if state is None else state, encoder)
         with seeded_init(stage.seed, f"vision/{stage.key}/head-init"):
             encoder.reset_head(k)
-    shared = stage.kind == "pretrain" and bool(cfg.pretrain_cache)
-    key = checkpoints.pretrain_key(cfg, stage) if shared else None
-    cached = checkpoints.cached_pretrainer(Path(cfg.pretrain_cache), key) if shared else None
-    if cached is not None:  # pretrained by an earlier run with the same pretraining: load it
-        pre = _pretrainer(cfg, stage, encoder).to(loop.device)
-        load_weights(cached[0], pre, "cached pretrained model")
-        info = {"steps": cached[1]["steps"], "batch": cached[1].get("batch")}
+    # pretraining and SL from scratch are shared through the cache by runs that agree on what they depend on
+    shared = stage.kind in ("pretrain", "scratch") and bool(cfg.pretrain_cache)
+    key = (checkpoints.pretrain_key(cfg, stage) if stage.kind == "pretrain" else
+           checkpoints.scratch_key(cfg, stage, hyper(cfg, stage).epochs)) if shared else None
+    cached = checkpoints.cached_stage(Path(cfg.pretrain_cache), key, stage.kind) if shared else None
+    if cached is not None:  # trained by an earlier run with the same recipe and data: load it
+        record = cached[1]
+        info = {"steps": record["steps"], "batch": record.get("batch")}
         loop.emit({"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method,
                    "event": "reused", "step": info["steps"], "from": str(cached[0].parent)})
-        module, test_acc, val_acc = pre, {}, {}
-        encoders[stage.key] = cpu_state(pre.encoder)
+        if stage.kind == "pretrain":
+            module = _pretrainer(cfg, stage, encoder).to(loop.device)
+            load_weights(cached[0], module, "cached pretrained model")
+            test_acc, val_acc = {}, {}
+            encoders[stage.key] = cpu_state(module.encoder)
+        else:  # its accuracies as measured when it was trained (the same model on the same images)
+            module = encoder.to(loop.device)
+            load_weights(cached[0], module, "cached SL model")
+            test_acc = {k[len("test_"):]: v for k, v in record.items() if k.startswith("test_")}
+            val_acc = {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
+            loop.emit({"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method,
+                       "event": "test", "step": info["steps"], **{f"test_{k}": v for k, v in test_acc.items()},
+                       **{f"val_{k}": v for k, v in val_acc.items()}})
     elif stage.kind == "pretrain":
         pre = _pretrainer(cfg, stage, encoder).to(loop.device)
         groups = param_groups([list(pre.named_parameters())], cfg.pretrain.lr, cfg.pretrain.weight_decay)
@@ -126,7 +138,7 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
     result = StageResult(stage, info["steps"], time.perf_counter() - t0, test_acc, module, val_acc,
                          len(loop.train), info["batch"], reused=cached is not None)
     if shared and cached is None and loop.dist.rank == 0:
-        checkpoints.store_pretrainer(Path(cfg.pretrain_cache), key, module, result.record(), loop.prov)
+        checkpoints.store_stage(Path(cfg.pretrain_cache), key, stage.kind, module, result.record(), loop.prov)
     if loop.folder is not None:
         save_stage(loop.folder, loop.prov, cfg, result)
     return result
