@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 
@@ -139,6 +140,30 @@ def test_noise_decides_whether_a_change_counts():
     assert c.diff == pytest.approx(0.5) and c.measured == "flat" and not c.consistent
     rows = [{"x": x, "m": m} for x, m in [(0, 1.0), (0, 1.1), (1, 2.0), (1, 2.1)]]
     assert report.trend(rows, "x", "m", "increase", 0.05).consistent
+
+
+def test_a_predicted_trend_must_not_reverse_on_the_way():
+    """Ends alone would call 3 -> 5 -> 4 an increase; the path reverses beyond noise between 0.5 and 1, so
+    the prediction does not hold. A dip within the noise of that step does not count against it."""
+    pts = [(0, 3.0), (0, 3.1), (0.5, 5.0), (0.5, 5.1), (1, 4.0), (1, 4.1)]
+    c = report.trend([{"x": x, "m": m} for x, m in pts], "x", "m", "increase", 0.05)
+    assert c.measured == "increase" and [(a, b) for a, b, _ in c.reversals] == [(0.5, 1)] and not c.consistent
+    assert "not monotone: from 0.5 to 1 it moved -1 (largest at 0.5: 5.05)" in c.sentence()
+    assert c.sentence().endswith("not as predicted.")
+    noisy = [(0, 3.0), (0, 3.1), (0.5, 5.0), (0.5, 7.0), (1, 5.5), (1, 5.6)]  # 6.0 -> 5.55, noise 1.4
+    c = report.trend([{"x": x, "m": m} for x, m in noisy], "x", "m", "increase", 0.05)
+    assert c.reversals == [] and c.consistent
+
+
+def test_one_seed_gives_a_direction_never_an_established_trend():
+    """With one run per end there is no noise estimate: a monotone change in the predicted direction is
+    reported as direction only (not counted as holding), a reversal of any size still counts against it."""
+    c = report.trend([{"x": x, "m": m} for x, m in [(0, 0.12), (1, 0.10), (2, 0.07)]], "x", "m", "decrease", 0.05)
+    assert c.direction_only and not c.consistent and math.isnan(c.noise)
+    assert "noise not estimated: one run at an end" in c.sentence()
+    assert c.sentence().endswith("in the predicted direction, not established (one seed).")
+    c = report.trend([{"x": x, "m": m} for x, m in [(0, 0.118), (1, 0.142), (2, 0.067)]], "x", "m", "decrease", 0.05)
+    assert not c.direction_only and not c.consistent and "(largest at 1: 0.142)" in c.sentence()
 
 
 def test_sweep_report_cli_errors_are_one_line(tmp_path):

@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,22 @@ class TrendCheck:
     slope: float | None
     tolerance: float
     pooled: str = ""  # the other axes whose runs are pooled at each x
+    path: list[tuple[Any, Stat]] = field(default_factory=list)  # the metric at every x, in order
 
     @property
     def diff(self) -> float:
         return self.last.mean - self.first.mean
 
     @property
+    def noise_known(self) -> bool:
+        """Both ends have two or more runs: the noise of their difference can be estimated."""
+        return self.first.n >= 2 and self.last.n >= 2
+
+    @property
     def noise(self) -> float:
-        """Two standard errors of the difference of the two means."""
+        """Two standard errors of the difference of the two means (nan when an end has one run)."""
+        if not self.noise_known:
+            return math.nan
         return diff_noise((self.first.std, self.first.n), (self.last.std, self.last.n))
 
     @property
@@ -68,18 +76,44 @@ class TrendCheck:
             return "unmeasured"
         if self.predicted == "flat":
             return "flat" if abs(self.diff) <= self.tolerance else ("increase" if self.diff > 0 else "decrease")
-        if abs(self.diff) <= self.noise or self.diff == 0:
+        if self.diff == 0 or (self.noise_known and abs(self.diff) <= self.noise):
             return "flat"
         return "increase" if self.diff > 0 else "decrease"
 
     @property
+    def reversals(self) -> list[tuple[Any, Any, float]]:
+        """Adjacent x values between which the metric moved against the predicted direction: (from, to, change),
+        beyond the two-standard-error noise of that step (any amount when a point has one run)."""
+        if self.predicted == "flat":
+            return []
+        sign = 1.0 if self.predicted == "increase" else -1.0
+        out = []
+        for (xa, a), (xb, b) in zip(self.path, self.path[1:]):
+            step = b.mean - a.mean
+            if math.isnan(step) or sign * step >= 0:
+                continue
+            known = a.n >= 2 and b.n >= 2
+            if not known or abs(step) > diff_noise((a.std, a.n), (b.std, b.n)):
+                out.append((xa, xb, step))
+        return out
+
+    @property
+    def direction_only(self) -> bool:
+        """The predicted direction, monotone, but an end has one run: not established against noise."""
+        return (self.predicted != "flat" and not self.noise_known and self.measured == self.predicted
+                and not self.reversals)
+
+    @property
     def consistent(self) -> bool:
-        return self.measured == self.predicted
+        return self.measured == self.predicted and not self.reversals and not self.direction_only
+
+    def _pm(self, st: Stat) -> str:
+        return f"{_fmt(st.mean)} ± {_fmt(st.std)}" if st.n >= 2 else _fmt(st.mean)
 
     def sentence(self) -> str:
         what = label(self.metric)
         s = (f"Along `{self.x}` from {_fmt(self.x0)} to {_fmt(self.x1)}, {what} (`{self.metric}`) went from "
-             f"{_fmt(self.first.mean)} ± {_fmt(self.first.std)} to {_fmt(self.last.mean)} ± {_fmt(self.last.std)} "
+             f"{self._pm(self.first)} to {self._pm(self.last)} "
              f"(n = {self.first.n} and {self.last.n} runs" + (f", pooled over {self.pooled}" if self.pooled else ""))
         if self.slope is not None:
             s += f"; least-squares slope {_fmt(self.slope)} per unit of `{self.x}`"
@@ -92,22 +126,32 @@ class TrendCheck:
             s += f"{change}, {bound}"
         elif self.measured == "flat":
             s += f"{change}, within the noise (±{_fmt(self.noise)}, two standard errors)"
+        elif not self.noise_known:
+            s += (f"{'an increase' if self.measured == 'increase' else 'a decrease'} ({change}; noise not "
+                  "estimated: one run at an end)")
         else:
             s += f"{'an increase' if self.measured == 'increase' else 'a decrease'} ({change}; noise ±{_fmt(self.noise)}, two standard errors)"
-        verdict = "as predicted" if self.consistent else "not as predicted"
+        if self.reversals:
+            s += "; not monotone: " + ", ".join(
+                f"from {_fmt(a)} to {_fmt(b)} it moved {step:+.3g}" for a, b, step in self.reversals)
+            peak = max(self.path, key=lambda p: p[1].mean)  # predicted at the first (decrease) or last (increase) x
+            s += f" (largest at {_fmt(peak[0])}: {_fmt(peak[1].mean)})"
         said = {"flat": "no change", "increase": "an increase", "decrease": "a decrease"}[self.predicted]
-        return s + f"; the prediction was {said}: {verdict}."
+        if self.direction_only:
+            return s + f"; the prediction was {said}: in the predicted direction, not established (one seed)."
+        return s + f"; the prediction was {said}: {'as predicted' if self.consistent else 'not as predicted'}."
 
 
 def trend(rows: list[dict[str, Any]], x: str, metric: str, predicted: str, tolerance: float,
           others: list[str] | None = None) -> TrendCheck | None:
-    """First vs last value of ``x``: the metric over all runs at each end (runs of ``others`` axes pooled)."""
-    xs = sorted({json.dumps(r.get(x)) for r in rows}, key=lambda v: sort_key(json.loads(v)))
+    """First vs last value of ``x``: the metric over all runs at each end (runs of ``others`` axes pooled), and
+    every value between (a predicted increase or decrease must not reverse beyond noise on the way)."""
+    xs = [json.loads(v) for v in sorted({json.dumps(r.get(x)) for r in rows}, key=lambda v: sort_key(json.loads(v)))]
     if len(xs) < 2:
         return None
-    x0, x1 = json.loads(xs[0]), json.loads(xs[-1])
-    first = Stat.of([r.get(metric) for r in rows if r.get(x) == x0])
-    last = Stat.of([r.get(metric) for r in rows if r.get(x) == x1])
+    path = [(xv, Stat.of([r.get(metric) for r in rows if r.get(x) == xv])) for xv in xs]
+    x0, x1 = xs[0], xs[-1]
+    first, last = path[0][1], path[-1][1]
     pts = [(num(r.get(x)), num(r.get(metric))) for r in rows]
     pts = [(a, b) for a, b in pts if a is not None and b is not None]
     slope = None
@@ -117,7 +161,7 @@ def trend(rows: list[dict[str, Any]], x: str, metric: str, predicted: str, toler
         if abs(slope) < 1e-12 * scale:  # float noise of a flat line
             slope = 0.0
     pooled = ", ".join(f"`{c}`" for c in others or [])
-    return TrendCheck(metric, predicted, x, x0, x1, first, last, slope, tolerance, pooled)
+    return TrendCheck(metric, predicted, x, x0, x1, first, last, slope, tolerance, pooled, path)
 
 
 # --------------------------------------------------------------------------- the report
@@ -236,8 +280,9 @@ def _study_lines(study, checks: list[TrendCheck], x) -> list[str]:
         return []
     lines = ["## Study", "", f"**Prediction.** {study.prediction.strip()}", ""]
     if checks:
-        n_ok = sum(c.consistent for c in checks)
-        lines += [f"**Measured.** {n_ok} of {len(checks)} predicted trends hold.", ""]
+        n_ok, n_dir = sum(c.consistent for c in checks), sum(c.direction_only for c in checks)
+        more = f"; {n_dir} more in direction only (one seed: not established against noise)" if n_dir else ""
+        lines += [f"**Measured.** {n_ok} of {len(checks)} predicted trends hold{more}.", ""]
         lines += [f"- {c.sentence()}" for c in checks] + [""]
     elif x is None:
         lines += ["**Measured.** The sweep has no axis to measure a trend along.", ""]
@@ -247,10 +292,12 @@ def _study_lines(study, checks: list[TrendCheck], x) -> list[str]:
 
 
 def _results_lines(settings, labels, wanted) -> list[str]:
-    lines = ["## Results", "", "Mean ± std over seeds; n = finished runs of the setting.", ""]
+    lines = ["## Results", "", "Mean ± sample std over seeds (the mean alone where a setting has one run); n = "
+             "finished runs of the setting.", ""]
     head = [*(f"`{c}`" for c in labels), "n", *(label(m) for m in wanted)]
     rows = [[*(_fmt(s.labels[c]) for c in labels), s.n,
-             *(f"{_fmt(s.stats[m].mean)} ± {_fmt(s.stats[m].std)}" for m in wanted)] for s in settings]
+             *(f"{_fmt(s.stats[m].mean)} ± {_fmt(s.stats[m].std)}" if s.stats[m].n >= 2 else _fmt(s.stats[m].mean)
+               for m in wanted)] for s in settings]
     return lines + md_table(head, rows)
 
 
