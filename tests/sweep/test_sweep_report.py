@@ -166,6 +166,30 @@ def test_one_seed_gives_a_direction_never_an_established_trend():
     assert not c.direction_only and not c.consistent and "(largest at 1: 0.142)" in c.sentence()
 
 
+def test_an_axis_zipped_with_x_moves_with_it_and_splits_nothing(tmp_path, monkeypatch):
+    """A zip (labels.fraction with its epochs menu) is one axis: no line per menu, no diagonal heatmap, and the
+    sentence says the menu changes with x instead of claiming the runs were pooled over it."""
+    from mrplab.sweep.aggregate import aggregate
+
+    zipped = [{"f": f, "menu": menu, "m": m} for f, menu, m in [(0.01, "[30, 100]", 0.12), (0.1, "[10, 30]", 0.14),
+                                                                 (1.0, "[8, 16]", 0.07)]]
+    assert report.tied(zipped, "f", "menu") and report.tied(zipped, "menu", "f")
+    grid = [{"f": f, "menu": menu, "m": 0.1} for f in (0.01, 1.0) for menu in ("a", "b")]
+    assert not report.tied(grid, "f", "menu")
+    c = report.trend(zipped, "f", "m", "decrease", 0.05, [], ["menu"])
+    assert "`menu` changing with it" in c.sentence() and "pooled" not in c.sentence()
+    settings = aggregate(zipped, ["f", "menu"], ["m"])
+    from mrplab.sweep import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))
+    figures.line_plot(settings, "f", ["f", "menu"], ["m"], tmp_path / "split.png")
+    figures.line_plot(settings, "f", ["f"], ["m"], tmp_path / "one.png", ["menu"])
+    split, one = (fig.axes[0] for fig in drawn)
+    assert len(split.lines) == 3 and len(one.lines) == 1 and len(one.lines[0].get_xdata()) == 3
+    assert one.get_xscale() == "log" and "with menu" in one.get_xlabel()
+
+
 def test_sweep_report_cli_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(app, ["sweep-report", str(tmp_path)])
     assert res.exit_code == 2 and res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1

@@ -25,8 +25,12 @@ def _panels(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def line_plot(settings: list[Setting], x: str, labels: list[str], metrics: list[str], path: Path) -> None:
-    others = [c for c in labels if c != x]
+def line_plot(settings: list[Setting], x: str, labels: list[str], metrics: list[str], path: Path,
+              moving: list[str] | None = None) -> None:
+    """One panel per metric along ``x``, a line per value of the other ``labels`` (axes in ``moving`` change with
+    x, as a zip does: they are named on the x axis, not split into lines); x spanning 20x or more of positive
+    values is drawn on a log scale."""
+    others = [c for c in labels if c != x and c not in (moving or [])]
     xs = sorted({json.dumps(s.labels[x]) for s in settings}, key=lambda v: sort_key(json.loads(v)))
     x_vals = [json.loads(v) for v in xs]
     numeric = all(num(v) is not None for v in x_vals)
@@ -47,7 +51,9 @@ def line_plot(settings: list[Setting], x: str, labels: list[str], metrics: list[
             (ln,) = ax.plot(px, mean, marker="o", label=name)
             ax.fill_between(px, mean - std, mean + std, color=ln.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(label(m), fontsize=9)
-        ax.set_xlabel(x)
+        ax.set_xlabel(x + (f" (with {', '.join(moving)})" if moving else ""), fontsize=8 if moving else None)
+        if numeric and min(num(v) for v in x_vals) > 0 and max(num(v) for v in x_vals) >= 20 * min(num(v) for v in x_vals):
+            ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(x_vals)), [str(v) for v in x_vals])
         ax.grid(alpha=0.3)

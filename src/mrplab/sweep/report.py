@@ -53,6 +53,7 @@ class TrendCheck:
     tolerance: float
     pooled: str = ""  # the other axes whose runs are pooled at each x
     path: list[tuple[Any, Stat]] = field(default_factory=list)  # the metric at every x, in order
+    moving: str = ""  # axes zipped with x (they change with it)
 
     @property
     def diff(self) -> float:
@@ -114,7 +115,8 @@ class TrendCheck:
         what = label(self.metric)
         s = (f"Along `{self.x}` from {_fmt(self.x0)} to {_fmt(self.x1)}, {what} (`{self.metric}`) went from "
              f"{self._pm(self.first)} to {self._pm(self.last)} "
-             f"(n = {self.first.n} and {self.last.n} runs" + (f", pooled over {self.pooled}" if self.pooled else ""))
+             f"(n = {self.first.n} and {self.last.n} runs" + (f", pooled over {self.pooled}" if self.pooled else "")
+             + (f", {self.moving} changing with it" if self.moving else ""))
         if self.slope is not None:
             s += f"; least-squares slope {_fmt(self.slope)} per unit of `{self.x}`"
         s += "): "
@@ -143,7 +145,7 @@ class TrendCheck:
 
 
 def trend(rows: list[dict[str, Any]], x: str, metric: str, predicted: str, tolerance: float,
-          others: list[str] | None = None) -> TrendCheck | None:
+          others: list[str] | None = None, moving: list[str] | None = None) -> TrendCheck | None:
     """First vs last value of ``x``: the metric over all runs at each end (runs of ``others`` axes pooled), and
     every value between (a predicted increase or decrease must not reverse beyond noise on the way)."""
     xs = [json.loads(v) for v in sorted({json.dumps(r.get(x)) for r in rows}, key=lambda v: sort_key(json.loads(v)))]
@@ -161,7 +163,8 @@ def trend(rows: list[dict[str, Any]], x: str, metric: str, predicted: str, toler
         if abs(slope) < 1e-12 * scale:  # float noise of a flat line
             slope = 0.0
     pooled = ", ".join(f"`{c}`" for c in others or [])
-    return TrendCheck(metric, predicted, x, x0, x1, first, last, slope, tolerance, pooled, path)
+    return TrendCheck(metric, predicted, x, x0, x1, first, last, slope, tolerance, pooled, path,
+                      ", ".join(f"`{c}`" for c in moving or []))
 
 
 # --------------------------------------------------------------------------- the report
@@ -226,12 +229,17 @@ def write_report(folder: str | Path) -> SweepReport:
 
     varied = [c for c in labels if len({json.dumps(r.get(c)) for r in rows}) > 1]  # axes with 2+ values
     x = study.x if study and study.x in labels else (varied or labels or [None])[0]
-    pair = study.heatmap if study and study.heatmap else varied[:2]
-    figures = _write_figures(folder / "figures", rows, settings, labels, wanted, x, pair)
+    moving = [c for c in varied if c != x and x is not None and tied(rows, x, c)]  # zipped with x: not a line each
+    pair = study.heatmap if study and study.heatmap else [c for c in varied if c not in moving][:2]
+    if len(pair) == 2 and tied(rows, pair[0], pair[1]):
+        pair = []  # one value of b per value of a: a diagonal, not a phase diagram
+    figures = _write_figures(folder / "figures", rows, settings, [c for c in labels if c not in moving], wanted, x,
+                             pair, moving)
     checks: list[TrendCheck] = []
     if study and x is not None:
         for m, t in study.trends.items():
-            c = trend(rows, x, resolve_metric(m, columns), t.trend, t.tolerance, [c for c in varied if c != x])
+            c = trend(rows, x, resolve_metric(m, columns), t.trend, t.tolerance,
+                      [c for c in varied if c != x and c not in moving], moving)
             if c is not None:
                 checks.append(c)
 
@@ -246,11 +254,19 @@ def write_report(folder: str | Path) -> SweepReport:
                        figures=figures, trends=checks)
 
 
-def _write_figures(fig_dir: Path, rows, settings, labels, wanted, x, pair) -> list[str]:
+def tied(rows: list[dict[str, Any]], a: str, b: str) -> bool:
+    """Axis ``b`` moves with ``a`` (a zip): every value of ``a`` comes with one value of ``b``."""
+    seen: dict[str, set[str]] = {}
+    for r in rows:
+        seen.setdefault(json.dumps(r.get(a)), set()).add(json.dumps(r.get(b)))
+    return all(len(v) == 1 for v in seen.values())
+
+
+def _write_figures(fig_dir: Path, rows, settings, labels, wanted, x, pair, moving=()) -> list[str]:
     fig_dir.mkdir(exist_ok=True)
     figures: list[str] = []
     if x is not None:
-        line_plot(settings, x, labels, wanted, fig_dir / "lines.png")
+        line_plot(settings, x, labels, wanted, fig_dir / "lines.png", list(moving))
         figures.append("lines.png")
     if len(pair) == 2 and all(p in labels for p in pair):
         heatmap(rows, pair[0], pair[1], wanted, fig_dir / "heatmap.png")
