@@ -31,6 +31,11 @@ VISION_BASE = {
 }
 
 
+
+def pretrainings(cache: Path) -> list[Path]:
+    """The cached pretrainings (the cache also keeps SL-from-scratch models; hidden partial folders skipped)."""
+    return [p for p in cache.iterdir() if not p.name.startswith(".") and (p / "pretrainer.safetensors").is_file()]
+
 def write_vision_sweep(folder: Path, **keys) -> Path:
     doc = {"name": "vtiny", "track": "vision", "base": VISION_BASE, "grid": {"labels.per_class": [4, 10]},
            "seeds": [0, 1], **keys}
@@ -45,7 +50,7 @@ def test_runs_sharing_a_pretraining_reuse_one_model(tmp_path):
     assert len({r.group for r in sw.runs}) == 2  # one pretraining per seed, shared by both label counts
     out = runner.run_sweep(sw, folder=tmp_path / "s", executor="local", workers=2)
     assert out.executed == 4 and not out.failed
-    assert len(list((tmp_path / "s" / "pretrained").iterdir())) == 2  # two pretrainings for four rows
+    assert len(pretrainings(tmp_path / "s" / "pretrained")) == 2  # two pretrainings for four rows
     with Store(tmp_path / "s" / DB_NAME, create=False) as st:
         rows = st.rows()
     reused = {}
@@ -104,4 +109,4 @@ def test_a_killed_vision_sweep_resumes_without_rerunning_finished_rows(tmp_path)
     for k, r in done.items():  # finished rows were not run again
         assert (after[k]["finished"], after[k]["attempts"]) == (r["finished"], r["attempts"])
     # one pretrained model per seed (a killed worker may leave a hidden partial folder, never a half model)
-    assert len([p for p in (out / "vtiny" / "pretrained").iterdir() if not p.name.startswith(".")]) == 2
+    assert len(pretrainings(out / "vtiny" / "pretrained")) == 2
