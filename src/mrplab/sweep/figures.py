@@ -35,6 +35,7 @@ def line_plot(settings: list[Setting], x: str, labels: list[str], metrics: list[
     x_vals = [json.loads(v) for v in xs]
     numeric = all(num(v) is not None for v in x_vals)
     pos = {json.dumps(v): (num(v) if numeric else i) for i, v in enumerate(x_vals)}
+    log_x = numeric and min(pos.values()) > 0 and max(pos.values()) >= 20 * min(pos.values())
     lines: dict[str, list[Setting]] = {}
     for s in settings:
         lines.setdefault(json.dumps([s.labels[c] for c in others]), []).append(s)
@@ -52,7 +53,7 @@ def line_plot(settings: list[Setting], x: str, labels: list[str], metrics: list[
             ax.fill_between(px, mean - std, mean + std, color=ln.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(label(m), fontsize=9)
         ax.set_xlabel(x + (f" (with {', '.join(moving)})" if moving else ""), fontsize=8 if moving else None)
-        if numeric and min(num(v) for v in x_vals) > 0 and max(num(v) for v in x_vals) >= 20 * min(num(v) for v in x_vals):
+        if log_x:
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(x_vals)), [str(v) for v in x_vals])

@@ -40,6 +40,11 @@ def _fmt(x: Any) -> str:
 # --------------------------------------------------------------------------- the study's sentences
 
 
+def _pm(st: Stat) -> str:
+    """mean ± sample std, or the mean alone for one run (its spread is not measured)."""
+    return f"{_fmt(st.mean)} ± {_fmt(st.std)}" if st.n >= 2 else _fmt(st.mean)
+
+
 @dataclass
 class TrendCheck:
     metric: str
@@ -108,13 +113,10 @@ class TrendCheck:
     def consistent(self) -> bool:
         return self.measured == self.predicted and not self.reversals and not self.direction_only
 
-    def _pm(self, st: Stat) -> str:
-        return f"{_fmt(st.mean)} ± {_fmt(st.std)}" if st.n >= 2 else _fmt(st.mean)
-
     def sentence(self) -> str:
         what = label(self.metric)
         s = (f"Along `{self.x}` from {_fmt(self.x0)} to {_fmt(self.x1)}, {what} (`{self.metric}`) went from "
-             f"{self._pm(self.first)} to {self._pm(self.last)} "
+             f"{_pm(self.first)} to {_pm(self.last)} "
              f"(n = {self.first.n} and {self.last.n} runs" + (f", pooled over {self.pooled}" if self.pooled else "")
              + (f", {self.moving} changing with it" if self.moving else ""))
         if self.slope is not None:
@@ -312,8 +314,7 @@ def _results_lines(settings, labels, wanted) -> list[str]:
              "finished runs of the setting.", ""]
     head = [*(f"`{c}`" for c in labels), "n", *(label(m) for m in wanted)]
     rows = [[*(_fmt(s.labels[c]) for c in labels), s.n,
-             *(f"{_fmt(s.stats[m].mean)} ± {_fmt(s.stats[m].std)}" if s.stats[m].n >= 2 else _fmt(s.stats[m].mean)
-               for m in wanted)] for s in settings]
+             *(_pm(s.stats[m]) for m in wanted)] for s in settings]
     return lines + md_table(head, rows)
 
 

@@ -232,8 +232,9 @@ def _file_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]
 
     name, file = parse_file_spec(spec)
     family = timm_family(name)
-    model = timm.create_model(name, pretrained=False, num_classes=0,
-                              **({"img_size": cfg.data.image_size} if family == "vit" else {}))
+    with torch.device("meta"):  # shapes for timm's key conversion; the file's tensors are assigned, nothing initialised
+        model = timm.create_model(name, pretrained=False, num_classes=0,
+                                  **({"img_size": cfg.data.image_size} if family == "vit" else {}))
     try:
         state = load_state_dict(str(file), use_ema=False, weights_only=True)
         if family == "vit":
@@ -246,7 +247,7 @@ def _file_encoder_state(spec: str, cfg: VisionConfig) -> dict[str, torch.Tensor]
     classifier = ("head.", "fc.", "head_dist.")
     state = {k: v for k, v in state.items() if not k.startswith(classifier)}
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:
         raise MrplabError(f"{file} does not fit timm's {name} at {cfg.data.image_size} px: "
                           f"{' '.join(str(err).split())[:160]}", "give that architecture's weights") from None

@@ -104,9 +104,6 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
             load_weights(cached[0], module, "cached SL model")
             test_acc = {k[len("test_"):]: v for k, v in record.items() if k.startswith("test_")}
             val_acc = {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
-            loop.emit({"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method,
-                       "event": "test", "step": info["steps"], **{f"test_{k}": v for k, v in test_acc.items()},
-                       **{f"val_{k}": v for k, v in val_acc.items()}})
     elif stage.kind == "pretrain":
         pre = _pretrainer(cfg, stage, encoder).to(loop.device)
         groups = param_groups([list(pre.named_parameters())], cfg.pretrain.lr, cfg.pretrain.weight_decay)
@@ -132,6 +129,7 @@ def run_stage(loop: Loop, encoders: dict[str, dict[str, torch.Tensor]], test: Im
         info = fit(loop, module, groups, _sl_compute(cfg.finetune.label_smoothing))
         test_acc = evaluate(module, test, loop.mean, loop.std, loop.device, cfg.precision)
         val_acc = evaluate(module, val, loop.mean, loop.std, loop.device, cfg.precision) if val is not None else {}
+    if stage.kind != "pretrain":  # measured now, or when the cached model was trained
         loop.emit({"stage": stage.key, "kind": stage.kind, "seed": stage.seed, "method": stage.method,
                    "event": "test", "step": info["steps"], **{f"test_{k}": v for k, v in test_acc.items()},
                    **{f"val_{k}": v for k, v in val_acc.items()}})
@@ -242,6 +240,7 @@ def memory_parts(cfg: VisionConfig, stages: list[Stage]) -> dict[str, float]:
     return parts
 
 
+HOST_PARTS = ("images",)  # decoded or rendered on the host
 DEVICE_PARTS = ("images", "activations", "weights and optimiser")  # StageData moves the images to the device
 
 
@@ -250,7 +249,7 @@ def check_memory(cfg: VisionConfig, stages: list[Stage], device: torch.device,
     """memory_parts against free memory: all on the CPU; on CUDA the images also against host memory (decoded
     there) and every part against the device's."""
     parts = memory_parts(cfg, stages)
-    memory.check_run({k: v for k, v in parts.items() if k == "images"}, {k: parts[k] for k in DEVICE_PARTS if k in parts},
+    memory.check_run({k: parts[k] for k in HOST_PARTS if k in parts}, {k: parts[k] for k in DEVICE_PARTS if k in parts},
                      "data.n_train / n_test, pretrain.data.n_images, data.image_size, the model or the batch sizes",
                      device, available)
 
