@@ -114,19 +114,19 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
     out["naive"] = {"sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,
                     "sl_gflops": flops / t_sl / 1e9, "mrp_gflops": flops / t_mrp / 1e9}
 
-    fused = steps.activation(True)
-    paths = (("engine_fp32", X, net.act_and_grad), ("engine_fp32_compiled", X, fused),
-             ("engine_bf16", X.to(torch.bfloat16), net.act_and_grad),
+    fused = steps.ops(True)
+    paths = (("engine_fp32", X, steps.EAGER), ("engine_fp32_compiled", X, fused),
+             ("engine_bf16", X.to(torch.bfloat16), steps.EAGER),
              ("engine_bf16_compiled", X.to(torch.bfloat16), fused))
     for path, Xp, act in paths:
         W = W0.clone()
         # compile (once per shape) outside the timed and memory-watched region
-        steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, act=act)
-        steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), act=act)
+        steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, ops=act)
+        steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), ops=act)
         base = _rss()
         with PeakRSS() as mem:
-            t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, act=act), reps)
-            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), act=act), reps)
+            t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, ops=act), reps)
+            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), ops=act), reps)
         limit = out["limit_bf16_gflops" if "bf16" in path else "limit_fp32_gflops"]
         out[path] = {
             "sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,
@@ -160,20 +160,20 @@ def bench_batching(reps: int) -> dict:
     W = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, K, cfg.net.sigma_0) * 10
     Xs, ys = X[:1], y[:1]  # shared data (data.share_across_runs): one wide matmul X[N*P, d] @ W[d, 8K]
     out: dict = {"R": 8}
-    for label, act in (("eager", net.act_and_grad), ("compiled", steps.activation(True))):
+    for label, act in (("eager", steps.EAGER), ("compiled", steps.ops(True))):
         def batched():
-            steps.sl(X, y, W, q, thr, cfg.data.k, cfg.net.m, act=act)
+            steps.sl(X, y, W, q, thr, cfg.data.k, cfg.net.m, ops=act)
 
         def sequential():
             for r in range(8):
-                steps.sl(X[r:r + 1], y[r:r + 1], W[r:r + 1], q, thr, cfg.data.k, cfg.net.m, act=act)
+                steps.sl(X[r:r + 1], y[r:r + 1], W[r:r + 1], q, thr, cfg.data.k, cfg.net.m, ops=act)
 
         def shared():
-            steps.sl(Xs, ys, W, q, thr, cfg.data.k, cfg.net.m, act=act)
+            steps.sl(Xs, ys, W, q, thr, cfg.data.k, cfg.net.m, ops=act)
 
         def shared_seq():
             for r in range(8):
-                steps.sl(Xs, ys, W[r:r + 1], q, thr, cfg.data.k, cfg.net.m, act=act)
+                steps.sl(Xs, ys, W[r:r + 1], q, thr, cfg.data.k, cfg.net.m, ops=act)
 
         t = {name: timeit(fn, reps) for name, fn in
              (("batched", batched), ("sequential", sequential), ("shared", shared), ("shared_seq", shared_seq))}

@@ -99,7 +99,7 @@ def _compile_choice(calls, eager_ms=2.0, compiled=(0.5, 3.0), fails=False):
             raise RuntimeError("no C++ compiler found\nmore")
         return compiled
 
-    return runtime.choose_compile("auto", CPU, ("act", (1, 2)), calls, time_eager, time_compiled), log
+    return runtime.choose_compile("auto", CPU, ("ops", "fp32", (1, 2)), calls, time_eager, time_compiled), log
 
 
 def test_compile_auto_skips_short_runs_without_compiling():
@@ -161,11 +161,11 @@ def test_core_share_respects_explicit_threads():
 
 
 def test_flop_counter_counts_the_engine_matmuls():
-    from mrplab.theory import net, steps
+    from mrplab.theory import steps
 
     R, N, P, d, K = 2, 5, 4, 6, 3
     X, W = torch.randn(R, N, P, d), torch.randn(R, d, K)
     y = torch.randint(0, 3, (R, N))
     before = runtime.matmul_flops.total
-    steps.sl(X, y, W, 4, 1.0, 3, 1, net.act_and_grad)
+    steps.sl(X, y, W, 4, 1.0, 3, 1, steps.EAGER)
     assert runtime.matmul_flops.total - before == 2 * (2 * R * N * P * d * K)  # forward and weight gradient

@@ -32,12 +32,18 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5):
     assert err < rel, float(err)
 
 
-def test_act_and_grad_matches_reference():
-    z = torch.linspace(-2, 3, 1001, dtype=torch.float64)
+@pytest.mark.parametrize("kernels", ["eager", "pure"])
+def test_patch_ops_are_the_smoothed_relu_and_its_derivative(kernels):
+    """On every piece of the activation, for every q and threshold: pool = act, grad = act' (one patch, dh = 1)."""
+    ops = steps.EAGER if kernels == "eager" else steps.PatchOps(steps.pool_patches, steps.patch_grad)
+    z = torch.linspace(-2, 3, 1001, dtype=torch.float64).view(1, -1, 1, 1)  # [R, N, P, K]
+    ones = torch.ones(1, 1001, 1, dtype=torch.float64)
     for q in (2, 3, 4, 5):
         for thr in (0.5, 1.0, 2.0):
-            a, g = net.act_and_grad(z, q, thr)
-            torch.testing.assert_close(a, net.smoothed_relu(z, q, thr), rtol=1e-12, atol=1e-12)
+            a, a_all = ops.pool(z, None, q, thr)
+            torch.testing.assert_close(a.flatten(), net.smoothed_relu(z, q, thr).flatten(), rtol=1e-12, atol=1e-12)
+            assert a_all is a
+            g = ops.grad(z, None, ones, q, thr)
             torch.testing.assert_close(g, net.smoothed_relu_grad(z, q, thr), rtol=1e-12, atol=1e-12)
 
 
@@ -199,29 +205,67 @@ def test_finetune_and_head_gradients_match_autograd():
 
 def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
     """A machine where torch.compile cannot build a kernel still runs, with the eager numbers."""
-    from mrplab.theory import net, steps
+    from mrplab.theory import steps
 
     def broken_compile(fn, **kw):
         def fails(*a):
             raise RuntimeError("no C++ compiler found\ndetails")
         return fails
 
-    steps.activation.cache_clear()
-    steps._compiled_act.cache_clear()
+    steps.ops.cache_clear()
+    steps._compiled_fns.cache_clear()
     monkeypatch.setattr(torch, "compile", broken_compile)
     try:
-        act = steps.activation(True)
-        z = torch.randn(2, 3, 4, 5)
+        ops = steps.ops(True)
+        z, keep, dh = torch.randn(2, 3, 4, 5), torch.rand(2, 3, 4) < 0.5, torch.randn(2, 3, 5)
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
-            a, g = act(z, 3, 1.0)
-        ea, eg = net.act_and_grad(z, 3, 1.0)
-        assert torch.equal(a, ea) and torch.equal(g, eg)
+            h_vis, h_all = ops.pool(z, keep, 3, 1.0)
+        e_vis, e_all = steps.EAGER.pool(z, keep, 3, 1.0)
+        assert torch.equal(h_vis, e_vis) and torch.equal(h_all, e_all)
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+            assert torch.equal(ops.grad(z, keep, dh, 3, 1.0), steps.EAGER.grad(z, keep, dh, 3, 1.0))
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the warning is given once, later calls are eager
-            act(z, 3, 1.0)
+            warnings.simplefilter("error")  # each kernel warns once, later calls are eager
+            ops.pool(z, keep, 3, 1.0)
+            ops.grad(z, keep, dh, 3, 1.0)
     finally:
-        steps.activation.cache_clear()
-        steps._compiled_act.cache_clear()
+        steps.ops.cache_clear()
+        steps._compiled_fns.cache_clear()
+
+
+def _reference_patch_ops(Z, keep, dh, q, thr):
+    """The forward and backward of the elementwise kernels, written from net.py's definitions."""
+    z = Z.double()
+    a, g = net.smoothed_relu(z, q, thr), net.smoothed_relu_grad(z, q, thr)
+    kf = keep.unsqueeze(-1).double()
+    return (a * kf).sum(2), a.sum(2), g * kf * dh.double().unsqueeze(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["per_run", "shared"])
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+def test_patch_ops_match_the_reference_in_both_layouts(kind, layout, dtype):
+    """pool and grad on Z as the matmul writes it: [R, N, P, K], or for shared data a view of [N, P, R, K];
+    dZ comes back in the matmul's dtype and layout (so the weight-gradient matmul reads it without a copy)."""
+    from mrplab.theory import steps
+
+    R, N, P, K, q, thr = 3, 7, 5, 6, 4, 1.0
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(N, P, R, K, generator=g) * 0.8 * thr  # values on all three pieces of the activation
+    Z = (base.permute(2, 0, 1, 3) if layout == "shared" else base.permute(2, 0, 1, 3).contiguous()).to(dtype)
+    keep, dh = torch.rand(R, N, P, generator=g) < 0.6, torch.randn(R, N, K, generator=g)
+    ops = steps.ops(kind == "compiled")
+    h_vis, h_all = ops.pool(Z, keep, q, thr)
+    dZ = ops.grad(Z, keep, dh, q, thr)
+    r_vis, r_all, r_dz = _reference_patch_ops(Z, keep, dh, q, thr)
+    torch.testing.assert_close(h_vis.double(), r_vis, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_all.double(), r_all, rtol=1e-5, atol=1e-6)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # dZ is rounded to the matmul's dtype
+    torch.testing.assert_close(dZ.double(), r_dz, rtol=tol, atol=1e-6)
+    assert h_vis.dtype == torch.float32 and dZ.dtype == dtype
+    assert dZ.stride() == Z.stride()
+    same, _ = ops.pool(Z, None, q, thr)
+    torch.testing.assert_close(same, h_all, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("decoder", ["full", "diag"])

@@ -303,13 +303,14 @@ def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Cho
     shared = cfg.data.share_across_runs
     shapes = [(N * P, d, K * (c if shared else 1))]  # one matmul of the engine: X[N*P, d] @ W[d, K] per run
     precision, p_why, rates = runtime.choose_precision(cfg.precision, device, shapes)
-    # every phase but linear probing calls the activation once per step and once more at its end
+    # every phase but linear probing runs the elementwise kernels once per step and once more at its end
     calls = len(chunks) * sum(n + 1 for phase, n in planned_phase_steps(cfg).items() if phase != "lp" and n > 0)
     shape = (c, N, P, K)
     q, thr = cfg.net.q, cfg.net.threshold
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     compiled, c_why, probed = runtime.choose_compile(
-        cfg.compile, device, ("act", shape), calls,
-        lambda: steps.time_eager_act(shape, q, thr), lambda: steps.time_compiled_act(shape, q, thr))
+        cfg.compile, device, ("ops", precision, shape), calls,
+        lambda: steps.time_eager_ops(shape, q, thr, dtype), lambda: steps.time_compiled_ops(shape, q, thr, dtype))
     return runtime.Choice(precision, p_why, compiled, c_why, rates), shape, probed
 
 
@@ -321,7 +322,7 @@ def memory_parts(cfg: TheoryConfig) -> dict[str, float]:
     sets = 1 if cfg.data.share_across_runs else R
     N = max(sizes)
     per_run = N * P * K  # one run's activations at the largest split
-    chunk = max(1, (1 << 21) // per_run)  # steps.run_chunks
+    chunk = steps.run_chunks(R, per_run)[0].stop
     return {
         "data": 4.0 * sets * sum(sizes) * P * d,
         # the per-seed sets and their stacked copy held at once, plus coefficients, noise and patches of a split
@@ -375,16 +376,16 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
             head=[generator(s, f"{phase}:head") for s in seeds],
         )
 
-    act = steps.FirstCallTimer(steps.activation(choice.compile))
-    sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every, act)
+    ops = steps.FirstCallTimer(steps.ops(choice.compile))
+    sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every, ops)
     W_sl = sl.W
     t_sl = time.perf_counter()
-    mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, act)
-    W_controls = {name: pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, act,
+    mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, ops)
+    W_controls = {name: pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, ops,
                                      phase=f"mrp_{name}", **CONTROLS[name]).W
                   for name in controls(cfg)}  # same init, data and masks; one thing changed
     t_mrp = time.perf_counter()
-    ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every, act)
+    ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every, ops)
     t_ft = time.perf_counter()
 
     per_seed = measure(cfg, data, W_init, W_sl, mrp.W, ft.W, ft.head, W_controls, sl.steps, sl.fitted)
@@ -396,10 +397,10 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     timings = {"runtime_choice_s": t_choice - t0, "data_s": t_data - t_choice, "sl_s": t_sl - t_data,
                "mrp_s": t_mrp - t_sl, "finetune_s": t_ft - t_mrp, "probes_s": rec.seconds,
                "total_s": time.perf_counter() - t0}
-    if choice.compile and act.first_call_s is not None:
-        info["compile_first_call_s"] = act.first_call_s
+    if choice.compile and ops.first_call_s is not None:
+        info["compile_first_call_s"] = ops.first_call_s
         if not probed_now and cfg.compile == "auto":  # what a run with warm caches pays
-            runtime.note_compile_cost(device, ("act", act_shape), act.first_call_s)
+            runtime.note_compile_cost(device, ("ops", choice.precision, act_shape), ops.first_call_s)
     info["threads_seen"] = sorted(set(share.seen))
     info["matmul_flops"] = runtime.matmul_flops.total - flops0
     return TheoryResult(cfg=cfg, data=data, W_init=W_init, W_sl=W_sl, W_mrp=mrp.W, D_mrp=mrp.D, W_ft=ft.W,

@@ -64,28 +64,30 @@ def init_kernels(seeds_gens: list[torch.Generator], d: int, K: int, sigma_0: flo
     return torch.stack([sigma_0 * torch.randn(d, K, generator=g) for g in seeds_gens])  # [R, d, K]
 
 
-def preact(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def preact(X: torch.Tensor, W: torch.Tensor, native: bool = False) -> torch.Tensor:
     """Z[r, n, p, k] = <w_{r,k}, x_{n,p}>.
 
     X: [Rd, N, P, d] with Rd = 1 (data shared by all runs) or Rd = R.
     W: [R, d, K]. Shared data uses one matmul X[N*P, d] @ W[d, R*K].
+    Z comes in W's dtype, or with ``native`` as the matmul wrote it: X's dtype, and for shared
+    data a view of its [N, P, R, K] layout (the engine's steps read it as it is).
     """
     Rd, N, P, d = X.shape
     R, _, K = W.shape
     matmul_flops.add(N * P, d, K, times=R)
-    Wc = W.to(X.dtype)  # bf16 data: bf16 matmul inputs, Z returned in W's precision
+    Wc = W.to(X.dtype)  # bf16 data: bf16 matmul inputs
     if Rd == 1:
         Wf = Wc.permute(1, 0, 2).reshape(d, R * K)  # [d, R*K]
-        Z = X.reshape(N * P, d) @ Wf  # [N*P, R*K]
-        return Z.view(N, P, R, K).permute(2, 0, 1, 3).to(W.dtype)  # [R, N, P, K]
-    if Wc.requires_grad:  # the autograd reference path
-        return torch.matmul(X.reshape(R, N * P, d), Wc).view(R, N, P, K).to(W.dtype)
-    # per-run data: one matmul per run into one buffer (CPU bmm of these thin shapes is ~1.5x slower)
-    Xr = X.reshape(R, N * P, d)
-    Z = torch.empty(R, N * P, K, dtype=X.dtype, device=X.device)
-    for r in range(R):
-        torch.mm(Xr[r], Wc[r], out=Z[r])
-    return Z.view(R, N, P, K).to(W.dtype)  # [R, N, P, K]
+        Z = (X.reshape(N * P, d) @ Wf).view(N, P, R, K).permute(2, 0, 1, 3)  # [R, N, P, K]
+    elif Wc.requires_grad:  # the autograd reference path
+        Z = torch.matmul(X.reshape(R, N * P, d), Wc).view(R, N, P, K)
+    else:  # per-run data: one matmul per run into one buffer (CPU bmm of these thin shapes is ~1.5x slower)
+        Xr = X.reshape(R, N * P, d)
+        Z = torch.empty(R, N * P, K, dtype=X.dtype, device=X.device)
+        for r in range(R):
+            torch.mm(Xr[r], Wc[r], out=Z[r])
+        Z = Z.view(R, N, P, K)
+    return Z if native else Z.to(W.dtype)
 
 
 def encode(
@@ -162,39 +164,29 @@ def init_linear_head(
 
 # --------------------------------------------------------------------------- hand-derived backward
 #
-# The engine's steps avoid autograd: one matmul for the forward (Z = X W), one
-# for the weight gradient (dW = X^T dZ), and the smoothed ReLU's value and
-# derivative computed together. The autograd path above stays as the reference
-# (tests compare the two).
+# The engine's steps (steps.py) avoid autograd: one matmul for the forward
+# (Z = X W), one for the weight gradient (dW = X^T dZ), and between them the
+# smoothed ReLU's pooled values and its derivative computed from Z. The
+# autograd path above stays as the reference (tests compare the two).
 
 
-def act_and_grad(z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smoothed ReLU and its derivative from one pass over z: (act(z), act'(z)).
+def weight_grad(X: torch.Tensor, dZ: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dW = X^T dZ for Z = preact(X, W): X [Rd, N, P, d], dZ [R, N, P, K] -> [R, d, K] in ``dtype``
+    (default dZ's). The matmul runs in X's dtype.
 
-    Written with in-place ops: three buffers of z's size instead of eight, which
-    is most of the eager cost at the engine's sizes (fresh buffers page-fault).
-    """
-    u = z.clamp(min=0.0).div_(thr).clamp_(max=1.0)  # z/thr on the polynomial piece, 1 above, 0 below
-    g = u.pow(q - 1)  # (z/thr)^(q-1) inside, 1 above, 0 below: exactly act'(z)
-    a = (z - thr).clamp_(min=0.0)  # linear part above thr
-    a.addcmul_(g, u, value=thr / q)  # + z^q/(q thr^(q-1)) on the polynomial piece
-    return a, g
-
-
-def weight_grad(X: torch.Tensor, dZ: torch.Tensor) -> torch.Tensor:
-    """dW = X^T dZ for Z = preact(X, W): X [Rd, N, P, d], dZ [R, N, P, K] -> [R, d, K].
-
-    Shared data (Rd = 1) uses one matmul X[N*P, d]^T @ dZ[N*P, R*K].
+    Shared data (Rd = 1) uses one matmul X[N*P, d]^T @ dZ[N*P, R*K] (no copy when dZ has
+    the [N, P, R, K] layout of ``preact(..., native=True)``).
     """
     Rd, N, P, d = X.shape
     R, K = dZ.shape[0], dZ.shape[-1]
+    dtype = dtype or dZ.dtype
     matmul_flops.add(N * P, d, K, times=R)
     if Rd == 1:
         dZf = dZ.permute(1, 2, 0, 3).reshape(N * P, R * K)  # [N*P, R*K]
         dW = X.reshape(N * P, d).t() @ dZf.to(X.dtype)  # [d, R*K]
-        return dW.view(d, R, K).permute(1, 0, 2).to(dZ.dtype)
+        return dW.view(d, R, K).permute(1, 0, 2).to(dtype)
     Xr, dZr = X.reshape(R, N * P, d), dZ.reshape(R, N * P, K).to(X.dtype)
     dW = torch.empty(R, d, K, dtype=X.dtype, device=X.device)
     for r in range(R):
         torch.mm(Xr[r].t(), dZr[r], out=dW[r])
-    return dW.to(dZ.dtype)
+    return dW.to(dtype)

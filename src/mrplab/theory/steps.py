@@ -22,75 +22,171 @@ import torch
 from mrplab import runtime
 from mrplab.theory import net, objectives
 
-Act = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
+def _wide(Z: torch.Tensor) -> torch.Tensor:
+    """Z in the dtype the elementwise work runs in: fp32 for bf16 matmul outputs, else Z's own."""
+    return Z.to(torch.promote_types(Z.dtype, torch.float32))
 
 
-@functools.cache
-def _compiled_act() -> Act:
-    runtime.use_persistent_compile_cache()
-    return torch.compile(net.act_and_grad, dynamic=False)
+def pool_patches(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over patches of act(Z): (over the visible patches, over all patches), each [R, N, K].
 
-
-@functools.cache
-def activation(compiled: bool) -> Act:
-    """The smoothed ReLU with its derivative: eager, or fused into one kernel by torch.compile.
-
-    Compilation happens at the first call of each shape. If it fails (no working
-    C++ compiler, an unsupported platform), the run goes on with the eager
-    function, which computes the same numbers, after one warning line.
+    Z [R, N, P, K] in the matmul's dtype and layout (any strides); keep [R, N, P] bool (True = visible)
+    or None (every patch visible: both sums are the same tensor). Computed in fp32. Written as
+    net.smoothed_relu in the form the compiler vectorises best (products with the mask, no selects).
     """
-    if not compiled:
-        return net.act_and_grad
-    state: dict = {"fn": _compiled_act()}
+    z = _wide(Z)
+    u = z.clamp(0.0, thr) * (1.0 / thr)  # z/thr on the polynomial piece, 1 above, 0 below
+    a = (z - thr).clamp(min=0.0) + (thr / q) * u**q  # linear part + z^q/(q thr^(q-1))
+    h_all = a.sum(2)
+    if keep is None:
+        return h_all, h_all
+    return (a * keep.unsqueeze(-1)).sum(2), h_all
 
-    def act(z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float) -> torch.Tensor:
+    """dZ = act'(Z) * dh (the same for every patch) on the visible patches, 0 on the others, in Z's dtype
+    and layout, ready for the weight-gradient matmul. dh [R, N, K]. act'(z) = (clamp(z, 0, thr)/thr)^(q-1)
+    (q >= 2, config.NetConfig)."""
+    g = (_wide(Z).clamp(0.0, thr) * (1.0 / thr)) ** (q - 1) * dh.unsqueeze(2)
+    if keep is not None:
+        g = g * keep.unsqueeze(-1)
+    if Z.is_contiguous():
+        return g.to(Z.dtype)
+    return torch.empty_like(Z).copy_(g)  # Z's layout (shared data), whatever the inputs' layouts make of g
+
+
+def _pool_eager(Z, keep, q, thr):
+    """pool_patches with in-place ops: three buffers of Z's size instead of six."""
+    z = _wide(Z)
+    u = z.clamp(0.0, thr).mul_(1.0 / thr)
+    g = u.pow(q - 1)  # torch's fast path for q = 3, 4 (exponents 2, 3); u.pow(q) would take the slow one
+    a = (z - thr).clamp_(min=0.0).addcmul_(g, u, value=thr / q)
+    h_all = a.sum(2)
+    if keep is None:
+        return h_all, h_all
+    return a.mul_(keep.unsqueeze(-1)).sum(2), h_all
+
+
+def _grad_eager(Z, keep, dh, q, thr):
+    """patch_grad with in-place ops: one buffer of Z's size (two for bf16)."""
+    g = _wide(Z).clamp(0.0, thr).mul_(1.0 / thr).pow_(q - 1).mul_(dh.unsqueeze(2))
+    if keep is not None:
+        g.mul_(keep.unsqueeze(-1))
+    return g if g.dtype == Z.dtype and g.stride() == Z.stride() else torch.empty_like(Z).copy_(g)
+
+
+@dataclass
+class PatchOps:
+    """The elementwise work of a step around its two matmuls, on Z = X W:
+
+    ``pool(Z, keep, q, thr)`` -> (h over visible patches, h over all patches), the forward;
+    ``grad(Z, keep, dh, q, thr)`` -> dZ, the backward. Both read Z once: the activation and
+    its derivative are recomputed from Z instead of being stored, so a step's temporaries
+    are Z and dZ in the matmul's dtype. ``EAGER`` or, fused into one kernel each, ``compiled_ops()``.
+    """
+
+    pool: Callable
+    grad: Callable
+
+
+EAGER = PatchOps(_pool_eager, _grad_eager)
+
+
+@functools.cache
+def _compiled_fns() -> tuple[Callable, Callable]:
+    runtime.use_persistent_compile_cache()
+    # one graph per shape, dtype, layout and mask/no mask: a run with controls, shared data and several
+    # chunk sizes can pass torch's default of 8 per function, after which it would silently run eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(pool_patches, dynamic=False), torch.compile(patch_grad, dynamic=False)
+
+
+def _with_fallback(compiled: Callable, eager: Callable) -> Callable:
+    """``compiled``, or after its first failure (no working C++ compiler, an unsupported platform)
+    ``eager``, which computes the same numbers, after one warning line."""
+    state = {"fn": compiled}
+
+    def call(*args):
         try:
-            return state["fn"](z, q, thr)
+            return state["fn"](*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
-            if state["fn"] is net.act_and_grad:
+            if state["fn"] is eager:
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            warnings.warn(f"torch.compile failed ({first[:200]}); continuing with the eager smoothed ReLU "
-                          "(set compile=false to skip compiling)", RuntimeWarning, stacklevel=2)
-            state["fn"] = net.act_and_grad
-            return net.act_and_grad(z, q, thr)
+            warnings.warn(f"torch.compile failed ({first[:200]}); continuing with the eager elementwise "
+                          "kernels (set compile=false to skip compiling)", RuntimeWarning, stacklevel=3)
+            state["fn"] = eager
+            return eager(*args)
 
-    return act
-
-
-class FirstCallTimer:
-    """An activation that records how long one run's first call took (its compile, when it compiles then)."""
-
-    def __init__(self, fn: Act):
-        self.fn, self.first_call_s = fn, None
-
-    def __call__(self, z: torch.Tensor, q: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.first_call_s is not None:
-            return self.fn(z, q, thr)
-        t0 = time.perf_counter()
-        out = self.fn(z, q, thr)
-        self.first_call_s = time.perf_counter() - t0
-        return out
+    return call
 
 
-def _probe_input(shape: tuple[int, ...], thr: float) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.5 * thr
+@functools.cache
+def ops(compiled: bool) -> PatchOps:
+    """The step's elementwise kernels: eager, or each fused into one kernel by torch.compile
+    (compiled at the first call of each shape, dtype and layout)."""
+    if not compiled:
+        return EAGER
+    pool, grad = _compiled_fns()
+    return PatchOps(_with_fallback(pool, EAGER.pool), _with_fallback(grad, EAGER.grad))
 
 
-def time_eager_act(shape: tuple[int, ...], q: int, thr: float) -> float:
-    """ms per call of the eager smoothed ReLU + derivative at one chunk's shape."""
-    z = _probe_input(shape, thr)
-    return runtime.best_time(lambda: net.act_and_grad(z, q, thr), 0.05) * 1e3
+class FirstCallTimer(PatchOps):
+    """Kernels that record how long their first calls took together (their compile, when they compile then)."""
+
+    def __init__(self, inner: PatchOps):
+        self.first_call_s: float | None = None
+        self._first: dict[str, float] = {}
+        super().__init__(self._timed("pool", inner.pool), self._timed("grad", inner.grad))
+
+    def _timed(self, name: str, fn: Callable) -> Callable:
+        def call(*args):
+            if name in self._first:
+                return fn(*args)
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self._first[name] = time.perf_counter() - t0
+            if len(self._first) == 2:
+                self.first_call_s = sum(self._first.values())
+            return out
+        return call
 
 
-def time_compiled_act(shape: tuple[int, ...], q: int, thr: float) -> tuple[float, float]:
-    """(ms per call, seconds of the first call) of the compiled function ``activation(True)`` uses,
-    so a run that probed here pays no second compile; raises if compiling fails."""
-    z = _probe_input(shape, thr)
+def _probe_args(shape: tuple[int, ...], q: int, thr: float, dtype: torch.dtype):
+    """Z, keep and dh of one chunk's shape [c, N, P, K], as a mask-reconstruction step sees them."""
+    g = torch.Generator().manual_seed(0)
+    c, N, P, K = shape
+    Z = (torch.randn(shape, generator=g) * 0.5 * thr).to(dtype)
+    keep = torch.rand(c, N, P, generator=g) < 0.5
+    return Z, keep, torch.randn(c, N, K, generator=g)
+
+
+def _time_step_ops(o: PatchOps, args, q: int, thr: float) -> float:
+    Z, keep, dh = args
+
+    def step():
+        o.pool(Z, keep, q, thr)
+        o.grad(Z, keep, dh, q, thr)
+
+    return runtime.best_time(step, 0.05) * 1e3
+
+
+def time_eager_ops(shape: tuple[int, ...], q: int, thr: float, dtype: torch.dtype = torch.float32) -> float:
+    """ms per step of the eager elementwise kernels (forward and backward) at one chunk's shape."""
+    return _time_step_ops(EAGER, _probe_args(shape, q, thr, dtype), q, thr)
+
+
+def time_compiled_ops(shape: tuple[int, ...], q: int, thr: float,
+                      dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(ms per step, seconds of the first calls) of the compiled kernels ``ops(True)`` uses, so a run
+    that probed here pays no second compile; raises if compiling fails."""
+    args = _probe_args(shape, q, thr, dtype)
+    pool, grad = _compiled_fns()
     t0 = time.perf_counter()
-    _compiled_act()(z, q, thr)
+    pool(args[0], args[1], q, thr)
+    grad(*args, q, thr)
     compile_s = time.perf_counter() - t0
-    return runtime.best_time(lambda: _compiled_act()(z, q, thr), 0.05) * 1e3, compile_s
+    return _time_step_ops(PatchOps(pool, grad), args, q, thr), compile_s
 
 
 def _softmax_ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,16 +200,18 @@ def _softmax_ce(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     return loss, dlogits / N
 
 
-def run_chunks(R: int, per_run_elems: int, budget: int = 1 << 21) -> list[slice]:
-    """Slices of the run axis whose [c, N, P, K] temporaries hold at most ``budget`` elements (8 MiB fp32).
+CHUNK_ELEMS = 1 << 24  # elements of one chunk's [c, N, P, K] tensors (64 MiB in fp32)
 
-    A step's elementwise work touches several tensors of N*P*K elements per run;
-    done for all R runs at once they grow past the caches and past the
-    allocator's reuse threshold (glibc returns blocks over 32 MiB to the system
-    and every step page-faults them back in), so a step over R runs cost more
-    than R steps over one. Runs are independent, so a step is computed chunk by
-    chunk with the same numbers: a run's result never depends on which others
-    are batched with it.
+
+def run_chunks(R: int, per_run_elems: int, budget: int = CHUNK_ELEMS) -> list[slice]:
+    """Slices of the run axis whose [c, N, P, K] tensors hold at most ``budget`` elements.
+
+    A step holds Z and dZ of its chunk (three more fp32 buffers on the eager path); the
+    chunk bounds that memory for large configs. Below the bound, wider chunks pay: with
+    shared data one matmul X[N*P, d] @ W[d, c*K] serves the chunk, and every kernel call
+    covers c runs. Runs are independent, so a step is computed chunk by chunk: a run's
+    result does not depend on which others are batched with it (bitwise for per-run data;
+    shared data in bf16 can round differently as the matmul's width changes).
     """
     c = max(1, budget // max(per_run_elems, 1))
     return [slice(i, min(i + c, R)) for i in range(0, R, c)]
@@ -130,26 +228,25 @@ def run_rows(t: torch.Tensor, s: slice) -> torch.Tensor:
 
 
 def sl(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, q: int, thr: float, k: int, m: int,
-       act: Act = net.act_and_grad):
+       ops: PatchOps = EAGER):
     """Cross-entropy on F_i = sum of class i's kernels.
 
     Returns (loss [R], dW [R, d, K], fitted [R] bool: every sample classified correctly)."""
     loss, dW = W.new_empty(W.shape[0]), torch.empty_like(W)
     fitted = torch.empty(W.shape[0], dtype=torch.bool, device=W.device)
     for s in chunks(X, W):
-        loss[s], dW[s], fitted[s] = _sl(run_rows(X, s), run_rows(y, s), W[s], q, thr, k, m, act)
+        loss[s], dW[s], fitted[s] = _sl(run_rows(X, s), run_rows(y, s), W[s], q, thr, k, m, ops)
     return loss, dW, fitted
 
 
-def _sl(X, y, W, q, thr, k, m, act):
-    A, G = act(net.preact(X, W), q, thr)  # [R, N, P, K]
-    h = A.sum(2)  # [R, N, K]
+def _sl(X, y, W, q, thr, k, m, ops):
+    Z = net.preact(X, W, native=True)  # [R, N, P, K]
+    h, _ = ops.pool(Z, None, q, thr)  # [R, N, K]
     logits = net.sl_logits(h, k, m)  # [R, N, k]
     loss, dlogits = _softmax_ce(logits, y)
     fitted = (logits.argmax(-1) == y.expand(logits.shape[:2])).all(-1)  # [R]
     dh = dlogits.repeat_interleave(m, dim=-1)  # [R, N, K]: every kernel of class i gets dF_i
-    G.mul_(dh.unsqueeze(2))  # dZ, in place of act'
-    return loss, net.weight_grad(X, G), fitted
+    return loss, net.weight_grad(X, ops.grad(Z, None, dh, q, thr), W.dtype), fitted
 
 
 @dataclass(frozen=True)
@@ -182,8 +279,18 @@ class MRPGrads:
     dW: torch.Tensor  # [R, d, K]
     dD: torch.Tensor  # like D
     D: torch.Tensor  # the decoder this step used (the fitted one under the control)
-    target_var: torch.Tensor | None
-    pred_var: torch.Tensor
+    pred: torch.Tensor  # [R, N, C] the decoder's output
+    target: torch.Tensor | None  # [R, N, K] the teacher's target (None for pixels)
+
+    @property
+    def pred_var(self) -> torch.Tensor:
+        """[R] variance across samples of the prediction, mean over channels (a logged diagnostic)."""
+        return self.pred.var(dim=1).mean(-1)
+
+    @property
+    def target_var(self) -> torch.Tensor | None:
+        """[R] the same for the teacher's target; None for pixel targets."""
+        return None if self.target is None else self.target.var(dim=1).mean(-1)
 
 
 def _sq_error_grad(pred: torch.Tensor, target: torch.Tensor, power: float, per_channel: bool):
@@ -202,33 +309,36 @@ def _sq_error_grad(pred: torch.Tensor, target: torch.Tensor, power: float, per_c
 
 def mrp(
     X: torch.Tensor, W: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, q: int, thr: float,
-    spec: MRPSpec, W_teacher: torch.Tensor | None = None, act: Act = net.act_and_grad,
+    spec: MRPSpec, W_teacher: torch.Tensor | None = None, ops: PatchOps = EAGER,
 ) -> MRPGrads:
     """Mask reconstruction: student on the visible patches, teacher (or pixels) as the target.
 
     mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
     """
     parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec,
-                  None if W_teacher is None else W_teacher[s], act)
+                  None if W_teacher is None else W_teacher[s], ops)
              for s in chunks(X, W)]
     if len(parts) == 1:
         return parts[0]
     return MRPGrads(
         loss=torch.cat([p.loss for p in parts]), dW=torch.cat([p.dW for p in parts]),
         dD=torch.cat([p.dD for p in parts]), D=torch.cat([p.D for p in parts]),
-        pred_var=torch.cat([p.pred_var for p in parts]),
-        target_var=None if parts[0].target_var is None else torch.cat([p.target_var for p in parts]),
+        pred=torch.cat([p.pred for p in parts]),
+        target=None if parts[0].target is None else torch.cat([p.target for p in parts]),
     )
 
 
-def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, act) -> MRPGrads:
-    A, G = act(net.preact(X, W), q, thr)  # [R, N, P, K]
-    keep = (~mask).unsqueeze(-1).to(A.dtype)  # [R, N, P, 1]
-    h_s = (A * keep).sum(2)  # [R, N, K] student sees visible patches only
-    target_var = None
+def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops) -> MRPGrads:
+    keep = ~mask  # [R, N, P]
+    Z = net.preact(X, W, native=True)  # [R, N, P, K]
+    h_s, h_all = ops.pool(Z, keep, q, thr)  # [R, N, K]: the student sees the visible patches only
+    target = None
     if spec.target == "teacher":
-        A_t = A if W_teacher is None else act(net.preact(X, W_teacher), q, thr)[0]  # teacher, full input
-        t = A_t.sum(2) if spec.scope == "all" else (A_t * (1.0 - keep)).sum(2)  # [R, N, K]
+        if W_teacher is not None:  # the EMA teacher on the full input
+            h_vis_t, h_all = ops.pool(net.preact(X, W_teacher, native=True), keep, q, thr)
+        else:  # the stop-gradient student: the same Z
+            h_vis_t = h_s
+        t = h_all if spec.scope == "all" else h_all - h_vis_t  # [R, N, K] pooled over all / the masked patches
         if spec.shuffled:
             t = t.roll(-1, dims=1)  # sample n's target is sample n+1's
         t = objectives.normalise_target(t, spec.norm)
@@ -242,7 +352,7 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, act) -> MRPGrads:
         else:
             dD = (dpred * h_s).sum(1)  # [R, K]
             dh = dpred * D.unsqueeze(1)
-        target_var = t.var(dim=1).mean(-1)
+        target = t
     else:
         Xf = X.float().expand(mask.shape[0], *X.shape[1:])
         sel = mask if spec.scope == "masked" else torch.ones_like(mask)
@@ -255,9 +365,8 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, act) -> MRPGrads:
         loss, dpred = _sq_error_grad(pred, t, spec.divisor_power, per_channel=False)
         dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, d]
         dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
-    G.mul_(keep).mul_(dh.unsqueeze(2))  # dZ: only visible patches reach the student's output
-    return MRPGrads(loss=loss, dW=net.weight_grad(X, G), dD=dD, D=D, target_var=target_var,
-                    pred_var=pred.var(dim=1).mean(-1))
+    dZ = ops.grad(Z, keep, dh, q, thr)  # only visible patches reach the student's output
+    return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype), dD=dD, D=D, pred=pred, target=target)
 
 
 @torch.no_grad()
@@ -277,21 +386,20 @@ def head(h: torch.Tensor, y: torch.Tensor, hd: net.LinearHead):
 
 
 def finetune(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, hd: net.LinearHead, q: int, thr: float,
-             act: Act = net.act_and_grad):
+             ops: PatchOps = EAGER):
     """Encoder + linear head: (loss, dW, dH, db)."""
     loss, dW = W.new_empty(W.shape[0]), torch.empty_like(W)
     dH, db = torch.empty_like(hd.H), torch.empty_like(hd.b)
     for s in chunks(X, W):
-        loss[s], dW[s], dH[s], db[s] = _finetune(run_rows(X, s), run_rows(y, s), W[s], hd.runs(s), q, thr, act)
+        loss[s], dW[s], dH[s], db[s] = _finetune(run_rows(X, s), run_rows(y, s), W[s], hd.runs(s), q, thr, ops)
     return loss, dW, dH, db
 
 
-def _finetune(X, y, W, hd, q, thr, act):
-    A, G = act(net.preact(X, W), q, thr)
-    h = A.sum(2)
+def _finetune(X, y, W, hd, q, thr, ops):
+    Z = net.preact(X, W, native=True)
+    h, _ = ops.pool(Z, None, q, thr)
     hs = (h - hd.center) / hd.scale
     loss, dlogits = _softmax_ce(torch.bmm(hs, hd.H) + hd.b.unsqueeze(1), y)
     dH = torch.bmm(hs.transpose(1, 2), dlogits)
     dh = torch.bmm(dlogits, hd.H.transpose(1, 2)) / hd.scale  # [R, N, K]
-    G.mul_(dh.unsqueeze(2))
-    return loss, net.weight_grad(X, G), dH, dlogits.sum(1)
+    return loss, net.weight_grad(X, ops.grad(Z, None, dh, q, thr), W.dtype), dH, dlogits.sum(1)

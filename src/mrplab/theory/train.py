@@ -67,7 +67,7 @@ class SLResult:
 
 def train_sl(
     W0: torch.Tensor, data: MultiViewData, cfg: SLConfig, netc: NetConfig, k: int, gens: RunGens,
-    hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad,
+    hooks: Hooks, log_every: int, ops: steps.PatchOps = steps.EAGER,
 ) -> SLResult:
     """Cross-entropy on F_i = sum of class i's kernels.
 
@@ -87,7 +87,7 @@ def train_sl(
     for t in range(last + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, y = _select(data, idx)
-        loss, dW, fits = steps.sl(X, y, W, q, thr, k, netc.m, act)  # [R], [R, d, K], [R]
+        loss, dW, fits = steps.sl(X, y, W, q, thr, k, netc.m, ops)  # [R], [R, d, K], [R]
         guard.check(t, loss, weight_norm(W, runs=True))
         fitted = torch.where(done, fitted, fits)
         if t >= cfg.steps:
@@ -115,7 +115,7 @@ class MRPResult:
 
 def pretrain_mrp(
     W0: torch.Tensor, data: MultiViewData, cfg: MRPConfig, netc: NetConfig, gens: RunGens,
-    hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad, fit_decoder: bool | None = None,
+    hooks: Hooks, log_every: int, ops: steps.PatchOps = steps.EAGER, fit_decoder: bool | None = None,
     shuffled: bool | None = None, phase: str = "mrp",
 ) -> MRPResult:
     """Teacher-student mask reconstruction (or its MAE pixel variant).
@@ -143,7 +143,7 @@ def pretrain_mrp(
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, _ = _select(data, idx)
         mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
-        out = steps.mrp(X, W, D, mask, q, thr, spec, W_t, act)
+        out = steps.mrp(X, W, D, mask, q, thr, spec, W_t, ops)
         guard.check(t, out.loss, weight_norm(W, runs=True))
         if spec.fit_decoder:
             D = out.D  # the least-squares decoder for the current encoder
@@ -175,7 +175,7 @@ class FinetuneResult:
 
 def finetune(
     W0: torch.Tensor, data: MultiViewData, cfg: FinetuneConfig, netc: NetConfig, k: int, gens: RunGens,
-    hooks: Hooks, log_every: int, act: steps.Act = net.act_and_grad,
+    hooks: Hooks, log_every: int, ops: steps.PatchOps = steps.EAGER,
 ) -> FinetuneResult:
     """Pretrained encoder + linear head on the labelled data.
 
@@ -212,7 +212,7 @@ def finetune(
         for t in range(cfg.ft_steps + 1):
             idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
             X, y = _select(data, idx)
-            loss, dW, dH, db = steps.finetune(X, y, W, head, q, thr, act)
+            loss, dW, dH, db = steps.finetune(X, y, W, head, q, thr, ops)
             guard.check(t, loss, weight_norm(W, head.H, runs=True))
             if _is_log_step(t, cfg.ft_steps, log_every):
                 hooks.log("ft", t, {"W": W, "loss": loss, "head": head})
