@@ -282,21 +282,26 @@ def matmul_gflops(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype, de
                   budget_s: float = 0.3) -> float:
     """GFLOP/s of the engine's matmul pair at each shape (m, k, n), as the engine runs it.
 
-    Forward Z[m, n] = X[m, k] @ W[k, n] and weight gradient dW[k, n] = X^T dZ,
-    with X stored in ``dtype`` and W, Z, dZ, dW in fp32 (converted on the way
-    in and out, as theory/net.py does). Returns total FLOPs / total best time.
+    Forward Z[m, n] = X[m, k] @ W[k, n] and weight gradient dW[k, n] = X^T dZ, with X,
+    Z and dZ in ``dtype`` (the engine's elementwise kernels read and write them so), X^T
+    laid out as theory/net.py's ``transposed_patches`` lays it out, W and dW converted
+    from and to fp32. Returns total FLOPs / total best time.
     """
+    from mrplab.theory.net import transposed_patches  # the engine's own layout rule
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator(device="cpu").manual_seed(0)
     flops, secs = 0.0, 0.0
     for m, k, n in shapes:
         X = torch.randn(m, k, generator=g).to(device, dtype)
+        Xt = transposed_patches(X.view(1, m, 1, k))
+        XT = X.t() if Xt is None else Xt[0]
         W = torch.randn(k, n, generator=g).to(device)
-        dZ = torch.randn(m, n, generator=g).to(device)
+        dZ = torch.randn(m, n, generator=g).to(device, dtype)
 
         def pair() -> None:
-            Z = (X @ W.to(dtype)).float()
-            dW = (X.t() @ dZ.to(dtype)).float()
+            Z = X @ W.to(dtype)
+            dW = (XT @ dZ).float()
             del Z, dW
 
         secs += best_time(pair, budget_s, sync)
@@ -335,7 +340,7 @@ def _key(device: torch.device, *parts: Any) -> str:
 
 def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: Iterable[str]) -> dict[str, float]:
     """GFLOP/s per precision at these shapes, from the cache or measured now (and cached)."""
-    key = _key(device, "matmul", shapes)
+    key = _key(device, "matmul pair as the engine runs it (2026-12)", shapes)
     entry = cache_read(key) or {}
     todo = [p for p in dtypes if p not in entry]
     for p in todo:

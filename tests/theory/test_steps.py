@@ -54,6 +54,22 @@ def test_weight_grad_is_the_transpose_of_preact(Rd):
     Wr = W.clone().requires_grad_(True)
     (net.preact(X, Wr) * dZ).sum().backward()
     _close(net.weight_grad(X, dZ).double(), Wr.grad, 1e-10)
+    Xt = X.reshape(Rd, N * P, -1).transpose(1, 2).contiguous()  # the layout transposed_patches gives
+    _close(net.weight_grad(X, dZ, Xt=Xt).double(), Wr.grad, 1e-10)
+
+
+def test_transposed_patches_only_where_they_pay_and_give_the_same_steps():
+    """bf16 on the CPU keeps X^T for the weight gradient (same step, to bf16 rounding); fp32 keeps nothing."""
+    X, W, y, mask = _setup(R)
+    assert net.transposed_patches(X.float()) is None
+    Xb = X.to(torch.bfloat16)
+    Xt = net.transposed_patches(Xb)
+    assert Xt.shape == (R, X.shape[-1], N * P) and Xt.is_contiguous()
+    for with_t, without in ((steps.sl(Xb, y, W.float(), Q, THR, k, m, Xt=Xt), steps.sl(Xb, y, W.float(), Q, THR, k, m)),
+                            (steps.mrp(Xb, W.float(), net.init_decoder(R, K, "diag"), mask, Q, THR, steps.MRPSpec(), Xt=Xt),
+                             steps.mrp(Xb, W.float(), net.init_decoder(R, K, "diag"), mask, Q, THR, steps.MRPSpec()))):
+        dw_t, dw = (with_t[1], without[1]) if isinstance(with_t, tuple) else (with_t.dW, without.dW)
+        torch.testing.assert_close(dw_t, dw, rtol=2e-2, atol=1e-6 * float(dw.abs().max()))
 
 
 @pytest.mark.parametrize("Rd", [1, R])

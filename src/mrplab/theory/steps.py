@@ -5,8 +5,12 @@ loss. The math follows net.py and objectives.py exactly; tests check every
 gradient against autograd through those reference functions.
 
 Cost per step: one matmul Z = X W (teacher and student share it when the
-teacher is the stop-gradient student), the smoothed ReLU and its derivative
-in one pass, and one matmul dW = X^T dZ.
+teacher is the stop-gradient student), one pass over Z that pools the smoothed
+ReLU over the (visible and all) patches, a few [R, N, K] ops for the loss, one
+pass over Z that writes dZ = act'(Z) * keep * dh in the matmul's dtype, and one
+matmul dW = X^T dZ. The two passes are ``PatchOps`` (fused by torch.compile where
+it pays); the activation is recomputed from Z rather than stored, so a step holds
+Z and dZ only.
 """
 
 from __future__ import annotations
@@ -227,26 +231,31 @@ def run_rows(t: torch.Tensor, s: slice) -> torch.Tensor:
     return t if t.shape[0] == 1 else t[s]
 
 
+def rows_or_none(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
+    return None if t is None else run_rows(t, s)
+
+
 def sl(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, q: int, thr: float, k: int, m: int,
-       ops: PatchOps = EAGER):
+       ops: PatchOps = EAGER, Xt: torch.Tensor | None = None):
     """Cross-entropy on F_i = sum of class i's kernels.
 
     Returns (loss [R], dW [R, d, K], fitted [R] bool: every sample classified correctly)."""
     loss, dW = W.new_empty(W.shape[0]), torch.empty_like(W)
     fitted = torch.empty(W.shape[0], dtype=torch.bool, device=W.device)
     for s in chunks(X, W):
-        loss[s], dW[s], fitted[s] = _sl(run_rows(X, s), run_rows(y, s), W[s], q, thr, k, m, ops)
+        loss[s], dW[s], fitted[s] = _sl(run_rows(X, s), run_rows(y, s), W[s], q, thr, k, m, ops,
+                                             rows_or_none(Xt, s))
     return loss, dW, fitted
 
 
-def _sl(X, y, W, q, thr, k, m, ops):
+def _sl(X, y, W, q, thr, k, m, ops, Xt):
     Z = net.preact(X, W, native=True)  # [R, N, P, K]
     h, _ = ops.pool(Z, None, q, thr)  # [R, N, K]
     logits = net.sl_logits(h, k, m)  # [R, N, k]
     loss, dlogits = _softmax_ce(logits, y)
     fitted = (logits.argmax(-1) == y.expand(logits.shape[:2])).all(-1)  # [R]
     dh = dlogits.repeat_interleave(m, dim=-1)  # [R, N, K]: every kernel of class i gets dF_i
-    return loss, net.weight_grad(X, ops.grad(Z, None, dh, q, thr), W.dtype), fitted
+    return loss, net.weight_grad(X, ops.grad(Z, None, dh, q, thr), W.dtype, Xt), fitted
 
 
 @dataclass(frozen=True)
@@ -309,14 +318,14 @@ def _sq_error_grad(pred: torch.Tensor, target: torch.Tensor, power: float, per_c
 
 def mrp(
     X: torch.Tensor, W: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, q: int, thr: float,
-    spec: MRPSpec, W_teacher: torch.Tensor | None = None, ops: PatchOps = EAGER,
+    spec: MRPSpec, W_teacher: torch.Tensor | None = None, ops: PatchOps = EAGER, Xt: torch.Tensor | None = None,
 ) -> MRPGrads:
     """Mask reconstruction: student on the visible patches, teacher (or pixels) as the target.
 
     mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
     """
     parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec,
-                  None if W_teacher is None else W_teacher[s], ops)
+                  None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s))
              for s in chunks(X, W)]
     if len(parts) == 1:
         return parts[0]
@@ -328,7 +337,7 @@ def mrp(
     )
 
 
-def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops) -> MRPGrads:
+def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
     keep = ~mask  # [R, N, P]
     Z = net.preact(X, W, native=True)  # [R, N, P, K]
     h_s, h_all = ops.pool(Z, keep, q, thr)  # [R, N, K]: the student sees the visible patches only
@@ -366,7 +375,7 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops) -> MRPGrads:
         dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, d]
         dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
     dZ = ops.grad(Z, keep, dh, q, thr)  # only visible patches reach the student's output
-    return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype), dD=dD, D=D, pred=pred, target=target)
+    return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, pred=pred, target=target)
 
 
 @torch.no_grad()
@@ -386,20 +395,21 @@ def head(h: torch.Tensor, y: torch.Tensor, hd: net.LinearHead):
 
 
 def finetune(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, hd: net.LinearHead, q: int, thr: float,
-             ops: PatchOps = EAGER):
+             ops: PatchOps = EAGER, Xt: torch.Tensor | None = None):
     """Encoder + linear head: (loss, dW, dH, db)."""
     loss, dW = W.new_empty(W.shape[0]), torch.empty_like(W)
     dH, db = torch.empty_like(hd.H), torch.empty_like(hd.b)
     for s in chunks(X, W):
-        loss[s], dW[s], dH[s], db[s] = _finetune(run_rows(X, s), run_rows(y, s), W[s], hd.runs(s), q, thr, ops)
+        loss[s], dW[s], dH[s], db[s] = _finetune(run_rows(X, s), run_rows(y, s), W[s], hd.runs(s), q, thr, ops,
+                                                       rows_or_none(Xt, s))
     return loss, dW, dH, db
 
 
-def _finetune(X, y, W, hd, q, thr, ops):
+def _finetune(X, y, W, hd, q, thr, ops, Xt):
     Z = net.preact(X, W, native=True)
     h, _ = ops.pool(Z, None, q, thr)
     hs = (h - hd.center) / hd.scale
     loss, dlogits = _softmax_ce(torch.bmm(hs, hd.H) + hd.b.unsqueeze(1), y)
     dH = torch.bmm(hs.transpose(1, 2), dlogits)
     dh = torch.bmm(dlogits, hd.H.transpose(1, 2)) / hd.scale  # [R, N, K]
-    return loss, net.weight_grad(X, ops.grad(Z, None, dh, q, thr), W.dtype), dH, dlogits.sum(1)
+    return loss, net.weight_grad(X, ops.grad(Z, None, dh, q, thr), W.dtype, Xt), dH, dlogits.sum(1)

@@ -38,15 +38,17 @@ def _is_log_step(t: int, steps: int, every: int) -> bool:
     return t % every == 0 or t == steps
 
 
-def _select(data: MultiViewData, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patches and labels of a batch: idx [R, B] per-run sample indices, or None for the full set."""
+def _select(data: MultiViewData, idx: torch.Tensor | None,
+            Xt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Patches, labels and transposed patches (``Xt`` = net.transposed_patches(data.X) of the full
+    set, or None) of a batch: idx [R, B] per-run sample indices, or None for the full set."""
     if idx is None:
-        return data.X, data.y
+        return data.X, data.y, Xt
     R = idx.shape[0]
     rows = torch.arange(R, device=idx.device).unsqueeze(1)
     X = data.X.expand(R, *data.X.shape[1:])[rows, idx]  # [R, B, P, d]
     y = data.y.expand(R, -1)[rows, idx]  # [R, B]
-    return X, y
+    return X, y, None
 
 
 def _batch_idx(gens: list[torch.Generator], n: int, bs: int | None, device: torch.device) -> torch.Tensor | None:
@@ -84,10 +86,11 @@ def train_sl(
     taken = torch.full((R,), last, dtype=torch.long)
     fitted = torch.zeros(R, dtype=torch.bool, device=W.device)
     guard = Guard("supervised training", "sl.lr")
+    Xt = net.transposed_patches(data.X) if cfg.batch_size is None else None
     for t in range(last + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
-        X, y = _select(data, idx)
-        loss, dW, fits = steps.sl(X, y, W, q, thr, k, netc.m, ops)  # [R], [R, d, K], [R]
+        X, y, Xt_b = _select(data, idx, Xt)
+        loss, dW, fits = steps.sl(X, y, W, q, thr, k, netc.m, ops, Xt_b)  # [R], [R, d, K], [R]
         guard.check(t, loss, weight_norm(W, runs=True))
         fitted = torch.where(done, fitted, fits)
         if t >= cfg.steps:
@@ -139,11 +142,12 @@ def pretrain_mrp(
     spec = steps.MRPSpec.of(cfg, q, fit_decoder, shuffled)
     P = data.X.shape[-2]
     guard = Guard("mask-reconstruction pretraining" + ("" if phase == "mrp" else f" ({phase})"), "mrp.lr")
+    Xt = net.transposed_patches(data.X) if cfg.batch_size is None else None
     for t in range(cfg.steps + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
-        X, _ = _select(data, idx)
+        X, _, Xt_b = _select(data, idx, Xt)
         mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
-        out = steps.mrp(X, W, D, mask, q, thr, spec, W_t, ops)
+        out = steps.mrp(X, W, D, mask, q, thr, spec, W_t, ops, Xt_b)
         guard.check(t, out.loss, weight_norm(W, runs=True))
         if spec.fit_decoder:
             D = out.D  # the least-squares decoder for the current encoder
@@ -209,10 +213,11 @@ def finetune(
 
     if cfg.mode in ("ft", "lp_ft"):
         guard = Guard("fine-tuning", "finetune.ft_lr")
+        Xt = net.transposed_patches(data.X) if cfg.batch_size is None else None
         for t in range(cfg.ft_steps + 1):
             idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
-            X, y = _select(data, idx)
-            loss, dW, dH, db = steps.finetune(X, y, W, head, q, thr, ops)
+            X, y, Xt_b = _select(data, idx, Xt)
+            loss, dW, dH, db = steps.finetune(X, y, W, head, q, thr, ops, Xt_b)
             guard.check(t, loss, weight_norm(W, head.H, runs=True))
             if _is_log_step(t, cfg.ft_steps, log_every):
                 hooks.log("ft", t, {"W": W, "loss": loss, "head": head})
