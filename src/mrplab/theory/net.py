@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mrplab.runtime import matmul_flops
+from mrplab.runtime import matmul_flops, weight_grad_reads_a_copy
 
 
 # --------------------------------------------------------------------------- smoothed ReLU
@@ -171,11 +171,9 @@ def init_linear_head(
 
 
 def transposed_patches(X: torch.Tensor) -> torch.Tensor | None:
-    """X^T [Rd, d, N*P] laid out for the weight gradient's matmul, where that layout pays: bf16 on
-    the CPU, where oneDNN's X^T dZ from a transposed view took 1.47 ms against 0.84 ms from this copy
-    (N*P = 16000, d = 300, K = 80, 2 threads, AMX); in fp32 the view was as fast (3.06 vs 3.44 ms),
-    so there it is None and costs no memory."""
-    if X.dtype != torch.bfloat16 or X.device.type != "cpu":
+    """X^T [Rd, d, N*P] laid out for the weight gradient's matmul where that layout pays
+    (runtime.weight_grad_reads_a_copy: bf16 on the CPU); elsewhere None, costing no memory."""
+    if not weight_grad_reads_a_copy(X.dtype, X.device):
         return None
     Rd, N, P, d = X.shape
     return X.reshape(Rd, N * P, d).transpose(1, 2).contiguous()
