@@ -24,7 +24,7 @@ def _rates(monkeypatch, fp32: float, bf16: float) -> list[torch.dtype]:
     """Force the matmul probe's answer; returns the dtypes it was asked to measure."""
     asked: list[torch.dtype] = []
 
-    def fake(shapes, dtype, device, budget_s=0.3):
+    def fake(shapes, dtype, device, budget_s=0.3, autocast=False):
         asked.append(dtype)
         return bf16 if dtype == torch.bfloat16 else fp32
 

@@ -286,27 +286,34 @@ def weight_grad_reads_a_copy(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def matmul_gflops(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype, device: torch.device,
-                  budget_s: float = 0.3) -> float:
-    """GFLOP/s of the engine's matmul pair at each shape (m, k, n), as the engine runs it.
+                  budget_s: float = 0.3, autocast: bool = False) -> float:
+    """GFLOP/s of a training matmul pair at each shape (m, k, n): forward Z[m, n] = X[m, k] @ W[k, n]
+    and weight gradient dW[k, n] = X^T dZ. Returns total FLOPs / total best time.
 
-    Forward Z[m, n] = X[m, k] @ W[k, n] and weight gradient dW[k, n] = X^T dZ, with X,
-    Z and dZ in ``dtype`` (the engine's elementwise kernels read and write them so), X^T
-    a transposed copy where ``weight_grad_reads_a_copy``, W and dW converted from and to
-    fp32. Returns total FLOPs / total best time.
+    As the theory engine runs it (default): X, Z and dZ in ``dtype`` (its elementwise kernels read
+    and write them so), X^T a transposed copy where ``weight_grad_reads_a_copy``, W and dW converted
+    from and to fp32. ``autocast``: as torch.autocast runs a layer (the vision track), Z and dW
+    converted to fp32 and dZ from fp32, with X^T a view.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator(device="cpu").manual_seed(0)
     flops, secs = 0.0, 0.0
     for m, k, n in shapes:
         X = torch.randn(m, k, generator=g).to(device, dtype)
-        XT = X.t().contiguous() if weight_grad_reads_a_copy(dtype, device) else X.t()
         W = torch.randn(k, n, generator=g).to(device)
-        dZ = torch.randn(m, n, generator=g).to(device, dtype)
+        if autocast:
+            dZ = torch.randn(m, n, generator=g).to(device)
 
-        def pair() -> None:
-            Z = X @ W.to(dtype)
-            dW = (XT @ dZ).float()
-            del Z, dW
+            def pair() -> None:
+                (X @ W.to(dtype)).float()
+                (X.t() @ dZ.to(dtype)).float()
+        else:
+            XT = X.t().contiguous() if weight_grad_reads_a_copy(dtype, device) else X.t()
+            dZ = torch.randn(m, n, generator=g).to(device, dtype)
+
+            def pair() -> None:
+                X @ W.to(dtype)
+                (XT @ dZ).float()
 
         secs += best_time(pair, budget_s, sync)
         flops += 4.0 * m * k * n
@@ -342,13 +349,14 @@ def _key(device: torch.device, *parts: Any) -> str:
                        *map(str, parts)])
 
 
-def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: Iterable[str]) -> dict[str, float]:
-    """GFLOP/s per precision at these shapes, from the cache or measured now (and cached)."""
-    key = _key(device, "matmul pair as the engine runs it (2026-12)", shapes)
+def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: Iterable[str],
+                    autocast: bool = False) -> dict[str, float]:
+    """GFLOP/s per precision at these shapes (``matmul_gflops``), from the cache or measured now (and cached)."""
+    key = _key(device, "matmul" if autocast else "matmul pair as the theory engine runs it (2026-12)", shapes)
     entry = cache_read(key) or {}
     todo = [p for p in dtypes if p not in entry]
     for p in todo:
-        entry[p] = matmul_gflops(shapes, torch.bfloat16 if p == "bf16" else torch.float32, device)
+        entry[p] = matmul_gflops(shapes, torch.bfloat16 if p == "bf16" else torch.float32, device, autocast=autocast)
     if todo:
         entry["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         cache_write(key, entry)
@@ -356,16 +364,17 @@ def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dt
 
 
 def choose_precision(requested: str, device: torch.device, shapes: list[tuple[int, int, int]],
-                     native: Callable[[torch.device], tuple[bool, str]] = native_bf16,
+                     native: Callable[[torch.device], tuple[bool, str]] = native_bf16, autocast: bool = False,
                      ) -> tuple[str, str, dict[str, float]]:
-    """(precision, reason, measured GFLOP/s per precision) for ``requested`` in auto | fp32 | bf16."""
+    """(precision, reason, measured GFLOP/s per precision) for ``requested`` in auto | fp32 | bf16;
+    ``autocast``: the matmuls as torch.autocast runs them (matmul_gflops)."""
     if requested != "auto":
-        rates = measure_matmuls(device, shapes, [requested])
+        rates = measure_matmuls(device, shapes, [requested], autocast)
         return requested, "set by the config (precision)", rates
     ok, why = native(device)
     if not ok:
-        return "fp32", f"auto: {why}", measure_matmuls(device, shapes, ["fp32"])
-    rates = measure_matmuls(device, shapes, ["fp32", "bf16"])
+        return "fp32", f"auto: {why}", measure_matmuls(device, shapes, ["fp32"], autocast)
+    rates = measure_matmuls(device, shapes, ["fp32", "bf16"], autocast)
     ratio = rates["bf16"] / rates["fp32"]
     meas = (f"bf16 {rates['bf16']:.0f} vs fp32 {rates['fp32']:.0f} GFLOP/s ({ratio:.2f}x) at this run's matmul "
             f"shapes, {torch.get_num_threads()} threads")

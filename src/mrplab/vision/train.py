@@ -296,7 +296,7 @@ def resolve_precision(cfg: VisionConfig, device: torch.device) -> tuple[VisionCo
     if cfg.precision != "auto":
         return cfg, "set by the config (precision)"
     shapes = matmul_shapes(sizes_of(cfg), cfg.finetune.batch)
-    precision, why, _ = runtime.choose_precision("auto", device, shapes)
+    precision, why, _ = runtime.choose_precision("auto", device, shapes, autocast=True)
     return cfg.model_copy(update={"precision": precision}), why
 
 
