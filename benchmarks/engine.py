@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import naive_reference  # noqa: E402
 
-from mrplab import config  # noqa: E402
+from mrplab import config, runtime  # noqa: E402
 from mrplab.rng import generator  # noqa: E402
 from mrplab.theory import net, steps  # noqa: E402
 from mrplab.theory.data import make_data  # noqa: E402
@@ -78,12 +78,9 @@ def timeit(fn, reps: int, warmup: int = 1) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def matmul_limit(NP: int, d: int, K: int, dtype: torch.dtype, reps: int) -> float:
-    X = torch.randn(NP, d).to(dtype)
-    W = torch.randn(d, K).to(dtype)
-    dZ = torch.randn(NP, K).to(dtype)
-    t = timeit(lambda: X @ W, reps) + timeit(lambda: X.t() @ dZ, reps)
-    return 4 * NP * d * K / t / 1e9
+def matmul_limit(NP: int, d: int, K: int, dtype: torch.dtype) -> float:
+    """The engine's matmul pair at one run's shapes, measured as runs measure their limit (runtime.py)."""
+    return runtime.matmul_gflops([(NP, d, K)], dtype, torch.device("cpu"))
 
 
 def bench_config(name: str, overrides: list[str], reps: int) -> dict:
@@ -103,8 +100,8 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
     out: dict = {"config": name, "overrides": overrides, "R": R, "N": N, "P": P, "d": d, "K": K,
                  "flops_per_step": flops, "data_bytes": data_bytes}
 
-    out["limit_fp32_gflops"] = matmul_limit(N * P, d, K, torch.float32, reps)
-    out["limit_bf16_gflops"] = matmul_limit(N * P, d, K, torch.bfloat16, reps)
+    out["limit_fp32_gflops"] = matmul_limit(N * P, d, K, torch.float32)
+    out["limit_bf16_gflops"] = matmul_limit(N * P, d, K, torch.bfloat16)
 
     # naive baseline: one run at a time, autograd
     g = torch.Generator().manual_seed(0)

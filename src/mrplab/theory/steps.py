@@ -60,7 +60,7 @@ def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: 
 
 
 def _pool_eager(Z, keep, q, thr):
-    """pool_patches with in-place ops: three buffers of Z's size instead of six."""
+    """pool_patches with in-place ops: three buffers of Z's size (four for bf16) instead of six."""
     z = _wide(Z)
     u = z.clamp(0.0, thr).mul_(1.0 / thr)
     g = u.pow(q - 1)  # torch's fast path for q = 3, 4 (exponents 2, 3); u.pow(q) would take the slow one
@@ -86,7 +86,7 @@ class PatchOps:
     ``pool(Z, keep, q, thr)`` -> (h over visible patches, h over all patches), the forward;
     ``grad(Z, keep, dh, q, thr)`` -> dZ, the backward. Both read Z once: the activation and
     its derivative are recomputed from Z instead of being stored, so a step's temporaries
-    are Z and dZ in the matmul's dtype. ``EAGER`` or, fused into one kernel each, ``compiled_ops()``.
+    are Z and dZ in the matmul's dtype. ``EAGER``, or fused into one kernel each: ``ops(True)``.
     """
 
     pool: Callable
@@ -156,7 +156,7 @@ class FirstCallTimer(PatchOps):
         return call
 
 
-def _probe_args(shape: tuple[int, ...], q: int, thr: float, dtype: torch.dtype):
+def _probe_args(shape: tuple[int, ...], thr: float, dtype: torch.dtype):
     """Z, keep and dh of one chunk's shape [c, N, P, K], as a mask-reconstruction step sees them."""
     g = torch.Generator().manual_seed(0)
     c, N, P, K = shape
@@ -177,14 +177,14 @@ def _time_step_ops(o: PatchOps, args, q: int, thr: float) -> float:
 
 def time_eager_ops(shape: tuple[int, ...], q: int, thr: float, dtype: torch.dtype = torch.float32) -> float:
     """ms per step of the eager elementwise kernels (forward and backward) at one chunk's shape."""
-    return _time_step_ops(EAGER, _probe_args(shape, q, thr, dtype), q, thr)
+    return _time_step_ops(EAGER, _probe_args(shape, thr, dtype), q, thr)
 
 
 def time_compiled_ops(shape: tuple[int, ...], q: int, thr: float,
                       dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """(ms per step, seconds of the first calls) of the compiled kernels ``ops(True)`` uses, so a run
     that probed here pays no second compile; raises if compiling fails."""
-    args = _probe_args(shape, q, thr, dtype)
+    args = _probe_args(shape, thr, dtype)
     pool, grad = _compiled_fns()
     t0 = time.perf_counter()
     pool(args[0], args[1], q, thr)
