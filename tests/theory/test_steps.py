@@ -43,8 +43,9 @@ def test_patch_ops_are_the_smoothed_relu_and_its_derivative(kernels):
             a, a_all = ops.pool(z, None, q, thr)
             torch.testing.assert_close(a.flatten(), net.smoothed_relu(z, q, thr).flatten(), rtol=1e-12, atol=1e-12)
             assert a_all is a
-            g = ops.grad(z, None, ones, q, thr)
+            g = ops.grad(z, None, ones, q, thr)  # eager: act' kept from the pool of the same z
             torch.testing.assert_close(g, net.smoothed_relu_grad(z, q, thr), rtol=1e-12, atol=1e-12)
+            assert torch.equal(ops.grad(z, None, ones, q, thr), g)  # and recomputed without a pool before it
 
 
 @pytest.mark.parametrize("Rd", [1, R])

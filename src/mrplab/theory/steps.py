@@ -59,26 +59,6 @@ def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: 
     return torch.empty_like(Z).copy_(g)  # Z's layout (shared data), whatever the inputs' layouts make of g
 
 
-def _pool_eager(Z, keep, q, thr):
-    """pool_patches with in-place ops: three buffers of Z's size (four for bf16) instead of six."""
-    z = _wide(Z)
-    u = z.clamp(0.0, thr).mul_(1.0 / thr)
-    g = u.pow(q - 1)  # torch's fast path for q = 3, 4 (exponents 2, 3); u.pow(q) would take the slow one
-    a = (z - thr).clamp_(min=0.0).addcmul_(g, u, value=thr / q)
-    h_all = a.sum(2)
-    if keep is None:
-        return h_all, h_all
-    return a.mul_(keep.unsqueeze(-1)).sum(2), h_all
-
-
-def _grad_eager(Z, keep, dh, q, thr):
-    """patch_grad with in-place ops: one buffer of Z's size (two for bf16)."""
-    g = _wide(Z).clamp(0.0, thr).mul_(1.0 / thr).pow_(q - 1).mul_(dh.unsqueeze(2))
-    if keep is not None:
-        g.mul_(keep.unsqueeze(-1))
-    return g if g.dtype == Z.dtype and g.stride() == Z.stride() else torch.empty_like(Z).copy_(g)
-
-
 @dataclass
 class PatchOps:
     """The elementwise work of a step around its two matmuls, on Z = X W:
@@ -93,7 +73,38 @@ class PatchOps:
     grad: Callable
 
 
-EAGER = PatchOps(_pool_eager, _grad_eager)
+class _EagerOps(PatchOps):
+    """pool_patches and patch_grad with in-place ops. ``pool`` computes act'(Z) on the way to act(Z)
+    and keeps it for the ``grad`` of the same Z that follows in a step (three passes fewer)."""
+
+    def __init__(self):
+        self._kept: tuple | None = None  # (Z, q, thr, act'(Z)) of the last pool
+        super().__init__(self._pool, self._grad)
+
+    def _pool(self, Z, keep, q, thr):
+        z = _wide(Z)
+        u = z.clamp(0.0, thr).mul_(1.0 / thr)
+        g = u.pow(q - 1)  # act'(z); torch's fast path for q = 3, 4 (exponents 2, 3), where u.pow(q) is slow
+        a = (z - thr).clamp_(min=0.0).addcmul_(g, u, value=thr / q)
+        self._kept = (Z, q, thr, g)
+        h_all = a.sum(2)
+        if keep is None:
+            return h_all, h_all
+        return a.mul_(keep.unsqueeze(-1)).sum(2), h_all
+
+    def _grad(self, Z, keep, dh, q, thr):
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] is Z and kept[1:3] == (q, thr):
+            g = kept[3]
+        else:
+            g = _wide(Z).clamp(0.0, thr).mul_(1.0 / thr).pow_(q - 1)
+        g.mul_(dh.unsqueeze(2))
+        if keep is not None:
+            g.mul_(keep.unsqueeze(-1))
+        return g if g.dtype == Z.dtype and g.stride() == Z.stride() else torch.empty_like(Z).copy_(g)
+
+
+EAGER = _EagerOps()
 
 
 @functools.cache
