@@ -278,6 +278,11 @@ def best_time(fn: Callable[[], Any], budget_s: float, sync: Callable[[], None] =
     return best
 
 
+def dtype_of(precision: str) -> torch.dtype:
+    """The tensor dtype of a precision name (fp32 | bf16)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def weight_grad_reads_a_copy(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the engine's weight gradient X^T dZ reads a transposed copy of X rather than a view:
     bf16 on the CPU, where oneDNN took 1.47 ms from the view and 0.84 ms from the copy (X [16000, 300],
@@ -356,7 +361,7 @@ def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dt
     entry = cache_read(key) or {}
     todo = [p for p in dtypes if p not in entry]
     for p in todo:
-        entry[p] = matmul_gflops(shapes, torch.bfloat16 if p == "bf16" else torch.float32, device, autocast=autocast)
+        entry[p] = matmul_gflops(shapes, dtype_of(p), device, autocast=autocast)
     if todo:
         entry["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         cache_write(key, entry)

@@ -293,9 +293,9 @@ def run(
     return result
 
 
-def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Choice, tuple[int, ...], bool]:
+def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Choice, tuple, bool]:
     """Precision and compilation for this run (measured or cached, runtime.py). Returns
-    (choice, the activation's chunk shape, whether the compile probe ran in this process)."""
+    (choice, the compile cache key of its kernels, whether the compile probe ran in this process)."""
     R, K, P, d = len(cfg.seeds), cfg.data.k * cfg.net.m, cfg.data.P, cfg.data.d
     N = cfg.data.n_train
     chunks = steps.run_chunks(R, N * P * K)
@@ -307,11 +307,11 @@ def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Cho
     calls = len(chunks) * sum(n + 1 for phase, n in planned_phase_steps(cfg).items() if phase != "lp" and n > 0)
     shape = (c, N, P, K)
     q, thr = cfg.net.q, cfg.net.threshold
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype, key = runtime.dtype_of(precision), ("ops", precision, shape)
     compiled, c_why, probed = runtime.choose_compile(
-        cfg.compile, device, ("ops", precision, shape), calls,
+        cfg.compile, device, key, calls,
         lambda: steps.time_eager_ops(shape, q, thr, dtype), lambda: steps.time_compiled_ops(shape, q, thr, dtype))
-    return runtime.Choice(precision, p_why, compiled, c_why, rates), shape, probed
+    return runtime.Choice(precision, p_why, compiled, c_why, rates), key, probed
 
 
 def memory_parts(cfg: TheoryConfig) -> dict[str, float]:
@@ -349,7 +349,7 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     check_memory(cfg, device)
     t0 = time.perf_counter()
     flops0 = runtime.matmul_flops.total
-    choice, act_shape, probed_now = choose_runtime(cfg, device)
+    choice, compile_key, probed_now = choose_runtime(cfg, device)
     info = {**share.record(), **choice.record()}
     on_runtime(info)
     t_choice = time.perf_counter()
@@ -400,7 +400,7 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     if choice.compile and ops.first_call_s is not None:
         info["compile_first_call_s"] = ops.first_call_s
         if not probed_now and cfg.compile == "auto":  # what a run with warm caches pays
-            runtime.note_compile_cost(device, ("ops", choice.precision, act_shape), ops.first_call_s)
+            runtime.note_compile_cost(device, compile_key, ops.first_call_s)
     info["threads_seen"] = sorted(set(share.seen))
     info["matmul_flops"] = runtime.matmul_flops.total - flops0
     return TheoryResult(cfg=cfg, data=data, W_init=W_init, W_sl=W_sl, W_mrp=mrp.W, D_mrp=mrp.D, W_ft=ft.W,

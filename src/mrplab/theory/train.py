@@ -51,6 +51,11 @@ def _select(data: MultiViewData, idx: torch.Tensor | None,
     return X, y, None
 
 
+def _full_set_t(data: MultiViewData, bs: int | None) -> torch.Tensor | None:
+    """net.transposed_patches of the full set when every step uses it (bs None or >= n, as _batch_idx)."""
+    return net.transposed_patches(data.X) if bs is None or bs >= data.n else None
+
+
 def _batch_idx(gens: list[torch.Generator], n: int, bs: int | None, device: torch.device) -> torch.Tensor | None:
     if bs is None or bs >= n:
         return None
@@ -86,7 +91,7 @@ def train_sl(
     taken = torch.full((R,), last, dtype=torch.long)
     fitted = torch.zeros(R, dtype=torch.bool, device=W.device)
     guard = Guard("supervised training", "sl.lr")
-    Xt = net.transposed_patches(data.X) if cfg.batch_size is None else None
+    Xt = _full_set_t(data, cfg.batch_size)
     for t in range(last + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, y, Xt_b = _select(data, idx, Xt)
@@ -142,7 +147,7 @@ def pretrain_mrp(
     spec = steps.MRPSpec.of(cfg, q, fit_decoder, shuffled)
     P = data.X.shape[-2]
     guard = Guard("mask-reconstruction pretraining" + ("" if phase == "mrp" else f" ({phase})"), "mrp.lr")
-    Xt = net.transposed_patches(data.X) if cfg.batch_size is None else None
+    Xt = _full_set_t(data, cfg.batch_size)
     for t in range(cfg.steps + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
         X, _, Xt_b = _select(data, idx, Xt)
@@ -213,7 +218,7 @@ def finetune(
 
     if cfg.mode in ("ft", "lp_ft"):
         guard = Guard("fine-tuning", "finetune.ft_lr")
-        Xt = net.transposed_patches(data.X) if cfg.batch_size is None else None
+        Xt = _full_set_t(data, cfg.batch_size)
         for t in range(cfg.ft_steps + 1):
             idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
             X, y, Xt_b = _select(data, idx, Xt)
