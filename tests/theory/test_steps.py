@@ -285,6 +285,23 @@ def test_patch_ops_match_the_reference_in_both_layouts(kind, layout, dtype):
     torch.testing.assert_close(same, h_all, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+@pytest.mark.parametrize("Rd", [1, R])
+def test_encode_with_the_run_kernels_is_the_reference_encoder(kind, Rd):
+    """steps.encode (probes and evaluation) through the run's pool kernel equals net.encode, in fp32
+    and from bf16 patches (whose matmul rounds Z to bf16, as a bf16 run's steps see it)."""
+    X, W, _, _ = _setup(Rd)
+    ops = steps.ops(kind == "compiled")
+    ref = net.encode(X, W, Q, THR)
+    _close(steps.encode(X.float(), W.float(), Q, THR, ops).double(), ref, 1e-5)
+    Xb = X.to(torch.bfloat16)
+    ref_b = net.smoothed_relu(net.preact(Xb, W.float(), native=True).double(), Q, THR).sum(2)
+    h_b = steps.encode(Xb, W.float(), Q, THR, ops)
+    assert h_b.dtype == torch.float32
+    _close(h_b.double(), ref_b, 1e-5)
+    assert (h_b.double() - ref).abs().max() > 1e-4 * ref.abs().max()  # bf16 rounding is visible: the check can fail
+
+
 @pytest.mark.parametrize("decoder", ["full", "diag"])
 def test_shuffled_pairing_gradient_matches_autograd(decoder):
     """The pairing control: sample n is asked for sample n+1's target (a detached teacher code)."""

@@ -35,6 +35,7 @@ class Recorder:
         self.thr = cfg.capture_threshold
         self.history: dict[str, list[dict]] = {"sl": [], "mrp": [], **{f"mrp_{c}": [] for c in CONTROLS}, "lp": [], "ft": []}
         self.seconds = 0.0  # time spent probing (inside the phases' times)
+        self.ops: steps.PatchOps = steps.EAGER  # the run's kernels, for the probes' forward passes
 
     def advance(self, n: int = 1) -> None:
         if self.share is not None:
@@ -65,7 +66,7 @@ class Recorder:
                              for s in steps.chunks(train_set.X, W)])
             rec["noise_memorisation"] = _tolist(mem)
             if phase in ("sl", "lp", "ft"):
-                h = steps.encode(self.data.test.X, W, q, thr_act)
+                h = steps.encode(self.data.test.X, W, q, thr_act, self.ops)
                 logits = net.sl_logits(h, bank.k, cfg.net.m) if phase == "sl" else state["head"](h)
                 for key, v in probes.accuracy_by_view(logits, self.data.test).items():
                     rec[f"test_{key}"] = _tolist(v)
@@ -108,17 +109,19 @@ CONTROLS = {"fitted_decoder": {"fit_decoder": True}, "shuffled_pairing": {"shuff
 
 
 def measure(cfg: TheoryConfig, data: TheoryData, W_init, W_sl, W_mrp, W_ft, head,
-            W_controls: dict[str, torch.Tensor] | None = None, sl_steps=None, sl_fitted=None) -> list[dict]:
-    """Per-seed metrics that the claims read, from the final weights (names: theory/metrics.py)."""
+            W_controls: dict[str, torch.Tensor] | None = None, sl_steps=None, sl_fitted=None,
+            ops: steps.PatchOps = steps.EAGER) -> list[dict]:
+    """Per-seed metrics that the claims read, from the final weights (names: theory/metrics.py);
+    ``ops``: the kernels the encoder's forward passes use (the run's own)."""
     with torch.no_grad():
-        mrp = _mrp_metrics(cfg, data, W_init, W_mrp, W_controls or {})
+        mrp = _mrp_metrics(cfg, data, W_init, W_mrp, W_controls or {}, ops)
         sl = _sl_metrics(cfg, data, W_init, W_sl, sl_steps, sl_fitted)
         ft = _ft_capture_metrics(cfg, data, W_mrp, W_ft)
-        err = _error_metrics(cfg, data, W_sl, W_ft, head)
+        err = _error_metrics(cfg, data, W_sl, W_ft, head, ops)
     return [{"seed": seed, **mrp[r], **sl[r], **ft[r], **err[r]} for r, seed in enumerate(cfg.seeds)]
 
 
-def _mrp_metrics(cfg: TheoryConfig, data: TheoryData, W_init, W_mrp, W_controls: dict) -> list[dict]:
+def _mrp_metrics(cfg: TheoryConfig, data: TheoryData, W_init, W_mrp, W_controls: dict, ops: steps.PatchOps) -> list[dict]:
     """Capture, purity, alignment, growth and collapse of the MRP encoder, and of each control run."""
     bank, thr, q, thr_act = data.bank, cfg.capture_threshold, cfg.net.q, cfg.net.threshold
     shown = bank.covered  # [k_total, L] features the pretraining data shows
@@ -130,8 +133,8 @@ def _mrp_metrics(cfg: TheoryConfig, data: TheoryData, W_init, W_mrp, W_controls:
     align0, align = probes.alignment(W_init, bank), probes.alignment(W_mrp, bank)
     norm0 = W_init.float().norm(dim=1)  # [R, K]
     growth = (W_mrp.float().norm(dim=1) / norm0).mean(-1)  # [R]
-    health0 = probes.representation_health(steps.encode(data.pretrain.X, W_init, q, thr_act))
-    health = probes.representation_health(steps.encode(data.pretrain.X, W_mrp, q, thr_act))
+    health0 = probes.representation_health(steps.encode(data.pretrain.X, W_init, q, thr_act, ops))
+    health = probes.representation_health(steps.encode(data.pretrain.X, W_mrp, q, thr_act, ops))
     ctrl = {name: (probes.captured(probes.capture_matrix(W_controls[name], bank), thr),
                    probes.alignment(W_controls[name], bank), (W_controls[name].float().norm(dim=1) / norm0).mean(-1))
             for name in CONTROLS if name in W_controls}
@@ -214,11 +217,11 @@ def _ft_capture_metrics(cfg: TheoryConfig, data: TheoryData, W_mrp, W_ft) -> lis
     return rows
 
 
-def _error_metrics(cfg: TheoryConfig, data: TheoryData, W_sl, W_ft, head) -> list[dict]:
+def _error_metrics(cfg: TheoryConfig, data: TheoryData, W_sl, W_ft, head, ops: steps.PatchOps) -> list[dict]:
     """Test errors of SL and MRP+FT, overall and per view, and the single-view gap."""
     q, thr_act, k, m = cfg.net.q, cfg.net.threshold, data.bank.k, cfg.net.m
-    sl = _eval_view_errors(net.sl_logits(steps.encode(data.test.X, W_sl, q, thr_act), k, m), data.test)
-    ft = _eval_view_errors(head(steps.encode(data.test.X, W_ft, q, thr_act)), data.test)
+    sl = _eval_view_errors(net.sl_logits(steps.encode(data.test.X, W_sl, q, thr_act, ops), k, m), data.test)
+    ft = _eval_view_errors(head(steps.encode(data.test.X, W_ft, q, thr_act, ops)), data.test)
     return [{"sl_err": float(sl["err"][r]), "sl_err_multi": float(sl["err_multi"][r]),
              "sl_err_single": float(sl["err_single"][r]), "ft_err": float(ft["err"][r]),
              "ft_err_multi": float(ft["err_multi"][r]), "ft_err_single": float(ft["err_single"][r]),
@@ -293,16 +296,22 @@ def run(
     return result
 
 
+def matmul_shapes(cfg: TheoryConfig) -> list[tuple[int, int, int]]:
+    """The engine's matmul (m, k, n) at a training step: X[N*P, d] @ W[d, K] per run, or for shared
+    data one X[N*P, d] @ W[d, c*K] per chunk of c runs (the shapes the precision probe and the limit use)."""
+    R, K, P, d, N = len(cfg.seeds), cfg.data.k * cfg.net.m, cfg.data.P, cfg.data.d, cfg.data.n_train
+    c = steps.run_chunks(R, N * P * K)[0].stop if cfg.data.share_across_runs else 1
+    return [(N * P, d, K * c)]
+
+
 def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Choice, tuple, bool]:
     """Precision and compilation for this run (measured or cached, runtime.py). Returns
     (choice, the compile cache key of its kernels, whether the compile probe ran in this process)."""
-    R, K, P, d = len(cfg.seeds), cfg.data.k * cfg.net.m, cfg.data.P, cfg.data.d
+    R, K, P = len(cfg.seeds), cfg.data.k * cfg.net.m, cfg.data.P
     N = cfg.data.n_train
     chunks = steps.run_chunks(R, N * P * K)
     c = chunks[0].stop - chunks[0].start
-    shared = cfg.data.share_across_runs
-    shapes = [(N * P, d, K * (c if shared else 1))]  # one matmul of the engine: X[N*P, d] @ W[d, K] per run
-    precision, p_why, rates = runtime.choose_precision(cfg.precision, device, shapes)
+    precision, p_why, rates = runtime.choose_precision(cfg.precision, device, matmul_shapes(cfg))
     # every phase but linear probing runs the elementwise kernels once per step and once more at its end
     calls = len(chunks) * sum(n + 1 for phase, n in planned_phase_steps(cfg).items() if phase != "lp" and n > 0)
     shape = (c, N, P, K)
@@ -377,6 +386,7 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
         )
 
     ops = steps.FirstCallTimer(steps.ops(choice.compile))
+    rec.ops = ops
     sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every, ops)
     W_sl = sl.W
     t_sl = time.perf_counter()
@@ -388,7 +398,7 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every, ops)
     t_ft = time.perf_counter()
 
-    per_seed = measure(cfg, data, W_init, W_sl, mrp.W, ft.W, ft.head, W_controls, sl.steps, sl.fitted)
+    per_seed = measure(cfg, data, W_init, W_sl, mrp.W, ft.W, ft.head, W_controls, sl.steps, sl.fitted, ops)
     with torch.no_grad():
         for r, m in enumerate(per_seed):
             m["noise_memorisation_sl"] = rec.history["sl"][-1]["noise_memorisation"][r]

@@ -390,11 +390,12 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
 
 
 @torch.no_grad()
-def encode(X: torch.Tensor, W: torch.Tensor, q: int, thr: float) -> torch.Tensor:
-    """Encoder outputs h [R, N, K] for evaluation and probes, computed run chunk by run chunk."""
+def encode(X: torch.Tensor, W: torch.Tensor, q: int, thr: float, ops: PatchOps = EAGER) -> torch.Tensor:
+    """Encoder outputs h [R, N, K] for evaluation and probes, computed run chunk by run chunk with the
+    run's forward kernel (net.encode is the reference it matches)."""
     h = W.new_empty(W.shape[0], X.shape[1], W.shape[2])
     for s in chunks(X, W):
-        h[s] = net.smoothed_relu(net.preact(run_rows(X, s), W[s]), q, thr).sum(2)
+        h[s] = ops.pool(net.preact(run_rows(X, s), W[s], native=True), None, q, thr)[0]
     return h
 
 

@@ -193,7 +193,7 @@ def finetune(
     """
     q, thr = netc.q, netc.threshold
     with torch.no_grad():
-        h_full = net.encode(data.X, W0, q, thr)  # [R, N, K]
+        h_full = steps.encode(data.X, W0, q, thr, ops)  # [R, N, K]
     head = net.init_linear_head(h_full, k, cfg.standardize, gens.head if cfg.mode == "ft" else None)
     W = W0.clone()
 
