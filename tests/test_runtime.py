@@ -81,6 +81,17 @@ def test_probe_results_are_cached_per_machine(monkeypatch):
     assert len(asked) == 4
 
 
+def test_probe_cache_is_kept_apart_per_instruction_set_cap(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA changes what a matmul measures: a capped process must not read the uncapped rates."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    asked = _rates(monkeypatch, fp32=100.0, bf16=200.0)
+    runtime.measure_matmuls(CPU, SHAPES, ["fp32"])
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    runtime.measure_matmuls(CPU, SHAPES, ["fp32"])
+    runtime.measure_matmuls(CPU, SHAPES, ["fp32"])
+    assert len(asked) == 2  # measured once uncapped, once capped, then read from the cache
+
+
 def test_real_probe_measures_positive_rates():
     r = runtime.matmul_gflops([(256, 64, 32)], torch.float32, CPU, budget_s=0.02)
     assert 0.01 < r < 1e5

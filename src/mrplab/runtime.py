@@ -350,8 +350,12 @@ class Choice:
 
 
 def _key(device: torch.device, *parts: Any) -> str:
-    return " | ".join([device_name(device), f"torch {torch.__version__}", f"threads {torch.get_num_threads()}",
-                       *map(str, parts)])
+    """Cache key: what a measurement depends on. On the CPU that includes the instruction sets torch may use
+    (its capability, which ATEN_CPU_CAPABILITY can lower, and oneDNN's ONEDNN_MAX_CPU_ISA cap)."""
+    isa = [] if device.type == "cuda" else [
+        f"isa {torch.backends.cpu.get_cpu_capability()}/{os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()}"]
+    return " | ".join([device_name(device), f"torch {torch.__version__}", *isa,
+                       f"threads {torch.get_num_threads()}", *map(str, parts)])
 
 
 def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: Iterable[str],
