@@ -15,6 +15,8 @@ highest limit never flatters the run. Writes benchmarks/results/theory_walltime.
     .venv/bin/python benchmarks/theory_walltime.py --repeat 3       # three runs, one after another
     .venv/bin/python benchmarks/theory_walltime.py --set threads=1  # extra mrplab options
     .venv/bin/python benchmarks/theory_walltime.py --cold           # with an empty runtime cache
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/theory_walltime.py --tag avx2
+                                                                    # torch held to AVX2 (no AMX, no native bf16)
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--cold", action="store_true", help="empty runtime cache (probes are timed with the run)")
     ap.add_argument("--repeat", type=int, default=1, help="runs, one after another (the median is the headline)")
+    ap.add_argument("--tag", default="", help="write results/theory_walltime_<tag>.json (e.g. a capped ISA)")
     args = ap.parse_args()
     shapes = matmul_shapes(config.load(None, args.sets))
     runs = []
@@ -79,10 +82,11 @@ def main() -> int:
               f"{r['ideal_s']:.1f} s, efficiency {r['efficiency']:.2f}; {r['claims_passed']}/{r['claims_total']} "
               f"claims PASS", flush=True)
     effs = [r["efficiency"] for r in runs]
-    result = {"benchmark": "theory_walltime", "sets": args.sets, "cold_cache": args.cold, "repeat": args.repeat,
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    result = {"benchmark": "theory_walltime", "sets": args.sets, "isa_env": env, "cold_cache": args.cold, "repeat": args.repeat,
               "efficiency_median": statistics.median(effs), "efficiency_min": min(effs),
               "wall_s_median": statistics.median(r["wall_s"] for r in runs), "runs": runs, "machine": machine()}
-    path = write("theory_walltime", result)
+    path = write("theory_walltime" + (f"_{args.tag}" if args.tag else ""), result)
     rt = runs[-1]["runtime"]
     print(f"efficiency median {result['efficiency_median']:.2f} (min {result['efficiency_min']:.2f}), "
           f"wall median {result['wall_s_median']:.1f} s")
