@@ -350,10 +350,11 @@ class Choice:
 
 
 def _key(device: torch.device, *parts: Any) -> str:
-    """Cache key: what a measurement depends on. On the CPU that includes the instruction sets torch may use
-    (its capability, which ATEN_CPU_CAPABILITY can lower, and oneDNN's ONEDNN_MAX_CPU_ISA cap)."""
-    isa = [] if device.type == "cuda" else [
-        f"isa {torch.backends.cpu.get_cpu_capability()}/{os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()}"]
+    """Cache key: what a measurement depends on. On the CPU that includes the instruction sets torch may use:
+    its capability (ATEN_CPU_CAPABILITY can lower it) and the caps of oneDNN (bf16 matmuls,
+    ONEDNN_MAX_CPU_ISA) and MKL (fp32 matmuls, MKL_ENABLE_INSTRUCTIONS)."""
+    caps = "/".join(os.environ.get(v, "ALL").upper() for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"))
+    isa = [] if device.type == "cuda" else [f"isa {torch.backends.cpu.get_cpu_capability()}/{caps}"]
     return " | ".join([device_name(device), f"torch {torch.__version__}", *isa,
                        f"threads {torch.get_num_threads()}", *map(str, parts)])
 
