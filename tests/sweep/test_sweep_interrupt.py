@@ -56,7 +56,10 @@ def _start_and_kill(tmp_path: Path, sig: int) -> tuple[Path, dict[str, dict], li
     sweep = write_sweep(tmp_path, base=BASE, grid={"mrp.mask_ratio": [0.2, 0.4, 0.6]}, seeds=[0, 1, 2, 3])
     out = tmp_path / "out"
     db = out / "tiny" / "results.sqlite"
-    proc = subprocess.Popen(_cmd(sweep, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the driver even where this test runs with it ignored (a background job of a
+    # non-interactive shell inherits SIG_IGN, and Python then never raises KeyboardInterrupt)
+    proc = subprocess.Popen(_cmd(sweep, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
