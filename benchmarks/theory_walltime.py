@@ -35,20 +35,20 @@ from mrplab.theory.experiment import matmul_shapes
 LIMIT_BUDGET_S = 2.0  # per dtype and measurement: the best time of many pairs
 
 
-def _limits(shapes) -> dict[str, float]:
+def _limits(shapes, precisions=("fp32", "bf16")) -> dict[str, float]:
     cpu = torch.device("cpu")
-    return {p: runtime.matmul_gflops(shapes, runtime.dtype_of(p), cpu, LIMIT_BUDGET_S) for p in ("fp32", "bf16")}
+    return {p: runtime.matmul_gflops(shapes, runtime.dtype_of(p), cpu, LIMIT_BUDGET_S) for p in precisions}
 
 
 def one_run(sets: list[str], cold: bool, shapes) -> dict:
     keep = os.environ.get("MRPLAB_BENCH_KEEP")  # a folder to keep the run folder in, for inspection
-    before = _limits(shapes)
+    before = _limits(shapes)  # the run's precision is known only after it (auto)
     with tempfile.TemporaryDirectory(prefix="mrplab-bench-") as tmp:
         env = {"MRPLAB_CACHE_DIR": f"{tmp}/cache"} if cold else {}
         wall, summary = run_theory(keep or tmp, sets, env=env)
-    after = _limits(shapes)
     rt = summary["runtime"]
     p = rt["precision"]
+    after = _limits(shapes, (p,))
     limits = {"run": rt["matmul_limit_gflops"], "before": before[p], "after": after[p]}
     limit = max(limits.values())
     return {

@@ -30,12 +30,12 @@ class Recorder:
     """The train loops' hooks: probes every logged step and forwards progress."""
 
     def __init__(self, cfg: TheoryConfig, data: TheoryData, emit: Callable[[dict], None], advance: Callable[[int], None],
-                 share: runtime.CoreShare | None = None):
+                 share: runtime.CoreShare | None = None, ops: steps.PatchOps = steps.EAGER):
         self.cfg, self.data, self.emit, self._advance, self.share = cfg, data, emit, advance, share
+        self.ops = ops  # the run's kernels, for the probes' forward passes
         self.thr = cfg.capture_threshold
         self.history: dict[str, list[dict]] = {"sl": [], "mrp": [], **{f"mrp_{c}": [] for c in CONTROLS}, "lp": [], "ft": []}
         self.seconds = 0.0  # time spent probing (inside the phases' times)
-        self.ops: steps.PatchOps = steps.EAGER  # the run's kernels, for the probes' forward passes
 
     def advance(self, n: int = 1) -> None:
         if self.share is not None:
@@ -299,18 +299,22 @@ def run(
 def matmul_shapes(cfg: TheoryConfig) -> list[tuple[int, int, int]]:
     """The engine's matmul (m, k, n) at a training step: X[N*P, d] @ W[d, K] per run, or for shared
     data one X[N*P, d] @ W[d, c*K] per chunk of c runs (the shapes the precision probe and the limit use)."""
-    R, K, P, d, N = len(cfg.seeds), cfg.data.k * cfg.net.m, cfg.data.P, cfg.data.d, cfg.data.n_train
-    c = steps.run_chunks(R, N * P * K)[0].stop if cfg.data.share_across_runs else 1
+    K, P, d, N = cfg.data.k * cfg.net.m, cfg.data.P, cfg.data.d, cfg.data.n_train
+    c = _step_chunks(cfg)[0].stop if cfg.data.share_across_runs else 1
     return [(N * P, d, K * c)]
+
+
+def _step_chunks(cfg: TheoryConfig) -> list[slice]:
+    """steps.run_chunks of a training step on the labelled set (the shape the runtime probes use)."""
+    return steps.run_chunks(len(cfg.seeds), cfg.data.n_train * cfg.data.P * cfg.data.k * cfg.net.m)
 
 
 def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Choice, tuple, bool]:
     """Precision and compilation for this run (measured or cached, runtime.py). Returns
     (choice, the compile cache key of its kernels, whether the compile probe ran in this process)."""
-    R, K, P = len(cfg.seeds), cfg.data.k * cfg.net.m, cfg.data.P
-    N = cfg.data.n_train
-    chunks = steps.run_chunks(R, N * P * K)
-    c = chunks[0].stop - chunks[0].start
+    K, P, N = cfg.data.k * cfg.net.m, cfg.data.P, cfg.data.n_train
+    chunks = _step_chunks(cfg)
+    c = chunks[0].stop
     precision, p_why, rates = runtime.choose_precision(cfg.precision, device, matmul_shapes(cfg))
     # every phase but linear probing runs the elementwise kernels once per step and once more at its end
     calls = len(chunks) * sum(n + 1 for phase, n in planned_phase_steps(cfg).items() if phase != "lp" and n > 0)
@@ -375,7 +379,8 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     K = cfg.data.k * cfg.net.m
     seeds = cfg.seeds
     W_init = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, K, cfg.net.sigma_0).to(device)
-    rec = Recorder(cfg, data, emit, advance, share)
+    ops = steps.FirstCallTimer(steps.ops(choice.compile))
+    rec = Recorder(cfg, data, emit, advance, share, ops)
     log_every = cfg.probes.log_every
 
     def gens(phase: str) -> RunGens:
@@ -385,8 +390,6 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
             head=[generator(s, f"{phase}:head") for s in seeds],
         )
 
-    ops = steps.FirstCallTimer(steps.ops(choice.compile))
-    rec.ops = ops
     sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every, ops)
     W_sl = sl.W
     t_sl = time.perf_counter()
