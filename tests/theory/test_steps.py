@@ -220,34 +220,82 @@ def test_finetune_and_head_gradients_match_autograd():
     _close(db2, b.grad)
 
 
-def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
-    """A machine where torch.compile cannot build a kernel still runs, with the eager numbers."""
-    from mrplab.theory import steps
+def _assert_falls_back_to_eager_with_one_warning(ops, message):
+    z, keep, dh = torch.randn(2, 3, 4, 5), torch.rand(2, 3, 4) < 0.5, torch.randn(2, 3, 5)
+    with pytest.warns(RuntimeWarning, match=message):
+        h_vis, h_all = ops.pool(z, keep, 3, 1.0)
+    e_vis, e_all = steps.EAGER.pool(z, keep, 3, 1.0)
+    assert torch.equal(h_vis, e_vis) and torch.equal(h_all, e_all)
+    with pytest.warns(RuntimeWarning, match=message):
+        assert torch.equal(ops.grad(z, keep, dh, 3, 1.0), steps.EAGER.grad(z, keep, dh, 3, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each kernel warns once, later calls are eager
+        ops.pool(z, keep, 3, 1.0)
+        ops.grad(z, keep, dh, 3, 1.0)
 
+
+def test_failed_torch_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    """A machine where torch.compile cannot build a kernel still runs, with the eager numbers."""
     def broken_compile(fn, **kw):
         def fails(*a):
             raise RuntimeError("no C++ compiler found\ndetails")
         return fails
 
-    steps.ops.cache_clear()
+    steps.fused.cache_clear()
     steps._compiled_fns.cache_clear()
     monkeypatch.setattr(torch, "compile", broken_compile)
     try:
-        ops = steps.ops(True)
-        z, keep, dh = torch.randn(2, 3, 4, 5), torch.rand(2, 3, 4) < 0.5, torch.randn(2, 3, 5)
-        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
-            h_vis, h_all = ops.pool(z, keep, 3, 1.0)
-        e_vis, e_all = steps.EAGER.pool(z, keep, 3, 1.0)
-        assert torch.equal(h_vis, e_vis) and torch.equal(h_all, e_all)
-        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
-            assert torch.equal(ops.grad(z, keep, dh, 3, 1.0), steps.EAGER.grad(z, keep, dh, 3, 1.0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # each kernel warns once, later calls are eager
-            ops.pool(z, keep, 3, 1.0)
-            ops.grad(z, keep, dh, 3, 1.0)
+        _assert_falls_back_to_eager_with_one_warning(steps.fused("inductor"), "no C\\+\\+ compiler found")
     finally:
-        steps.ops.cache_clear()
+        steps.fused.cache_clear()
         steps._compiled_fns.cache_clear()
+
+
+def test_failed_native_build_falls_back_to_eager_with_one_warning(monkeypatch, tmp_path):
+    """A compiler that fails (here a stand-in that prints an error and exits 1) leaves the run on the eager
+    kernels after one warning per kernel that quotes the compiler's first line; nothing half-built is kept."""
+    from mrplab.theory import native
+
+    cxx = tmp_path / "bin" / "c++"
+    cxx.parent.mkdir()
+    cxx.write_text("#!/bin/sh\necho 'cc1plus: fatal error: out of memory' >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("MRPLAB_CACHE_DIR", str(tmp_path / "cache"))
+    steps.fused.cache_clear()
+    native._load.cache_clear()
+    try:
+        _assert_falls_back_to_eager_with_one_warning(steps.fused("native"), "c\\+\\+ failed: cc1plus: fatal error")
+        assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+        with pytest.raises(native.BuildError, match="fatal error"):  # what the compile probe sees
+            steps.time_compiled_ops((1, 4, 3, 5), 3, 1.0)
+    finally:
+        steps.fused.cache_clear()
+        native._load.cache_clear()
+
+
+def test_native_kernels_are_built_once_per_machine(monkeypatch, tmp_path):
+    """The first process builds the library into the cache folder; a later one loads it without compiling."""
+    from mrplab.theory import native
+
+    monkeypatch.setenv("MRPLAB_CACHE_DIR", str(tmp_path))
+    native._load.cache_clear()
+    try:
+        native.library()
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"
+        native._load.cache_clear()  # as a new process would
+        monkeypatch.setattr(native, "build", lambda *a: pytest.fail("built again"))
+        native.library()
+    finally:
+        native._load.cache_clear()
+
+
+KINDS = ["eager", "compiled", "inductor"]  # compiled: what compile=true runs here (the native kernels on the CPU)
+
+
+def _kernels(kind: str) -> steps.PatchOps:
+    return {"eager": steps.EAGER, "compiled": steps.ops(True), "inductor": steps.fused("inductor")}[kind]
 
 
 def _reference_patch_ops(Z, keep, dh, q, thr):
@@ -260,7 +308,7 @@ def _reference_patch_ops(Z, keep, dh, q, thr):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["per_run", "shared"])
-@pytest.mark.parametrize("kind", ["eager", "compiled"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_patch_ops_match_the_reference_in_both_layouts(kind, layout, dtype):
     """pool and grad on Z as the matmul writes it: [R, N, P, K], or for shared data a view of [N, P, R, K];
     dZ comes back in the matmul's dtype and layout (so the weight-gradient matmul reads it without a copy)."""
@@ -271,7 +319,7 @@ def test_patch_ops_match_the_reference_in_both_layouts(kind, layout, dtype):
     base = torch.randn(N, P, R, K, generator=g) * 0.8 * thr  # values on all three pieces of the activation
     Z = (base.permute(2, 0, 1, 3) if layout == "shared" else base.permute(2, 0, 1, 3).contiguous()).to(dtype)
     keep, dh = torch.rand(R, N, P, generator=g) < 0.6, torch.randn(R, N, K, generator=g)
-    ops = steps.ops(kind == "compiled")
+    ops = _kernels(kind)
     h_vis, h_all = ops.pool(Z, keep, q, thr)
     dZ = ops.grad(Z, keep, dh, q, thr)
     r_vis, r_all, r_dz = _reference_patch_ops(Z, keep, dh, q, thr)
@@ -285,13 +333,13 @@ def test_patch_ops_match_the_reference_in_both_layouts(kind, layout, dtype):
     torch.testing.assert_close(same, h_all, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["eager", "compiled"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("Rd", [1, R])
 def test_encode_with_the_run_kernels_is_the_reference_encoder(kind, Rd):
     """steps.encode (probes and evaluation) through the run's pool kernel equals net.encode, in fp32
     and from bf16 patches (whose matmul rounds Z to bf16, as a bf16 run's steps see it)."""
     X, W, _, _ = _setup(Rd)
-    ops = steps.ops(kind == "compiled")
+    ops = _kernels(kind)
     ref = net.encode(X, W, Q, THR)
     _close(steps.encode(X.float(), W.float(), Q, THR, ops).double(), ref, 1e-5)
     Xb = X.to(torch.bfloat16)

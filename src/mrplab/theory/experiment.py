@@ -320,10 +320,10 @@ def choose_runtime(cfg: TheoryConfig, device: torch.device) -> tuple[runtime.Cho
     calls = len(chunks) * sum(n + 1 for phase, n in planned_phase_steps(cfg).items() if phase != "lp" and n > 0)
     shape = (c, N, P, K)
     q, thr = cfg.net.q, cfg.net.threshold
-    dtype, key = runtime.dtype_of(precision), ("ops", precision, shape)
+    dtype, key = runtime.dtype_of(precision), ("ops", steps.backend_for(device), precision, shape)
     compiled, c_why, probed = runtime.choose_compile(
-        cfg.compile, device, key, calls,
-        lambda: steps.time_eager_ops(shape, q, thr, dtype), lambda: steps.time_compiled_ops(shape, q, thr, dtype))
+        cfg.compile, device, key, calls, lambda: steps.time_eager_ops(shape, q, thr, dtype, device),
+        lambda: steps.time_compiled_ops(shape, q, thr, dtype, device))
     return runtime.Choice(precision, p_why, compiled, c_why, rates), key, probed
 
 

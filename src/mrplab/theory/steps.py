@@ -8,9 +8,9 @@ Cost per step: one matmul Z = X W (teacher and student share it when the
 teacher is the stop-gradient student), one pass over Z that pools the smoothed
 ReLU over the (visible and all) patches, a few [R, N, K] ops for the loss, one
 pass over Z that writes dZ = act'(Z) * keep * dh in the matmul's dtype, and one
-matmul dW = X^T dZ. The two passes are ``PatchOps`` (fused by torch.compile where
-it pays); the activation is recomputed from Z rather than stored, so a step holds
-Z and dZ only.
+matmul dW = X^T dZ. The two passes are ``PatchOps`` (fused where it pays: C++
+kernels on the CPU, native.py; torch.compile on CUDA); the activation is
+recomputed from Z rather than stored, so a step holds Z and dZ only.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from mrplab import runtime
-from mrplab.theory import net, objectives
+from mrplab.theory import native, net, objectives
 
 def _wide(Z: torch.Tensor) -> torch.Tensor:
     """Z in the dtype the elementwise work runs in: fp32 for bf16 matmul outputs, else Z's own."""
@@ -116,10 +116,34 @@ def _compiled_fns() -> tuple[Callable, Callable]:
     return torch.compile(pool_patches, dynamic=False), torch.compile(patch_grad, dynamic=False)
 
 
-def _with_fallback(compiled: Callable, eager: Callable) -> Callable:
-    """``compiled``, or after its first failure (no working C++ compiler, an unsupported platform)
+FUSED_BACKENDS = ("native", "inductor")
+
+
+def backend_for(device: torch.device) -> str:
+    """The fused kernels' implementation on a device: mrplab's C++ kernels on the CPU (native.py),
+    torch.compile's elsewhere."""
+    return "native" if device.type == "cpu" else "inductor"
+
+
+def _fused_fn(backend: str, name: str) -> Callable:
+    """One fused kernel (``name`` pool or grad) that raises where it cannot be built. The native one
+    computes eagerly the inputs it does not take (a dtype, layout or q outside native.supports)."""
+    i = ("pool", "grad").index(name)
+    if backend == "inductor":
+        return lambda *args: _compiled_fns()[i](*args)
+    fn, eager = (native.pool, native.grad)[i], getattr(EAGER, name)
+
+    def call(*args):
+        out = fn(*args) if native.supports(args[0]) else None
+        return eager(*args) if out is None else out
+
+    return call
+
+
+def _with_fallback(fused: Callable, eager: Callable) -> Callable:
+    """``fused``, or after its first failure (no working C++ compiler, an unsupported platform)
     ``eager``, which computes the same numbers, after one warning line."""
-    state = {"fn": compiled}
+    state = {"fn": fused}
 
     def call(*args):
         try:
@@ -128,8 +152,8 @@ def _with_fallback(compiled: Callable, eager: Callable) -> Callable:
             if state["fn"] is eager:
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            warnings.warn(f"torch.compile failed ({first[:200]}); continuing with the eager elementwise "
-                          "kernels (set compile=false to skip compiling)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"the fused kernels failed ({first[:200]}); continuing with the eager elementwise "
+                          "kernels (set compile=false to skip them)", RuntimeWarning, stacklevel=3)
             state["fn"] = eager
             return eager(*args)
 
@@ -137,13 +161,21 @@ def _with_fallback(compiled: Callable, eager: Callable) -> Callable:
 
 
 @functools.cache
+def fused(backend: str) -> PatchOps:
+    """The kernels of one implementation (FUSED_BACKENDS), each falling back to eager on its own."""
+    return PatchOps(_with_fallback(_fused_fn(backend, "pool"), EAGER.pool),
+                    _with_fallback(_fused_fn(backend, "grad"), EAGER.grad))
+
+
+@functools.cache
 def ops(compiled: bool) -> PatchOps:
-    """The step's elementwise kernels: eager, or each fused into one kernel by torch.compile
-    (compiled at the first call of each shape, dtype and layout)."""
+    """The step's elementwise kernels: eager, or each fused into one kernel, by the implementation
+    for the device of the tensors it is given (``backend_for``; torch.compile's compile at the first
+    call of each shape, dtype and layout, the native ones are built once per machine)."""
     if not compiled:
         return EAGER
-    pool, grad = _compiled_fns()
-    return PatchOps(_with_fallback(pool, EAGER.pool), _with_fallback(grad, EAGER.grad))
+    return PatchOps(lambda Z, *a: fused(backend_for(Z.device)).pool(Z, *a),
+                    lambda Z, *a: fused(backend_for(Z.device)).grad(Z, *a))
 
 
 class FirstCallTimer(PatchOps):
@@ -167,13 +199,13 @@ class FirstCallTimer(PatchOps):
         return call
 
 
-def _probe_args(shape: tuple[int, ...], thr: float, dtype: torch.dtype):
+def _probe_args(shape: tuple[int, ...], thr: float, dtype: torch.dtype, device: torch.device):
     """Z, keep and dh of one chunk's shape [c, N, P, K], as a mask-reconstruction step sees them."""
     g = torch.Generator().manual_seed(0)
     c, N, P, K = shape
-    Z = (torch.randn(shape, generator=g) * 0.5 * thr).to(dtype)
-    keep = torch.rand(c, N, P, generator=g) < 0.5
-    return Z, keep, torch.randn(c, N, K, generator=g)
+    Z = (torch.randn(shape, generator=g) * 0.5 * thr).to(device, dtype)
+    keep = (torch.rand(c, N, P, generator=g) < 0.5).to(device)
+    return Z, keep, torch.randn(c, N, K, generator=g).to(device)
 
 
 def _time_step_ops(o: PatchOps, args, q: int, thr: float) -> float:
@@ -182,21 +214,25 @@ def _time_step_ops(o: PatchOps, args, q: int, thr: float) -> float:
     def step():
         o.pool(Z, keep, q, thr)
         o.grad(Z, keep, dh, q, thr)
+        if Z.is_cuda:
+            torch.cuda.synchronize()
 
     return runtime.best_time(step, 0.05) * 1e3
 
 
-def time_eager_ops(shape: tuple[int, ...], q: int, thr: float, dtype: torch.dtype = torch.float32) -> float:
+def time_eager_ops(shape: tuple[int, ...], q: int, thr: float, dtype: torch.dtype = torch.float32,
+                   device: torch.device = torch.device("cpu")) -> float:
     """ms per step of the eager elementwise kernels (forward and backward) at one chunk's shape."""
-    return _time_step_ops(EAGER, _probe_args(shape, thr, dtype), q, thr)
+    return _time_step_ops(EAGER, _probe_args(shape, thr, dtype, device), q, thr)
 
 
-def time_compiled_ops(shape: tuple[int, ...], q: int, thr: float,
-                      dtype: torch.dtype = torch.float32) -> tuple[float, float]:
-    """(ms per step, seconds of the first calls) of the compiled kernels ``ops(True)`` uses, so a run
-    that probed here pays no second compile; raises if compiling fails."""
-    args = _probe_args(shape, thr, dtype)
-    pool, grad = _compiled_fns()
+def time_compiled_ops(shape: tuple[int, ...], q: int, thr: float, dtype: torch.dtype = torch.float32,
+                      device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """(ms per step, seconds of the first calls: building or loading) of the fused kernels ``ops(True)``
+    uses on ``device``, so a run that probed here pays no second build; raises if they cannot be built."""
+    args = _probe_args(shape, thr, dtype, device)
+    backend = backend_for(device)
+    pool, grad = _fused_fn(backend, "pool"), _fused_fn(backend, "grad")
     t0 = time.perf_counter()
     pool(args[0], args[1], q, thr)
     grad(*args, q, thr)

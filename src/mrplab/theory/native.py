@@ -1,0 +1,154 @@
+"""The step's fused elementwise kernels on the CPU: patch_kernels.cpp, built once per machine.
+
+Two small C++ functions (no torch headers) compiled with the system C++ compiler
+into a shared library under ``<cache>/kernels/`` and called through ctypes. The
+library's name hashes its source, the compiler and the flags, so a changed
+source or instruction set builds anew, and machines that share a cache folder
+keep their builds apart. Instruction sets follow torch's own CPU capability
+(``ATEN_CPU_CAPABILITY`` caps both). Compared with torch.compile's fused
+kernels for the same two functions (benchmarks/patch_kernels.py), a process
+skips importing and setting up the compiler stack and loading one graph per
+shape (~5 s per run with warm caches), and each call skips the compiled
+graph's guards and wrappers.
+
+OpenMP: torch's wheels ship ``libgomp.so.1``; the library links the same soname,
+so the loader hands it the runtime torch already loaded, and the two share one
+thread pool (the thread count is passed on every call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mrplab import runtime
+
+SOURCE = Path(__file__).with_name("patch_kernels.cpp")
+_I64, _INT, _F32, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_LAYOUT = [_PTR, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR]  # Z, bf16, R, N, P, K, strides, keep
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class BuildError(RuntimeError):
+    """The kernels cannot be built here (no C++ compiler, or it failed)."""
+
+
+def compiler() -> str:
+    """The C++ compiler: $CXX, else c++, g++ or clang++ on the PATH."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise BuildError("no C++ compiler found (install g++ or set CXX)")
+
+
+def isa_flags() -> list[str]:
+    """Instruction-set flags for torch's CPU capability (what torch's own kernels use on this machine)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith("AVX512"):
+        return ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                "-mprefer-vector-width=512"]
+    if cap == "AVX2":
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def _flags() -> list[str]:
+    return ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", *isa_flags()]
+
+
+def library_path() -> tuple[Path, list[str]]:
+    """Where the build for this source, compiler and flags lives, and the command that builds it."""
+    cxx, flags = compiler(), _flags()
+    tag = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cxx.encode(), " ".join(flags).encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    path = runtime.cache_dir() / "kernels" / f"patch_kernels-{tag}.so"
+    return path, [cxx, *flags, str(SOURCE), "-o"]
+
+
+def build(path: Path, command: list[str]) -> None:
+    """Compile to a temporary file beside ``path`` and rename it in place (concurrent builds are safe)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build.", suffix=".so")
+    os.close(fd)
+    try:
+        out = subprocess.run([*command, tmp], capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            lines = (out.stderr or out.stdout).strip().splitlines() or [f"exit code {out.returncode}"]
+            raise BuildError(f"{Path(command[0]).name} failed: {lines[0][:200]}")
+        os.replace(tmp, path)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BuildError(f"building the fused kernels failed: {err}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernels, built first if this machine has no build of the current source; raises
+    BuildError where they cannot be built (once per process: a failed build is not retried)."""
+    lib = _load()
+    if isinstance(lib, BuildError):
+        raise lib
+    return lib
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | BuildError:
+    try:
+        path, command = library_path()
+        if not path.exists():
+            build(path, command)
+        lib = ctypes.CDLL(str(path))
+    except BuildError as err:
+        return err
+    except OSError as err:  # a build that does not load (a foreign or damaged file)
+        return BuildError(f"loading the fused kernels failed: {err}")
+    lib.mrplab_pool.argtypes = [*_LAYOUT, _INT, _F32, _PTR, _PTR, _INT]
+    lib.mrplab_grad.argtypes = [*_LAYOUT, _PTR, _INT, _F32, _PTR, _I64, _I64, _I64, _INT]
+    lib.mrplab_pool.restype = lib.mrplab_grad.restype = _INT
+    return lib
+
+
+def supports(Z: torch.Tensor) -> bool:
+    """Whether the kernels take this Z: a CPU [R, N, P, K] tensor in fp32 or bf16, stride 1 along K."""
+    return Z.device.type == "cpu" and Z.dim() == 4 and Z.dtype in _DTYPES and (Z.stride(3) == 1 or Z.shape[3] == 1)
+
+
+def _keep(keep: torch.Tensor | None, Z: torch.Tensor):
+    if keep is None:
+        return None, None
+    k = keep.expand(Z.shape[:3]).contiguous().view(torch.uint8)
+    return k, k.data_ptr()
+
+
+def pool(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float):
+    """steps.pool_patches, fused; None where the kernels lack this q."""
+    R, N, P, K = Z.shape
+    h_all = torch.empty(R, N, K, dtype=torch.float32)
+    h_vis = torch.empty_like(h_all) if keep is not None else h_all
+    k, k_ptr = _keep(keep, Z)
+    rc = library().mrplab_pool(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], k_ptr,
+                               q, thr, h_vis.data_ptr(), h_all.data_ptr(), torch.get_num_threads())
+    return None if rc else (h_vis, h_all)
+
+
+def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float):
+    """steps.patch_grad, fused: dZ in Z's dtype and layout; None where the kernels lack this q."""
+    R, N, P, K = Z.shape
+    dZ = torch.empty_like(Z)
+    g = dh.to(torch.float32).expand(R, N, K).contiguous()
+    k, k_ptr = _keep(keep, Z)
+    rc = library().mrplab_grad(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], k_ptr,
+                               g.data_ptr(), q, thr, dZ.data_ptr(), *dZ.stride()[:3], torch.get_num_threads())
+    return None if rc else dZ

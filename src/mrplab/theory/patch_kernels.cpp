@@ -1,0 +1,137 @@
+// The theory engine's two elementwise passes over Z = X W, fused (steps.py: pool_patches, patch_grad).
+//
+// Z [R, N, P, K] fp32 or bf16 (raw uint16 bits), any strides for R, N, P and stride 1 along K.
+//   mrplab_pool: h_all[r, n, :] = sum_p act(Z[r, n, p, :]) and, with keep [R, N, P] (1 = visible),
+//                h_vis[r, n, :] = the same sum over the visible patches; fp32 [R, N, K] contiguous.
+//   mrplab_grad: dZ[r, n, p, :] = act'(Z[r, n, p, :]) * dh[r, n, :] on visible patches, 0 on the others,
+//                in Z's dtype (bf16 rounded to nearest even, as torch does) at dZ's own strides.
+// act(z) = max(z - thr, 0) + (thr / q) u^q and act'(z) = u^(q - 1), u = clamp(z, 0, thr) / thr: net.py's
+// smoothed ReLU. All arithmetic in fp32; the sum over patches runs in patch order. Work is split over
+// the (r, n) rows with the OpenMP runtime torch itself uses. Return 0, or 1 for a q the kernels lack
+// (the caller then computes the same thing eagerly). Built once per machine by native.py.
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+namespace {
+
+inline float load(const float* p) { return *p; }
+inline float load(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) {  // round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16)
+  uint32_t u; std::memcpy(&u, &v, 4);
+  *p = v != v ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <int Q> inline float ipow(float u) { float r = u; for (int i = 1; i < Q; ++i) r *= u; return r; }
+
+template <typename T, int Q>
+void pool_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
+               const uint8_t* keep, int q, float thr, float* hv, float* ha, int nthreads) {
+  const float inv = 1.0f / thr, c = thr / float(q);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t rn = 0; rn < R * N; ++rn) {
+    const int64_t r = rn / N, n = rn % N;
+    float* a_all = ha + rn * K;
+    float* a_vis = keep ? hv + rn * K : nullptr;
+    for (int64_t k = 0; k < K; ++k) a_all[k] = 0.0f;
+    if (a_vis) for (int64_t k = 0; k < K; ++k) a_vis[k] = 0.0f;
+    for (int64_t p = 0; p < P; ++p) {
+      const T* z = Z + r * sR + n * sN + p * sP;
+      const bool vis = a_vis && keep[rn * P + p];
+      if (vis) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) {
+          const float x = load(z + k);
+          const float u = (x < 0.0f ? 0.0f : (x > thr ? thr : x)) * inv;
+          const float lin = x - thr > 0.0f ? x - thr : 0.0f;
+          const float a = lin + c * ipow<Q>(u);
+          a_all[k] += a;
+          a_vis[k] += a;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) {
+          const float x = load(z + k);
+          const float u = (x < 0.0f ? 0.0f : (x > thr ? thr : x)) * inv;
+          const float lin = x - thr > 0.0f ? x - thr : 0.0f;
+          a_all[k] += lin + c * ipow<Q>(u);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int Q>
+void grad_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
+               const uint8_t* keep, const float* dh, float thr, T* dZ, int64_t oR, int64_t oN, int64_t oP,
+               int nthreads) {
+  const float inv = 1.0f / thr;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t rn = 0; rn < R * N; ++rn) {
+    const int64_t r = rn / N, n = rn % N;
+    const float* g = dh + rn * K;
+    for (int64_t p = 0; p < P; ++p) {
+      const T* z = Z + r * sR + n * sN + p * sP;
+      T* out = dZ + r * oR + n * oN + p * oP;
+      if (keep && !keep[rn * P + p]) {
+        std::memset(out, 0, K * sizeof(T));
+        continue;
+      }
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        const float x = load(z + k);
+        const float u = (x < 0.0f ? 0.0f : (x > thr ? thr : x)) * inv;
+        store(out + k, ipow<Q - 1>(u) * g[k]);
+      }
+    }
+  }
+}
+
+template <typename T>
+int pool_q(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
+           const uint8_t* keep, int q, float thr, float* hv, float* ha, int nt) {
+  switch (q) {
+    case 2: pool_impl<T, 2>(Z, R, N, P, K, sR, sN, sP, keep, q, thr, hv, ha, nt); return 0;
+    case 3: pool_impl<T, 3>(Z, R, N, P, K, sR, sN, sP, keep, q, thr, hv, ha, nt); return 0;
+    case 4: pool_impl<T, 4>(Z, R, N, P, K, sR, sN, sP, keep, q, thr, hv, ha, nt); return 0;
+    case 5: pool_impl<T, 5>(Z, R, N, P, K, sR, sN, sP, keep, q, thr, hv, ha, nt); return 0;
+    case 6: pool_impl<T, 6>(Z, R, N, P, K, sR, sN, sP, keep, q, thr, hv, ha, nt); return 0;
+    default: return 1;
+  }
+}
+
+template <typename T>
+int grad_q(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
+           const uint8_t* keep, const float* dh, int q, float thr, T* dZ, int64_t oR, int64_t oN, int64_t oP,
+           int nt) {
+  switch (q) {
+    case 2: grad_impl<T, 2>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
+    case 3: grad_impl<T, 3>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
+    case 4: grad_impl<T, 4>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
+    case 5: grad_impl<T, 5>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
+    case 6: grad_impl<T, 6>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
+    default: return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int mrplab_pool(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN,
+                int64_t sP, const uint8_t* keep, int q, float thr, float* hv, float* ha, int nthreads) {
+  return bf16 ? pool_q(static_cast<const uint16_t*>(Z), R, N, P, K, sR, sN, sP, keep, q, thr, hv, ha, nthreads)
+              : pool_q(static_cast<const float*>(Z), R, N, P, K, sR, sN, sP, keep, q, thr, hv, ha, nthreads);
+}
+
+int mrplab_grad(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN,
+                int64_t sP, const uint8_t* keep, const float* dh, int q, float thr, void* dZ, int64_t oR,
+                int64_t oN, int64_t oP, int nthreads) {
+  return bf16 ? grad_q(static_cast<const uint16_t*>(Z), R, N, P, K, sR, sN, sP, keep, dh, q, thr,
+                       static_cast<uint16_t*>(dZ), oR, oN, oP, nthreads)
+              : grad_q(static_cast<const float*>(Z), R, N, P, K, sR, sN, sP, keep, dh, q, thr,
+                       static_cast<float*>(dZ), oR, oN, oP, nthreads);
+}
+
+}

@@ -1,0 +1,101 @@
+"""theory/native.py: the C++ kernels called directly (no eager fallback in the way) against net.py's
+definitions in float64, in every layout, dtype and q they take, and their rounding against torch's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrplab.theory import native, net, steps
+
+
+def _reference(Z, keep, dh, q, thr):
+    z = Z.double()
+    a, g = net.smoothed_relu(z, q, thr), net.smoothed_relu_grad(z, q, thr)
+    kf = keep.unsqueeze(-1).double()
+    return (a * kf).sum(2), a.sum(2), g * kf * dh.double().unsqueeze(2)
+
+
+def _z(layout: str, dtype, R=3, N=7, P=5, K=19, thr=1.3, seed=0):
+    """Z on all three pieces of the activation: [R, N, P, K] contiguous, a view of [N, P, R, K] (shared
+    data), or every other patch of a larger tensor (not dense: empty_like gives dZ other strides)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "per_run":
+        return (torch.randn(R, N, P, K, generator=g) * thr).to(dtype)
+    if layout == "shared":
+        return (torch.randn(N, P, R, K, generator=g) * thr).to(dtype).permute(2, 0, 1, 3)
+    return (torch.randn(R, N, 2 * P, K, generator=g) * thr).to(dtype)[:, :, ::2]
+
+
+@pytest.mark.parametrize("q", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["per_run", "shared", "strided"])
+def test_native_kernels_match_the_definitions(layout, dtype, q):
+    thr = 1.3
+    Z = _z(layout, dtype, thr=thr)
+    R, N, P, K = Z.shape
+    g = torch.Generator().manual_seed(1)
+    keep, dh = torch.rand(R, N, P, generator=g) < 0.5, torch.randn(R, N, K, generator=g)
+    out = native.pool(Z, keep, q, thr)
+    assert out is not None, "the native kernels declined a q they are built for"
+    h_vis, h_all = out
+    dZ = native.grad(Z, keep, dh, q, thr)
+    r_vis, r_all, r_dz = _reference(Z, keep, dh, q, thr)
+    torch.testing.assert_close(h_vis.double(), r_vis, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_all.double(), r_all, rtol=1e-5, atol=1e-5)
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-5  # dZ is rounded to Z's dtype
+    torch.testing.assert_close(dZ.double(), r_dz, rtol=tol, atol=1e-6)
+    assert dZ.dtype == dtype and dZ.stride() == torch.empty_like(Z).stride()
+    assert (dZ[~keep] == 0).all()
+    same, again = native.pool(Z, None, q, thr)
+    assert same is again and torch.equal(same, h_all)  # one sum order with and without a mask
+    everywhere = _reference(Z, torch.ones_like(keep), dh, q, thr)[2]
+    torch.testing.assert_close(native.grad(Z, None, dh, q, thr).double(), everywhere, rtol=tol, atol=1e-6)
+
+
+def test_native_bf16_rounding_is_torchs_bit_for_bit():
+    """q = 2: dZ = u * dh is one fp32 product in both, so the bf16 bits must agree exactly, ties and
+    infinities included; NaN stays NaN (torch's own vector and scalar paths write different NaN bits)."""
+    g = torch.Generator().manual_seed(3)
+    Z = torch.rand(2, 64, 4, 33, generator=g).to(torch.bfloat16)  # u = z on [0, 1): no clamp rounding
+    Z[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    dh = torch.randn(2, 64, 33, generator=g)
+    dh[0, 0, 4:8] = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 2**-130])  # ties and a denormal
+    Z[0, 0, 0, 4:8] = 2.0  # u = 1: dZ = dh, so the first three are exact halfway cases
+    want = (Z.float().clamp(0.0, 1.0) * dh.unsqueeze(2)).to(torch.bfloat16)
+    got = native.grad(Z, None, dh, 2, 1.0)
+    nan = want.isnan()
+    assert nan.sum() == Z.isnan().sum() == 1 and torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def test_native_results_do_not_depend_on_the_thread_count():
+    Z = _z("per_run", torch.float32, R=2, N=33)
+    g = torch.Generator().manual_seed(2)
+    keep, dh = torch.rand(2, 33, 5, generator=g) < 0.5, torch.randn(2, 33, 19, generator=g)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append((*native.pool(Z, keep, 4, 1.3), native.grad(Z, keep, dh, 4, 1.3)))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_what_the_native_kernels_do_not_take_runs_eagerly():
+    """A q beyond the built ones, float64, or a Z strided along K: ops(True) gives the eager numbers."""
+    Z = _z("per_run", torch.float32)
+    g = torch.Generator().manual_seed(4)
+    keep, dh = torch.rand(*Z.shape[:3], generator=g) < 0.5, torch.randn(*Z.shape[:2], Z.shape[3], generator=g)
+    assert native.pool(Z, keep, 7, 1.3) is None and native.grad(Z, keep, dh, 7, 1.3) is None
+    fused = steps.ops(True)
+    wide = torch.randn(3, 7, 5, 38, generator=g)
+    for z, q in ((Z, 7), (Z.double(), 4), (wide[..., ::2], 4)):
+        assert not native.supports(z) or q == 7
+        for a, b in zip(fused.pool(z, keep, q, 1.3), steps.EAGER.pool(z, keep, q, 1.3)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.grad(z, keep, dh, q, 1.3), steps.patch_grad(z, keep, dh, q, 1.3),
+                                   rtol=1e-6, atol=1e-6)
