@@ -263,9 +263,9 @@ class TheoryConfig(Strict):
     seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compile: Literal["auto", True, False] = Field(
-        "auto", description="fuse the smoothed ReLU's elementwise work with torch.compile; auto = only where a "
-        "compiler works and the run is long enough to repay the measured compile time (mrplab/runtime.py); "
-        "same numbers either way"
+        "auto", description="fuse the smoothed ReLU's elementwise work (CPU: mrplab's C++ kernels, built once per "
+        "machine with the system C++ compiler; CUDA: torch.compile); auto = only where a compiler works and the "
+        "run is long enough to repay the measured build time (mrplab/runtime.py); same numbers either way"
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16: patches stored and multiplied in bfloat16; weights, activations, accumulation "

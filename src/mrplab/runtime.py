@@ -12,9 +12,10 @@ Ground floor: imports nothing of mrplab but ``errors``.
   avx512_bf16 / amx_bf16, or a CUDA device with bf16) *and* a short probe at
   the run's own matmul shapes measures it clearly faster than fp32 (some CPUs
   with native bf16 instructions still run fp32 matmuls faster).
-- **compile auto**: torch.compile only where a compiler works and the run is
-  long enough for the measured per-step saving to repay the measured compile
-  time.
+- **compile auto**: fused elementwise kernels (theory/native.py's C++ on the
+  CPU, torch.compile on CUDA) only where a compiler works and the run is long
+  enough for the measured per-step saving to repay the measured build or
+  compile time.
 
 Probe results are cached in ``<cache>/runtime.json`` keyed by device model,
 torch version, threads and shapes, so later runs on the machine measure
@@ -42,7 +43,7 @@ from mrplab.errors import MrplabError
 # bf16 must beat fp32 by this factor at the run's shapes to be chosen: it gives up 16 mantissa bits
 BF16_MIN_SPEEDUP = 1.15
 CACHE_VERSION = 1
-# below this much eager elementwise work in a run, compiling cannot pay (a compile with warm caches ~1 s)
+# below this much eager elementwise work in a run, fusing is not worth a probe (torch.compile with warm caches ~1 s)
 MIN_COMPILE_S = 2.0
 
 
@@ -427,7 +428,7 @@ def choose_compile(requested: bool | str, device: torch.device, key: Any, calls:
             probed = True
         cache_write(ckey, entry)
     if not entry.get("works"):
-        return False, f"auto: torch.compile does not work here ({entry.get('error')})", False
+        return False, f"auto: the fused kernels do not work here ({entry.get('error')})", False
     saving_s = calls * (entry["eager_ms"] - entry["compiled_ms"]) / 1e3
     cost_s = 0.0 if probed else float(entry["compile_s"])
     facts = (f"{calls} calls x ({entry['eager_ms']:.2f} eager - {entry['compiled_ms']:.2f} compiled ms) = "
