@@ -428,7 +428,7 @@ def choose_compile(requested: bool | str, device: torch.device, key: Any, calls:
             probed = True
         cache_write(ckey, entry)
     if not entry.get("works"):
-        return False, f"auto: the fused kernels do not work here ({entry.get('error')})", False
+        return False, f"auto: compiling the fused kernels does not work here ({entry.get('error')})", False
     saving_s = calls * (entry["eager_ms"] - entry["compiled_ms"]) / 1e3
     cost_s = 0.0 if probed else float(entry["compile_s"])
     facts = (f"{calls} calls x ({entry['eager_ms']:.2f} eager - {entry['compiled_ms']:.2f} compiled ms) = "
