@@ -2,9 +2,10 @@
 
 Two measurements, written to benchmarks/results/patch_kernels.json:
 
-- per step, in this process: ms of one step's two passes over Z (pool, then grad) at the default
-  run's chunk shape [3, 1000, 16, 80] with a mask, for eager, torch.compile (inductor) and native,
-  fp32 and bf16; the three are timed in turn, round after round, and each keeps its best round;
+- per step, in this process: ms of one step's two passes over Z (pool, then grad) with a mask at
+  the default run's chunk shape [3, 1000, 16, 80], and for shared data at 8 runs laid out as their
+  one matmul writes them, for eager, torch.compile (inductor) and native, fp32 and bf16; the three
+  are timed in turn, round after round, and each keeps its best round;
 - start-up, in fresh processes with warm caches (both built once before timing): seconds from
   launching `python` to the end of the first fused pool and grad, i.e. what a run pays before its
   first fused step (importing torch, the compiler stack or the library, loading the kernels). The
@@ -30,7 +31,7 @@ from _common import machine, write  # noqa: E402
 from mrplab import runtime  # noqa: E402
 from mrplab.theory import steps  # noqa: E402
 
-SHAPE, Q, THR = (3, 1000, 16, 80), 4, 1.0
+SHAPE, SHARED, Q, THR = (3, 1000, 16, 80), (8, 1000, 16, 80), 4, 1.0
 CHILD = """
 import sys, time, torch
 from mrplab.theory import steps
@@ -41,24 +42,36 @@ o.grad(Z, keep, dh, {q}, {thr})
 """
 
 
+def _inputs(layout: str, dtype: torch.dtype):
+    """Z, keep, dh: the default run's chunk [3, 1000, 16, 80], or for shared data 8 runs as the one
+    matmul X[N*P, d] @ W[d, 8*K] writes them (a view of [N, P, 8, K])."""
+    if layout == "per_run":
+        return steps._probe_args(SHAPE, THR, dtype, torch.device("cpu"))
+    c, N, P, K = SHARED
+    Z, keep, dh = steps._probe_args((N, P, c, K), THR, dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    return Z.permute(2, 0, 1, 3), torch.rand(c, N, P, generator=g) < 0.5, torch.randn(c, N, K, generator=g)
+
+
 def per_step(rounds: int) -> dict:
     runtime.keep_freed_memory()
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        Z, keep, dh = steps._probe_args(SHAPE, THR, dtype, torch.device("cpu"))
-        kernels = {"eager": steps.EAGER, "inductor": steps.fused("inductor"), "native": steps.fused("native")}
-        best = {name: float("inf") for name in kernels}
-        for _ in range(rounds):
-            for name, o in kernels.items():
-                def step(o=o):
-                    o.pool(Z, keep, Q, THR)
-                    o.grad(Z, keep, dh, Q, THR)
-                best[name] = min(best[name], runtime.best_time(step, 0.2) * 1e3)
-        name = str(dtype).removeprefix("torch.")
-        out[name] = {"ms": best, "native_vs_inductor": best["native"] / best["inductor"],
-                     "native_vs_eager": best["native"] / best["eager"]}
-        print(f"{name}: per step eager {best['eager']:.3f} ms, inductor {best['inductor']:.3f} ms, "
-              f"native {best['native']:.3f} ms (native / inductor {out[name]['native_vs_inductor']:.2f})")
+    kernels = {"eager": steps.EAGER, "inductor": steps.fused("inductor"), "native": steps.fused("native")}
+    for layout in ("per_run", "shared"):
+        for dtype in (torch.float32, torch.bfloat16):
+            Z, keep, dh = _inputs(layout, dtype)
+            best = {name: float("inf") for name in kernels}
+            for _ in range(rounds):
+                for name, o in kernels.items():
+                    def step(o=o):
+                        o.pool(Z, keep, Q, THR)
+                        o.grad(Z, keep, dh, Q, THR)
+                    best[name] = min(best[name], runtime.best_time(step, 0.2) * 1e3)
+            row = f"{layout} {str(dtype).removeprefix('torch.')}"
+            out[row] = {"shape": list(Z.shape), "ms": best, "native_vs_inductor": best["native"] / best["inductor"],
+                        "native_vs_eager": best["native"] / best["eager"]}
+            print(f"{row} {list(Z.shape)}: per step eager {best['eager']:.3f} ms, inductor {best['inductor']:.3f} "
+                  f"ms, native {best['native']:.3f} ms (native / inductor {out[row]['native_vs_inductor']:.2f})")
     return out
 
 

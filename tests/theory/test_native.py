@@ -99,3 +99,52 @@ def test_what_the_native_kernels_do_not_take_runs_eagerly():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(fused.grad(z, keep, dh, q, 1.3), steps.patch_grad(z, keep, dh, q, 1.3),
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty kernel cache and no library loaded in this process (restored afterwards)."""
+    monkeypatch.setenv("MRPLAB_CACHE_DIR", str(tmp_path / "cache"))
+    native._load.cache_clear()
+    yield tmp_path
+    native._load.cache_clear()
+
+
+def _check_kernels_work():
+    Z = _z("per_run", torch.float32)
+    keep = torch.rand(*Z.shape[:3], generator=torch.Generator().manual_seed(5)) < 0.5
+    r_vis, r_all, _ = _reference(Z, keep, torch.zeros(*Z.shape[:2], Z.shape[3]), 4, 1.3)
+    h_vis, h_all = native.pool(Z, keep, 4, 1.3)
+    torch.testing.assert_close(h_all.double(), r_all, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernels(fresh_build, monkeypatch):
+    """Apple's clang rejects -fopenmp: the build without OpenMP (one thread per call) is used instead."""
+    real = native.compiler()
+    cxx = fresh_build / "bin" / "c++"
+    cxx.parent.mkdir()
+    cxx.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
+                   "{ echo \"clang: error: unsupported option '-fopenmp'\" >&2; exit 1; }; done\n"
+                   f"exec {real} \"$@\"\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    _check_kernels_work()
+    assert len(list((fresh_build / "cache" / "kernels").glob("*.so"))) == 1
+
+
+def test_a_damaged_build_is_built_anew(fresh_build):
+    """A file that does not load (cut short, or from another system) is rebuilt in place. (A fresh path:
+    a library this process already loaded would be answered from the loader's own table.)"""
+    path, command = native.library_path(native.compiler(), native.flag_sets()[0])
+    path.write_bytes(b"not a shared library")
+    lib = native._open(path, command)
+    assert path.read_bytes()[:4] == b"\x7fELF" and lib.mrplab_pool is not None
+
+
+def test_an_unwritable_cache_builds_in_the_temporary_folder(fresh_build, monkeypatch):
+    blocker = fresh_build / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MRPLAB_CACHE_DIR", str(blocker / "cache"))  # under a file: no folder can be made
+    monkeypatch.setattr("tempfile.tempdir", str(fresh_build))
+    _check_kernels_work()
+    assert len(list(fresh_build.glob("mrplab-kernels-*/*.so"))) == 1

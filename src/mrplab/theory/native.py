@@ -63,25 +63,39 @@ def isa_flags() -> list[str]:
     return []
 
 
-def _flags() -> list[str]:
-    return ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", *isa_flags()]
+def flag_sets() -> list[list[str]]:
+    """Compiler flags to try in order: with OpenMP, then without (one thread per call; a compiler that
+    lacks OpenMP, such as Apple's clang, still builds the vectorised loops)."""
+    base = ["-O3", "-shared", "-fPIC", "-std=c++17", *isa_flags()]
+    return [[*base, "-fopenmp"], [*base, "-fopenmp-simd"]]
 
 
-def library_path() -> tuple[Path, list[str]]:
+def kernel_dir() -> Path:
+    """``<cache>/kernels``, or where that cannot be written, a folder in the system's temporary directory."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    for folder in (runtime.cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"mrplab-kernels-{uid}"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise BuildError("no writable folder for the fused kernels (set MRPLAB_CACHE_DIR to one)")
+
+
+def library_path(cxx: str, flags: list[str]) -> tuple[Path, list[str]]:
     """Where the build for this source, compiler and flags lives, and the command that builds it."""
-    cxx, flags = compiler(), _flags()
     tag = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cxx.encode(), " ".join(flags).encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
-    path = runtime.cache_dir() / "kernels" / f"patch_kernels-{tag}.so"
-    return path, [cxx, *flags, str(SOURCE), "-o"]
+    return kernel_dir() / f"patch_kernels-{tag}.so", [cxx, *flags, str(SOURCE), "-o"]
 
 
 def build(path: Path, command: list[str]) -> None:
     """Compile to a temporary file beside ``path`` and rename it in place (concurrent builds are safe)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build.", suffix=".so")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build.", suffix=".so")
+        os.close(fd)
         out = subprocess.run([*command, tmp], capture_output=True, text=True, timeout=300)
         if out.returncode != 0:
             lines = (out.stderr or out.stdout).strip().splitlines() or [f"exit code {out.returncode}"]
@@ -90,7 +104,7 @@ def build(path: Path, command: list[str]) -> None:
     except (OSError, subprocess.TimeoutExpired) as err:
         raise BuildError(f"building the fused kernels failed: {err}") from err
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -103,17 +117,37 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+def _open(path: Path, command: list[str]) -> ctypes.CDLL:
+    """Load a build; one that does not load (damaged, or from another system) is built anew once."""
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        build(path, command)
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as err:
+            raise BuildError(f"loading the fused kernels failed: {err}") from err
+
+
 @functools.cache
 def _load() -> ctypes.CDLL | BuildError:
     try:
-        path, command = library_path()
-        if not path.exists():
-            build(path, command)
-        lib = ctypes.CDLL(str(path))
+        cxx = compiler()
+        builds = [library_path(cxx, flags) for flags in flag_sets()]
+        lib = next((_open(path, cmd) for path, cmd in builds if path.exists()), None)
+        failures: list[BuildError] = []
+        for path, cmd in builds if lib is None else ():
+            try:
+                build(path, cmd)
+            except BuildError as err:
+                failures.append(err)
+                continue
+            lib = _open(path, cmd)
+            break
+        if lib is None:
+            return failures[0]
     except BuildError as err:
         return err
-    except OSError as err:  # a build that does not load (a foreign or damaged file)
-        return BuildError(f"loading the fused kernels failed: {err}")
     lib.mrplab_pool.argtypes = [*_LAYOUT, _INT, _F32, _PTR, _PTR, _INT]
     lib.mrplab_grad.argtypes = [*_LAYOUT, _PTR, _INT, _F32, _PTR, _I64, _I64, _I64, _INT]
     lib.mrplab_pool.restype = lib.mrplab_grad.restype = _INT

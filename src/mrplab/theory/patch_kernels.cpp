@@ -7,11 +7,11 @@
 //                in Z's dtype (bf16 rounded to nearest even, as torch does) at dZ's own strides.
 // act(z) = max(z - thr, 0) + (thr / q) u^q and act'(z) = u^(q - 1), u = clamp(z, 0, thr) / thr: net.py's
 // smoothed ReLU. All arithmetic in fp32; the sum over patches runs in patch order. Work is split over
-// the (r, n) rows with the OpenMP runtime torch itself uses. Return 0, or 1 for a q the kernels lack
-// (the caller then computes the same thing eagerly). Built once per machine by native.py.
+// the (r, n) rows with the OpenMP runtime torch itself uses (one thread in a build without OpenMP).
+// Return 0, or 1 for a q the kernels lack (the caller then computes the same thing eagerly).
+// Built once per machine by native.py.
 #include <cstdint>
 #include <cstring>
-#include <omp.h>
 
 namespace {
 
@@ -29,9 +29,10 @@ template <typename T, int Q>
 void pool_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
                const uint8_t* keep, int q, float thr, float* hv, float* ha, int nthreads) {
   const float inv = 1.0f / thr, c = thr / float(q);
+  const bool r_inner = sR < sN;  // walk Z in memory order: shared data lays it out [N, P, R, K]
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t rn = 0; rn < R * N; ++rn) {
-    const int64_t r = rn / N, n = rn % N;
+  for (int64_t i = 0; i < R * N; ++i) {
+    const int64_t r = r_inner ? i % R : i / N, n = r_inner ? i / R : i % N, rn = r * N + n;
     float* a_all = ha + rn * K;
     float* a_vis = keep ? hv + rn * K : nullptr;
     for (int64_t k = 0; k < K; ++k) a_all[k] = 0.0f;
@@ -67,9 +68,10 @@ void grad_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t s
                const uint8_t* keep, const float* dh, float thr, T* dZ, int64_t oR, int64_t oN, int64_t oP,
                int nthreads) {
   const float inv = 1.0f / thr;
+  const bool r_inner = sR < sN;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t rn = 0; rn < R * N; ++rn) {
-    const int64_t r = rn / N, n = rn % N;
+  for (int64_t i = 0; i < R * N; ++i) {
+    const int64_t r = r_inner ? i % R : i / N, n = r_inner ? i / R : i % N, rn = r * N + n;
     const float* g = dh + rn * K;
     for (int64_t p = 0; p < P; ++p) {
       const T* z = Z + r * sR + n * sN + p * sP;
