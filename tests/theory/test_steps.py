@@ -312,8 +312,6 @@ def _reference_patch_ops(Z, keep, dh, q, thr):
 def test_patch_ops_match_the_reference_in_both_layouts(kind, layout, dtype):
     """pool and grad on Z as the matmul writes it: [R, N, P, K], or for shared data a view of [N, P, R, K];
     dZ comes back in the matmul's dtype and layout (so the weight-gradient matmul reads it without a copy)."""
-    from mrplab.theory import steps
-
     R, N, P, K, q, thr = 3, 7, 5, 6, 4, 1.0
     g = torch.Generator().manual_seed(1)
     base = torch.randn(N, P, R, K, generator=g) * 0.8 * thr  # values on all three pieces of the activation

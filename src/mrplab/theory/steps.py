@@ -116,9 +116,6 @@ def _compiled_fns() -> tuple[Callable, Callable]:
     return torch.compile(pool_patches, dynamic=False), torch.compile(patch_grad, dynamic=False)
 
 
-FUSED_BACKENDS = ("native", "inductor")
-
-
 def backend_for(device: torch.device) -> str:
     """The fused kernels' implementation on a device: mrplab's C++ kernels on the CPU (native.py),
     torch.compile's elsewhere."""
@@ -162,7 +159,7 @@ def _with_fallback(fused: Callable, eager: Callable) -> Callable:
 
 @functools.cache
 def fused(backend: str) -> PatchOps:
-    """The kernels of one implementation (FUSED_BACKENDS), each falling back to eager on its own."""
+    """The kernels of one implementation ("native" or "inductor"), each falling back to eager on its own."""
     return PatchOps(_with_fallback(_fused_fn(backend, "pool"), EAGER.pool),
                     _with_fallback(_fused_fn(backend, "grad"), EAGER.grad))
 
