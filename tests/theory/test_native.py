@@ -91,6 +91,8 @@ def test_what_the_native_kernels_do_not_take_runs_eagerly():
     g = torch.Generator().manual_seed(4)
     keep, dh = torch.rand(*Z.shape[:3], generator=g) < 0.5, torch.randn(*Z.shape[:2], Z.shape[3], generator=g)
     assert native.pool(Z, keep, 7, 1.3) is None and native.grad(Z, keep, dh, 7, 1.3) is None
+    assert native.pool(Z, keep, 3.5, 1.3) is None and native.grad(Z, keep, dh, 3.5, 1.3) is None
+    assert all(torch.equal(a, b) for a, b in zip(native.pool(Z, keep, 4.0, 1), native.pool(Z, keep, 4, 1.0)))
     fused = steps.ops(True)
     wide = torch.randn(3, 7, 5, 38, generator=g)
     for z, q in ((Z, 7), (Z.double(), 4), (wide[..., ::2], 4)):

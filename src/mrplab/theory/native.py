@@ -166,23 +166,31 @@ def _keep(keep: torch.Tensor | None, Z: torch.Tensor):
     return k, k.data_ptr()
 
 
+def _whole(q) -> int | None:
+    return int(q) if float(q).is_integer() else None
+
+
 def pool(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float):
     """steps.pool_patches, fused; None where the kernels lack this q."""
+    if (q := _whole(q)) is None:
+        return None
     R, N, P, K = Z.shape
     h_all = torch.empty(R, N, K, dtype=torch.float32)
     h_vis = torch.empty_like(h_all) if keep is not None else h_all
     k, k_ptr = _keep(keep, Z)
     rc = library().mrplab_pool(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], k_ptr,
-                               q, thr, h_vis.data_ptr(), h_all.data_ptr(), torch.get_num_threads())
+                               q, float(thr), h_vis.data_ptr(), h_all.data_ptr(), torch.get_num_threads())
     return None if rc else (h_vis, h_all)
 
 
 def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float):
     """steps.patch_grad, fused: dZ in Z's dtype and layout; None where the kernels lack this q."""
+    if (q := _whole(q)) is None:
+        return None
     R, N, P, K = Z.shape
     dZ = torch.empty_like(Z)
     g = dh.to(torch.float32).expand(R, N, K).contiguous()
     k, k_ptr = _keep(keep, Z)
     rc = library().mrplab_grad(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], k_ptr,
-                               g.data_ptr(), q, thr, dZ.data_ptr(), *dZ.stride()[:3], torch.get_num_threads())
+                               g.data_ptr(), q, float(thr), dZ.data_ptr(), *dZ.stride()[:3], torch.get_num_threads())
     return None if rc else dZ
