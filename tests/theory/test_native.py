@@ -6,14 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrplab.theory import native, net, steps
-
-
-def _reference(Z, keep, dh, q, thr):
-    z = Z.double()
-    a, g = net.smoothed_relu(z, q, thr), net.smoothed_relu_grad(z, q, thr)
-    kf = keep.unsqueeze(-1).double()
-    return (a * kf).sum(2), a.sum(2), g * kf * dh.double().unsqueeze(2)
+from mrplab.theory import native, steps
+from tests.theory.helpers import reference_patch_ops
 
 
 def _z(layout: str, dtype, R=3, N=7, P=5, K=19, thr=1.3, seed=0):
@@ -40,7 +34,7 @@ def test_native_kernels_match_the_definitions(layout, dtype, q):
     assert out is not None, "the native kernels declined a q they are built for"
     h_vis, h_all = out
     dZ = native.grad(Z, keep, dh, q, thr)
-    r_vis, r_all, r_dz = _reference(Z, keep, dh, q, thr)
+    r_vis, r_all, r_dz = reference_patch_ops(Z, keep, dh, q, thr)
     torch.testing.assert_close(h_vis.double(), r_vis, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h_all.double(), r_all, rtol=1e-5, atol=1e-5)
     tol = 8e-3 if dtype == torch.bfloat16 else 1e-5  # dZ is rounded to Z's dtype
@@ -49,7 +43,7 @@ def test_native_kernels_match_the_definitions(layout, dtype, q):
     assert (dZ[~keep] == 0).all()
     same, again = native.pool(Z, None, q, thr)
     assert same is again and torch.equal(same, h_all)  # one sum order with and without a mask
-    everywhere = _reference(Z, torch.ones_like(keep), dh, q, thr)[2]
+    everywhere = reference_patch_ops(Z, torch.ones_like(keep), dh, q, thr)[2]
     torch.testing.assert_close(native.grad(Z, None, dh, q, thr).double(), everywhere, rtol=tol, atol=1e-6)
 
 
@@ -115,7 +109,7 @@ def fresh_build(monkeypatch, tmp_path):
 def _check_kernels_work():
     Z = _z("per_run", torch.float32)
     keep = torch.rand(*Z.shape[:3], generator=torch.Generator().manual_seed(5)) < 0.5
-    r_vis, r_all, _ = _reference(Z, keep, torch.zeros(*Z.shape[:2], Z.shape[3]), 4, 1.3)
+    r_vis, r_all, _ = reference_patch_ops(Z, keep, torch.zeros(*Z.shape[:2], Z.shape[3]), 4, 1.3)
     h_vis, h_all = native.pool(Z, keep, 4, 1.3)
     torch.testing.assert_close(h_all.double(), r_all, rtol=1e-5, atol=1e-5)
 

@@ -11,6 +11,7 @@ from mrplab.rng import generator
 from mrplab.theory import net, steps
 from mrplab.theory.objectives import (cross_entropy, fit_decoder, mae_pixel_loss, make_run_masks, mrp_teacher_loss,
                                       normalise_target)
+from tests.theory.helpers import reference_patch_ops
 
 R, N, P, d, k, m = 2, 12, 6, 10, 3, 2
 K = k * m
@@ -298,14 +299,6 @@ def _kernels(kind: str) -> steps.PatchOps:
     return {"eager": steps.EAGER, "compiled": steps.ops(True), "inductor": steps.fused("inductor")}[kind]
 
 
-def _reference_patch_ops(Z, keep, dh, q, thr):
-    """The forward and backward of the elementwise kernels, written from net.py's definitions."""
-    z = Z.double()
-    a, g = net.smoothed_relu(z, q, thr), net.smoothed_relu_grad(z, q, thr)
-    kf = keep.unsqueeze(-1).double()
-    return (a * kf).sum(2), a.sum(2), g * kf * dh.double().unsqueeze(2)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["per_run", "shared"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -320,7 +313,7 @@ def test_patch_ops_match_the_reference_in_both_layouts(kind, layout, dtype):
     ops = _kernels(kind)
     h_vis, h_all = ops.pool(Z, keep, q, thr)
     dZ = ops.grad(Z, keep, dh, q, thr)
-    r_vis, r_all, r_dz = _reference_patch_ops(Z, keep, dh, q, thr)
+    r_vis, r_all, r_dz = reference_patch_ops(Z, keep, dh, q, thr)
     torch.testing.assert_close(h_vis.double(), r_vis, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h_all.double(), r_all, rtol=1e-5, atol=1e-6)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # dZ is rounded to the matmul's dtype

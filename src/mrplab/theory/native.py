@@ -134,20 +134,22 @@ def _load() -> ctypes.CDLL | BuildError:
     try:
         cxx = compiler()
         builds = [library_path(cxx, flags) for flags in flag_sets()]
-        lib = next((_open(path, cmd) for path, cmd in builds if path.exists()), None)
+        existing = [(path, cmd) for path, cmd in builds if path.exists()]
         failures: list[BuildError] = []
-        for path, cmd in builds if lib is None else ():
-            try:
-                build(path, cmd)
-            except BuildError as err:
-                failures.append(err)
-                continue
-            lib = _open(path, cmd)
-            break
-        if lib is None:
-            return failures[0]
+        for path, cmd in existing[:1] or builds:  # a build already there, else the first that builds
+            if not existing:
+                try:
+                    build(path, cmd)
+                except BuildError as err:
+                    failures.append(err)
+                    continue
+            return _typed(_open(path, cmd))
+        return failures[0]
     except BuildError as err:
         return err
+
+
+def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mrplab_pool.argtypes = [*_LAYOUT, _INT, _F32, _PTR, _PTR, _INT]
     lib.mrplab_grad.argtypes = [*_LAYOUT, _PTR, _INT, _F32, _PTR, _I64, _I64, _I64, _INT]
     lib.mrplab_pool.restype = lib.mrplab_grad.restype = _INT
