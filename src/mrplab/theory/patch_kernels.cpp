@@ -25,6 +25,11 @@ inline void store(uint16_t* p, float v) {  // round to nearest even, NaN -> 0x7F
 
 template <int Q> inline float ipow(float u) { float r = u; for (int i = 1; i < Q; ++i) r *= u; return r; }
 
+// u = clamp(x, 0, thr) / thr and max(x - thr, 0), written so that they compile to one min / max instruction each
+// (a NaN stays NaN in u, as in torch.clamp); nested selects compiled to mask arithmetic ~20 % slower.
+inline float unit(float x, float thr, float inv) { const float m = thr < x ? thr : x; return (0.0f > m ? 0.0f : m) * inv; }
+inline float ramp(float x, float thr) { const float l = x - thr; return l > 0.0f ? l : 0.0f; }
+
 template <typename T, int Q>
 void pool_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
                const uint8_t* keep, int q, float thr, float* hv, float* ha, int nthreads) {
@@ -44,9 +49,7 @@ void pool_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t s
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) {
           const float x = load(z + k);
-          const float u = (x < 0.0f ? 0.0f : (x > thr ? thr : x)) * inv;
-          const float lin = x - thr > 0.0f ? x - thr : 0.0f;
-          const float a = lin + c * ipow<Q>(u);
+          const float a = ramp(x, thr) + c * ipow<Q>(unit(x, thr, inv));
           a_all[k] += a;
           a_vis[k] += a;
         }
@@ -54,9 +57,7 @@ void pool_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t s
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) {
           const float x = load(z + k);
-          const float u = (x < 0.0f ? 0.0f : (x > thr ? thr : x)) * inv;
-          const float lin = x - thr > 0.0f ? x - thr : 0.0f;
-          a_all[k] += lin + c * ipow<Q>(u);
+          a_all[k] += ramp(x, thr) + c * ipow<Q>(unit(x, thr, inv));
         }
       }
     }
@@ -82,9 +83,7 @@ void grad_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t s
       }
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) {
-        const float x = load(z + k);
-        const float u = (x < 0.0f ? 0.0f : (x > thr ? thr : x)) * inv;
-        store(out + k, ipow<Q - 1>(u) * g[k]);
+        store(out + k, ipow<Q - 1>(unit(load(z + k), thr, inv)) * g[k]);
       }
     }
   }
