@@ -19,7 +19,7 @@ from mrplab.runtime import resolve_device
 from mrplab.rng import generator
 from mrplab.theory import claims, net, probes, steps
 from mrplab.theory.data import MultiViewData, TheoryData, make_data
-from mrplab.theory.train import RunGens, finetune, finetune_steps, pretrain_mrp, train_sl
+from mrplab.theory.train import RunGens, finetune, finetune_steps, pretrain_mrp_variants, train_sl
 
 
 def _tolist(t: torch.Tensor) -> list:
@@ -393,10 +393,10 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     sl = train_sl(W_init, data.train, cfg.sl, cfg.net, cfg.data.k, gens("sl"), rec, log_every, ops)
     W_sl = sl.W
     t_sl = time.perf_counter()
-    mrp = pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, ops)
-    W_controls = {name: pretrain_mrp(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, ops,
-                                     phase=f"mrp_{name}", **CONTROLS[name]).W
-                  for name in controls(cfg)}  # same init, data and masks; one thing changed
+    variants = {"mrp": {}, **{f"mrp_{name}": CONTROLS[name] for name in controls(cfg)}}
+    trained = pretrain_mrp_variants(W_init, data.pretrain, cfg.mrp, cfg.net, gens("mrp"), rec, log_every, ops, variants)
+    mrp = trained["mrp"]
+    W_controls = {name: trained[f"mrp_{name}"].W for name in controls(cfg)}  # same init, data and masks; one thing changed
     t_mrp = time.perf_counter()
     ft = finetune(mrp.W, data.train, cfg.finetune, cfg.net, cfg.data.k, gens("ft"), rec, log_every, ops)
     t_ft = time.perf_counter()

@@ -134,43 +134,64 @@ def pretrain_mrp(
     patches or the masked ones. fit_decoder / shuffled override cfg.decoder_fit /
     cfg.target_pairing (the control runs); ``phase`` names the run in the hooks' logs.
     """
-    R, d, K = W0.shape
+    variant = {"fit_decoder": fit_decoder, "shuffled": shuffled}
+    return pretrain_mrp_variants(W0, data, cfg, netc, gens, hooks, log_every, ops, {phase: variant})[phase]
+
+
+class _MRPRun:
+    """One variant's state in pretrain_mrp_variants: encoder, decoder, EMA teacher, objective, guard."""
+
+    def __init__(self, W0: torch.Tensor, cfg: MRPConfig, netc: NetConfig, phase: str, overrides: dict):
+        R, d, K = W0.shape
+        self.phase, self.W = phase, W0.clone()
+        if cfg.target == "teacher":
+            self.D = net.init_decoder(R, K, netc.decoder).to(W0.device)
+        else:
+            self.D = torch.zeros(R, K, d, device=W0.device)
+        ema = cfg.teacher_momentum > 0 or (cfg.teacher_momentum_end or 0.0) > 0
+        self.W_t = W0.clone() if ema else None
+        self.spec = steps.MRPSpec.of(cfg, netc.q, overrides.get("fit_decoder"), overrides.get("shuffled"))
+        self.guard = Guard("mask-reconstruction pretraining" + ("" if phase == "mrp" else f" ({phase})"), "mrp.lr")
+
+
+def pretrain_mrp_variants(
+    W0: torch.Tensor, data: MultiViewData, cfg: MRPConfig, netc: NetConfig, gens: RunGens,
+    hooks: Hooks, log_every: int, ops: steps.PatchOps, variants: dict[str, dict],
+) -> dict[str, MRPResult]:
+    """pretrain_mrp for several variants at once, by phase name: {phase: {"fit_decoder": ..., "shuffled": ...}}
+    (None = the config's choice). They share the initial weights, the data and the masks, so each step
+    draws its batch and its masks once for all of them (the mask draw costs ~0.1 ms per run and step);
+    every variant's numbers are those it gets trained alone."""
     q, thr = netc.q, netc.threshold
-    W = W0.clone()
-    if cfg.target == "teacher":
-        D = net.init_decoder(R, K, netc.decoder).to(W0.device)
-    else:
-        D = torch.zeros(R, K, d, device=W0.device)
-    ema = cfg.teacher_momentum > 0 or (cfg.teacher_momentum_end or 0.0) > 0
-    W_t = W0.clone() if ema else None
+    runs = [_MRPRun(W0, cfg, netc, phase, overrides) for phase, overrides in variants.items()]
     dec_lr = cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr
-    spec = steps.MRPSpec.of(cfg, q, fit_decoder, shuffled)
     P = data.X.shape[-2]
-    guard = Guard("mask-reconstruction pretraining" + ("" if phase == "mrp" else f" ({phase})"), "mrp.lr")
     Xt = _full_set_t(data, cfg.batch_size)
     for t in range(cfg.steps + 1):
-        idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
+        idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W0.device)
         X, _, Xt_b = _select(data, idx, Xt)
-        mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W.device)  # [R, N, P] True = masked
-        out = steps.mrp(X, W, D, mask, q, thr, spec, W_t, ops, Xt_b)
-        guard.check(t, out.loss, weight_norm(W, runs=True))
-        if spec.fit_decoder:
-            D = out.D  # the least-squares decoder for the current encoder
-        if _is_log_step(t, cfg.steps, log_every):
-            state = {"W": W, "D": D, "loss": out.loss, "pred_var": out.pred_var}
-            if out.target_var is not None:
-                state["target_var"] = out.target_var
-            hooks.log(phase, t, state)
-        if t == cfg.steps:
-            break
-        W.sub_(out.dW, alpha=cfg.lr)
-        if not spec.fit_decoder:
-            D.sub_(out.dD, alpha=dec_lr)
-        if W_t is not None:
-            tau = cfg.momentum(t + 1)
-            W_t.mul_(tau).add_(W, alpha=1.0 - tau)
-        hooks.advance()
-    return MRPResult(W=W, D=D)
+        mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W0.device)  # [R, N, P] True = masked
+        for run in runs:
+            W, spec = run.W, run.spec
+            out = steps.mrp(X, W, run.D, mask, q, thr, spec, run.W_t, ops, Xt_b)
+            run.guard.check(t, out.loss, weight_norm(W, runs=True))
+            if spec.fit_decoder:
+                run.D = out.D  # the least-squares decoder for the current encoder
+            if _is_log_step(t, cfg.steps, log_every):
+                state = {"W": W, "D": run.D, "loss": out.loss, "pred_var": out.pred_var}
+                if out.target_var is not None:
+                    state["target_var"] = out.target_var
+                hooks.log(run.phase, t, state)
+            if t == cfg.steps:
+                continue
+            W.sub_(out.dW, alpha=cfg.lr)
+            if not spec.fit_decoder:
+                run.D.sub_(out.dD, alpha=dec_lr)
+            if run.W_t is not None:
+                tau = cfg.momentum(t + 1)
+                run.W_t.mul_(tau).add_(W, alpha=1.0 - tau)
+            hooks.advance()
+    return {run.phase: MRPResult(W=run.W, D=run.D) for run in runs}
 
 
 # --------------------------------------------------------------------------- fine-tuning
