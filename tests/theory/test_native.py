@@ -72,7 +72,8 @@ def test_native_results_do_not_depend_on_the_thread_count():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append((*native.pool(Z, keep, 4, 1.3), native.grad(Z, keep, dh, 4, 1.3)))
+            outs.append((*native.pool(Z, keep, 4, 1.3), native.grad(Z, keep, dh, 4, 1.3),
+                         *native.diag_loss(dh.abs(), dh.roll(1, 1).abs(), dh[:, 0], 0.75)))
     finally:
         torch.set_num_threads(before)
     for other in outs[1:]:
@@ -85,6 +86,11 @@ def test_what_the_native_kernels_do_not_take_runs_eagerly():
     g = torch.Generator().manual_seed(4)
     keep, dh = torch.rand(*Z.shape[:3], generator=g) < 0.5, torch.randn(*Z.shape[:2], Z.shape[3], generator=g)
     assert native.pool(Z, keep, 7, 1.3) is None and native.grad(Z, keep, dh, 7, 1.3) is None
+    h, D = dh.abs(), dh[:, 0]
+    assert native.diag_loss(h.double(), h.double(), D.double(), 0.75) is None
+    for a, b in zip(steps.ops(True).diag_loss(h.double(), h.double() + 1, D.double(), 0.75),
+                    steps.diag_loss(h.double(), h.double() + 1, D.double(), 0.75)):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
     assert native.pool(Z, keep, 3.5, 1.3) is None and native.grad(Z, keep, dh, 3.5, 1.3) is None
     assert all(torch.equal(a, b) for a, b in zip(native.pool(Z, keep, 4.0, 1), native.pool(Z, keep, 4, 1.0)))
     fused = steps.ops(True)

@@ -1,6 +1,6 @@
 """The step's fused elementwise kernels on the CPU: patch_kernels.cpp, built once per machine.
 
-Two small C++ functions (no torch headers) compiled with the system C++ compiler
+Three small C++ functions (no torch headers) compiled with the system C++ compiler
 into a shared library under ``<cache>/kernels/`` and called through ctypes. The
 library's name hashes its source, the compiler and the flags, so a changed
 source or instruction set builds anew, and machines that share a cache folder
@@ -153,6 +153,8 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mrplab_pool.argtypes = [*_LAYOUT, _INT, _F32, _PTR, _PTR, _INT]
     lib.mrplab_grad.argtypes = [*_LAYOUT, _PTR, _INT, _F32, _PTR, _I64, _I64, _I64, _INT]
     lib.mrplab_pool.restype = lib.mrplab_grad.restype = _INT
+    lib.mrplab_diag_loss.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _PTR, _PTR, _PTR, _INT]
+    lib.mrplab_diag_loss.restype = None
     return lib
 
 
@@ -196,3 +198,16 @@ def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, t
     rc = library().mrplab_grad(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], k_ptr,
                                g.data_ptr(), q, float(thr), dZ.data_ptr(), *dZ.stride()[:3], torch.get_num_threads())
     return None if rc else dZ
+
+
+def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float):
+    """steps.diag_loss, fused: (loss [R], dD [R, K], dh [R, N, K]); None where the kernels do not take
+    these tensors (not fp32 on the CPU)."""
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in (h, t, D)):
+        return None
+    R, N, K = h.shape
+    h, t, D = h.contiguous(), t.expand(R, N, K).contiguous(), D.expand(R, K).contiguous()
+    col_loss, dD, dh = torch.empty(R, K), torch.empty(R, K), torch.empty(R, N, K)
+    library().mrplab_diag_loss(h.data_ptr(), t.data_ptr(), D.data_ptr(), R, N, K, float(power), col_loss.data_ptr(),
+                               dD.data_ptr(), dh.data_ptr(), torch.get_num_threads())
+    return col_loss.sum(-1), dD, dh

@@ -5,11 +5,17 @@
 //                h_vis[r, n, :] = the same sum over the visible patches; fp32 [R, N, K] contiguous.
 //   mrplab_grad: dZ[r, n, p, :] = act'(Z[r, n, p, :]) * dh[r, n, :] on visible patches, 0 on the others,
 //                in Z's dtype (bf16 rounded to nearest even, as torch does) at dZ's own strides.
+//   mrplab_diag_loss: the teacher-target loss of a diagonal decoder and its gradients (steps.diag_decoder_loss):
+//                pred = h * D, diff = pred - t, scale_k = max(mean_n t^2, 1e-30)^-power (1 for power 0),
+//                loss[r] = sum_k scale_k mean_n diff^2, dh = g * D and dD[r, k] = sum_n g * h with
+//                g = 2 scale_k diff / N; h, t, dh [R, N, K], D, dD [R, K], fp32 contiguous. The sums over
+//                samples run in sample order in double, one (run, block of kernels) per task.
 // act(z) = max(z - thr, 0) + (thr / q) u^q and act'(z) = u^(q - 1), u = clamp(z, 0, thr) / thr: net.py's
 // smoothed ReLU. All arithmetic in fp32; the sum over patches runs in patch order. Work is split over
 // the (r, n) rows with the OpenMP runtime torch itself uses (one thread in a build without OpenMP).
 // Return 0, or 1 for a q the kernels lack (the caller then computes the same thing eagerly).
 // Built once per machine by native.py.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -116,6 +122,56 @@ int grad_q(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, i
   }
 }
 
+constexpr int64_t KB = 16;  // kernels per task of mrplab_diag_loss
+
+// One run's kernels [k0, k0 + NK) (NK = KB, or nk <= KB for the last block when NK is 0).
+template <int64_t NK>
+void diag_loss_block(const float* hr, const float* tr, const float* d, int64_t N, int64_t K, float power,
+                     float* col_loss, float* dD, float* dhr, int64_t nk) {
+  const int64_t m = NK > 0 ? NK : nk;
+  double ms[KB] = {}, sq[KB] = {}, gh[KB] = {};
+  for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const float tt = tr[n * K + j], diff = hr[n * K + j] * d[j] - tt;
+      ms[j] += double(tt) * tt;
+      sq[j] += double(diff) * diff;
+    }
+  }
+  float g2[KB];
+  for (int64_t j = 0; j < m; ++j) {
+    const float mean_sq = float(ms[j] / double(N));
+    const float scale = power == 0.0f ? 1.0f : std::pow(mean_sq > 1e-30f ? mean_sq : 1e-30f, -power);
+    col_loss[j] = float(double(scale) * sq[j] / double(N));
+    g2[j] = 2.0f * scale / float(N);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const float hv = hr[n * K + j], g = (hv * d[j] - tr[n * K + j]) * g2[j];
+      dhr[n * K + j] = g * d[j];
+      gh[j] += double(g) * hv;
+    }
+  }
+  for (int64_t j = 0; j < m; ++j) dD[j] = float(gh[j]);
+}
+
+void diag_loss_impl(const float* h, const float* t, const float* D, int64_t R, int64_t N, int64_t K, float power,
+                    float* col_loss, float* dD, float* dh, int nthreads) {
+  const int64_t blocks = (K + KB - 1) / KB;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t task = 0; task < R * blocks; ++task) {
+    const int64_t r = task / blocks, k0 = (task % blocks) * KB, nk = K - k0 < KB ? K - k0 : KB;
+    const int64_t at = r * N * K + k0;
+    if (nk == KB)
+      diag_loss_block<KB>(h + at, t + at, D + r * K + k0, N, K, power, col_loss + r * K + k0, dD + r * K + k0,
+                          dh + at, nk);
+    else
+      diag_loss_block<0>(h + at, t + at, D + r * K + k0, N, K, power, col_loss + r * K + k0, dD + r * K + k0,
+                         dh + at, nk);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -133,6 +189,12 @@ int mrplab_grad(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_
                        static_cast<uint16_t*>(dZ), oR, oN, oP, nthreads)
               : grad_q(static_cast<const float*>(Z), R, N, P, K, sR, sN, sP, keep, dh, q, thr,
                        static_cast<float*>(dZ), oR, oN, oP, nthreads);
+}
+
+// col_loss [R, K]: each kernel's term of the loss (the caller sums them per run).
+void mrplab_diag_loss(const float* h, const float* t, const float* D, int64_t R, int64_t N, int64_t K, float power,
+                      float* col_loss, float* dD, float* dh, int nthreads) {
+  diag_loss_impl(h, t, D, R, N, K, power, col_loss, dD, dh, nthreads);
 }
 
 }
