@@ -388,3 +388,8 @@ def test_mrp_step_with_the_run_kernels_is_the_eager_step(kind):
         ref = steps.mrp(X, W, D, mask, Q, THR, spec, None, steps.EAGER)
         for a, b in ((out.loss, ref.loss), (out.dW, ref.dW), (out.dD, ref.dD)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
+
+
+def test_logged_variances_are_torchs_sample_variance():
+    x = torch.randn(3, 50, 7, generator=torch.Generator().manual_seed(6)) * 2 + 5
+    torch.testing.assert_close(steps._sample_var(x), x.var(dim=1).mean(-1))

@@ -366,12 +366,18 @@ class MRPGrads:
     @property
     def pred_var(self) -> torch.Tensor:
         """[R] variance across samples of the prediction, mean over channels (a logged diagnostic)."""
-        return self.pred.var(dim=1).mean(-1)
+        return _sample_var(self.pred)
 
     @property
     def target_var(self) -> torch.Tensor | None:
         """[R] the same for the teacher's target; None for pixel targets."""
-        return None if self.target is None else self.target.var(dim=1).mean(-1)
+        return None if self.target is None else _sample_var(self.target)
+
+
+def _sample_var(x: torch.Tensor) -> torch.Tensor:
+    """x.var(dim=1).mean(-1) for x [R, N, C], written out: torch's var over the middle axis is ~12x slower."""
+    c = x - x.mean(1, keepdim=True)
+    return (c * c).sum(1).div_(x.shape[1] - 1).mean(-1)
 
 
 def _sq_error_grad(pred: torch.Tensor, target: torch.Tensor, power: float, per_channel: bool):
