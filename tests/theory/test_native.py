@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrplab.theory import native, steps
+from mrplab.theory import native, net, steps
 from tests.theory.helpers import reference_patch_ops
 
 
@@ -47,6 +47,29 @@ def test_native_kernels_match_the_definitions(layout, dtype, q):
     torch.testing.assert_close(native.grad(Z, None, dh, q, thr).double(), everywhere, rtol=tol, atol=1e-6)
 
 
+@pytest.mark.parametrize("q", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("layout", ["per_run", "shared", "strided"])
+def test_native_sl_step_matches_the_definition(layout, q):
+    """native.sl against net.py in float64: loss, dZ and fitted, per-run and shared labels, fp32 and bf16 Z
+    (K = 18 = 3 classes x 6 kernels)."""
+    thr, k, m = 1.3, 3, 6
+    for dtype in (torch.float32, torch.bfloat16):
+        Z = _z(layout, dtype, K=k * m, thr=thr)
+        R, N = Z.shape[:2]
+        for y in (torch.randint(0, k, (R, N), generator=torch.Generator().manual_seed(7)),
+                  torch.randint(0, k, (1, N), generator=torch.Generator().manual_seed(8))):
+            loss, dZ, fitted = native.sl(Z, y, q, thr, k, m)
+            z = Z.double().requires_grad_(True)
+            logits = net.sl_logits(net.smoothed_relu(z, q, thr).sum(2), k, m)
+            ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.expand(R, N), reduction="none").mean(-1)
+            ref.sum().backward()
+            torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+            tol = 8e-3 if dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(dZ.double(), z.grad, rtol=tol, atol=1e-6 * z.grad.abs().max().item())
+            assert dZ.dtype == dtype and dZ.stride() == torch.empty_like(Z).stride()
+            assert torch.equal(fitted, (logits.argmax(-1) == y).all(-1))
+
+
 def test_native_bf16_rounding_is_torchs_bit_for_bit():
     """q = 2: dZ = u * dh is one fp32 product in both, so the bf16 bits must agree exactly, ties and
     infinities included; NaN stays NaN (torch's own vector and scalar paths write different NaN bits)."""
@@ -73,6 +96,7 @@ def test_native_results_do_not_depend_on_the_thread_count():
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             outs.append((*native.pool(Z, keep, 4, 1.3), native.grad(Z, keep, dh, 4, 1.3),
+                         *native.sl(Z, torch.arange(66).view(2, 33) % 19, 4, 1.3, 19, 1),
                          *native.diag_loss(dh.abs(), dh.roll(1, 1).abs(), dh[:, 0], 0.75)))
     finally:
         torch.set_num_threads(before)

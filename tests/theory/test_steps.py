@@ -393,3 +393,26 @@ def test_mrp_step_with_the_run_kernels_is_the_eager_step(kind):
 def test_logged_variances_are_torchs_sample_variance():
     x = torch.randn(3, 50, 7, generator=torch.Generator().manual_seed(6)) * 2 + 5
     torch.testing.assert_close(steps._sample_var(x), x.var(dim=1).mean(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Rd", [1, R])
+@pytest.mark.parametrize("kind", KINDS)
+def test_sl_step_with_the_run_kernels_is_the_reference(kind, Rd, dtype):
+    """The supervised step through the run's kernels (fused in one pass on the CPU), per-run or shared data
+    and labels, fp32 or bf16 patches: loss, dW and fitted as autograd gets them through net.py on the same
+    (rounded) matmul output."""
+    X, W, y, _ = _setup(Rd, scale=0.3)
+    Xc = X.to(dtype)
+    Wr = W.float().clone().requires_grad_(True)
+    Z = net.preact(Xc, Wr, native=True).double()  # the matmul as the step runs it, then float64
+    ref = cross_entropy(net.sl_logits(net.smoothed_relu(Z, Q, THR).sum(2), k, m), y)
+    ref.sum().backward()
+    logits = net.sl_logits(net.smoothed_relu(Z.detach(), Q, THR).sum(2), k, m)
+    loss, dW, fitted = steps.sl(Xc, y, W.float(), Q, THR, k, m, _kernels(kind))
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    _close(dW.double(), Wr.grad.double(), 2e-2 if dtype == torch.bfloat16 else 1e-5)  # dZ rounds to bf16
+    assert torch.equal(fitted, (logits.argmax(-1) == y).all(-1))
+    # a label set that every sample of run 0 gets right (from the reference's own argmax): fitted flips
+    y_fit = logits.argmax(-1)[:1].expand(Rd, N) if Rd == 1 else logits.argmax(-1)
+    assert steps.sl(Xc, y_fit, W.float(), Q, THR, k, m, _kernels(kind))[2][0]

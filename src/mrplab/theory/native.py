@@ -1,6 +1,6 @@
 """The step's fused elementwise kernels on the CPU: patch_kernels.cpp, built once per machine.
 
-Three small C++ functions (no torch headers) compiled with the system C++ compiler
+Four small C++ functions (no torch headers) compiled with the system C++ compiler
 into a shared library under ``<cache>/kernels/`` and called through ctypes. The
 library's name hashes its source, the compiler and the flags, so a changed
 source or instruction set builds anew, and machines that share a cache folder
@@ -153,6 +153,8 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mrplab_pool.argtypes = [*_LAYOUT, _INT, _F32, _PTR, _PTR, _INT]
     lib.mrplab_grad.argtypes = [*_LAYOUT, _PTR, _INT, _F32, _PTR, _I64, _I64, _I64, _INT]
     lib.mrplab_pool.restype = lib.mrplab_grad.restype = _INT
+    lib.mrplab_sl.argtypes = [*_LAYOUT[:-1], _PTR, _I64, _I64, _INT, _F32, _PTR, _I64, _I64, _I64, _PTR, _PTR, _INT]
+    lib.mrplab_sl.restype = _INT
     lib.mrplab_diag_loss.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _PTR, _PTR, _PTR, _INT]
     lib.mrplab_diag_loss.restype = None
     return lib
@@ -198,6 +200,22 @@ def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, t
     rc = library().mrplab_grad(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], k_ptr,
                                g.data_ptr(), q, float(thr), dZ.data_ptr(), *dZ.stride()[:3], torch.get_num_threads())
     return None if rc else dZ
+
+
+def sl(Z: torch.Tensor, y: torch.Tensor, q: int, thr: float, k: int, m: int):
+    """steps.sl_patch_step, fused (one pass over Z): (loss [R], dZ in Z's dtype and layout, fitted [R]);
+    None where the kernels lack this q."""
+    if (q := _whole(q)) is None:
+        return None
+    R, N, P, K = Z.shape
+    assert K == k * m, (K, k, m)
+    labels = y.to(torch.int64).contiguous()
+    dZ = torch.empty_like(Z)
+    row_loss, correct = torch.empty(R, N), torch.empty(R, N, dtype=torch.uint8)
+    rc = library().mrplab_sl(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], labels.data_ptr(),
+                             0 if labels.shape[0] == 1 else N, k, q, float(thr), dZ.data_ptr(), *dZ.stride()[:3],
+                             row_loss.data_ptr(), correct.data_ptr(), torch.get_num_threads())
+    return None if rc else (row_loss.mean(-1), dZ, correct.bool().all(-1))
 
 
 def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float):

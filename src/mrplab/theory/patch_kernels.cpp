@@ -5,6 +5,11 @@
 //                h_vis[r, n, :] = the same sum over the visible patches; fp32 [R, N, K] contiguous.
 //   mrplab_grad: dZ[r, n, p, :] = act'(Z[r, n, p, :]) * dh[r, n, :] on visible patches, 0 on the others,
 //                in Z's dtype (bf16 rounded to nearest even, as torch does) at dZ's own strides.
+//   mrplab_sl:   the supervised step on Z in one pass per (r, n) row (steps.sl_patch_step): h = the row's pooled
+//                act(Z), logits_i = sum of class i's m kernels (K = k m), softmax cross-entropy against the label,
+//                dZ = act'(Z) * dh with dh_j = dloss/dlogit_(j / m) / N, at dZ's own strides; writes each row's
+//                loss (-log softmax at the label) and whether its first largest logit is the label.
+//                y [Ry, N] int64 labels, Ry = 1 (shared) or R; the row is read from memory once.
 //   mrplab_diag_loss: the teacher-target loss of a diagonal decoder and its gradients (steps.diag_decoder_loss):
 //                pred = h * D, diff = pred - t, scale_k = max(mean_n t^2, 1e-30)^-power (1 for power 0),
 //                loss[r] = sum_k scale_k mean_n diff^2, dh = g * D and dD[r, k] = sum_n g * h with
@@ -18,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -122,6 +128,72 @@ int grad_q(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, i
   }
 }
 
+template <typename T, int Q>
+void sl_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
+             const int64_t* y, int64_t sy, int64_t k, float thr_, T* dZ, int64_t oR, int64_t oN, int64_t oP,
+             float* row_loss, uint8_t* correct, int nthreads) {
+  const bool r_inner = sR < sN;
+  const int64_t m = K / k;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> buf(2 * K + k);
+    float *h = buf.data(), *dh = h + K, *logit = dh + K;
+    const float thr = thr_, inv = 1.0f / thr, c = thr / float(Q);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < R * N; ++i) {
+      const int64_t r = r_inner ? i % R : i / N, n = r_inner ? i / R : i % N, rn = r * N + n;
+      const T* z = Z + r * sR + n * sN;
+      for (int64_t j = 0; j < K; ++j) h[j] = 0.0f;
+      for (int64_t p = 0; p < P; ++p) {
+        const T* zp = z + p * sP;
+#pragma omp simd
+        for (int64_t j = 0; j < K; ++j) {
+          const float x = load(zp + j);
+          h[j] += ramp(x, thr) + c * ipow<Q>(unit(x, thr, inv));
+        }
+      }
+      int64_t first = 0;
+      for (int64_t a = 0; a < k; ++a) {
+        float v = 0.0f;
+        for (int64_t j = a * m; j < (a + 1) * m; ++j) v += h[j];
+        logit[a] = v;
+        if (v > logit[first]) first = a;
+      }
+      const float top = logit[first];
+      float s = 0.0f;
+      for (int64_t a = 0; a < k; ++a) s += std::exp(logit[a] - top);
+      const int64_t label = y[r * sy + n];
+      row_loss[rn] = std::log(s) - (logit[label] - top);
+      correct[rn] = first == label;
+      for (int64_t a = 0; a < k; ++a) {
+        const float d = (std::exp(logit[a] - top) / s - (a == label ? 1.0f : 0.0f)) / float(N);
+        for (int64_t j = a * m; j < (a + 1) * m; ++j) dh[j] = d;
+      }
+      T* out = dZ + r * oR + n * oN;
+      for (int64_t p = 0; p < P; ++p) {
+        const T* zp = z + p * sP;
+        T* op = out + p * oP;
+#pragma omp simd
+        for (int64_t j = 0; j < K; ++j) store(op + j, ipow<Q - 1>(unit(load(zp + j), thr, inv)) * dh[j]);
+      }
+    }
+  }
+}
+
+template <typename T>
+int sl_q(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
+         const int64_t* y, int64_t sy, int64_t k, int q, float thr, T* dZ, int64_t oR, int64_t oN, int64_t oP,
+         float* row_loss, uint8_t* correct, int nt) {
+  switch (q) {
+    case 2: sl_impl<T, 2>(Z, R, N, P, K, sR, sN, sP, y, sy, k, thr, dZ, oR, oN, oP, row_loss, correct, nt); return 0;
+    case 3: sl_impl<T, 3>(Z, R, N, P, K, sR, sN, sP, y, sy, k, thr, dZ, oR, oN, oP, row_loss, correct, nt); return 0;
+    case 4: sl_impl<T, 4>(Z, R, N, P, K, sR, sN, sP, y, sy, k, thr, dZ, oR, oN, oP, row_loss, correct, nt); return 0;
+    case 5: sl_impl<T, 5>(Z, R, N, P, K, sR, sN, sP, y, sy, k, thr, dZ, oR, oN, oP, row_loss, correct, nt); return 0;
+    case 6: sl_impl<T, 6>(Z, R, N, P, K, sR, sN, sP, y, sy, k, thr, dZ, oR, oN, oP, row_loss, correct, nt); return 0;
+    default: return 1;
+  }
+}
+
 constexpr int64_t KB = 16;  // kernels per task of mrplab_diag_loss
 
 // One run's kernels [k0, k0 + NK) (NK = KB, or nk <= KB for the last block when NK is 0).
@@ -195,6 +267,15 @@ int mrplab_grad(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_
 void mrplab_diag_loss(const float* h, const float* t, const float* D, int64_t R, int64_t N, int64_t K, float power,
                       float* col_loss, float* dD, float* dh, int nthreads) {
   diag_loss_impl(h, t, D, R, N, K, power, col_loss, dD, dh, nthreads);
+}
+
+int mrplab_sl(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
+              const int64_t* y, int64_t sy, int64_t k, int q, float thr, void* dZ, int64_t oR, int64_t oN, int64_t oP,
+              float* row_loss, uint8_t* correct, int nthreads) {
+  return bf16 ? sl_q(static_cast<const uint16_t*>(Z), R, N, P, K, sR, sN, sP, y, sy, k, q, thr,
+                     static_cast<uint16_t*>(dZ), oR, oN, oP, row_loss, correct, nthreads)
+              : sl_q(static_cast<const float*>(Z), R, N, P, K, sR, sN, sP, y, sy, k, q, thr,
+                     static_cast<float*>(dZ), oR, oN, oP, row_loss, correct, nthreads);
 }
 
 }

@@ -73,7 +73,8 @@ class PatchOps:
     ``pool(Z, keep, q, thr)`` -> (h over visible patches, h over all patches), the forward;
     ``grad(Z, keep, dh, q, thr)`` -> dZ, the backward. Both read Z once: the activation and
     its derivative are recomputed from Z instead of being stored, so a step's temporaries
-    are Z and dZ in the matmul's dtype. ``diag_loss(h, t, D, power)``: the default mask-reconstruction
+    are Z and dZ in the matmul's dtype. ``sl(Z, y, q, thr, k, m)``: pool, the supervised head and grad
+    fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power)``: the default mask-reconstruction
     loss on the pooled codes (~15 small ops eagerly, ~0.7 ms per step at the default shape; one
     C++ call fused). ``EAGER``, or fused into one kernel each: ``ops(True)``.
     """
@@ -81,6 +82,7 @@ class PatchOps:
     pool: Callable
     grad: Callable
     diag_loss: Callable = diag_loss
+    sl: Callable | None = None  # sl_patch_step in one pass over Z; None: composed from pool and grad
 
 
 class _EagerOps(PatchOps):
@@ -133,12 +135,12 @@ def backend_for(device: torch.device) -> str:
 
 
 def _fused_fn(backend: str, name: str) -> Callable:
-    """One fused kernel (``name`` pool, grad or diag_loss) that raises where it cannot be built. The native
-    one computes eagerly the inputs it does not take (a dtype, layout or q outside native.supports);
+    """One fused kernel (``name`` pool, grad, diag_loss or sl) that raises where it cannot be built. The
+    native one computes eagerly the inputs it does not take (a dtype, layout or q outside native.supports);
     torch.compile fuses pool and grad only."""
-    eager = getattr(EAGER, name)
+    eager = sl_patch_step if name == "sl" else getattr(EAGER, name)
     if backend == "inductor":
-        if name == "diag_loss":
+        if name in ("diag_loss", "sl"):
             return eager
         i = ("pool", "grad").index(name)
         return lambda *args: _compiled_fns()[i](*args)
@@ -175,8 +177,8 @@ def _with_fallback(fused: Callable, eager: Callable) -> Callable:
 @functools.cache
 def fused(backend: str) -> PatchOps:
     """The kernels of one implementation ("native" or "inductor"), each falling back to eager on its own."""
-    return PatchOps(*(_with_fallback(_fused_fn(backend, name), getattr(EAGER, name))
-                      for name in ("pool", "grad", "diag_loss")))
+    kernels = [_with_fallback(_fused_fn(backend, name), getattr(EAGER, name)) for name in ("pool", "grad", "diag_loss")]
+    return PatchOps(*kernels, _with_fallback(_fused_fn(backend, "sl"), sl_patch_step) if backend == "native" else None)
 
 
 @functools.cache
@@ -188,7 +190,8 @@ def ops(compiled: bool) -> PatchOps:
         return EAGER
     return PatchOps(lambda Z, *a: fused(backend_for(Z.device)).pool(Z, *a),
                     lambda Z, *a: fused(backend_for(Z.device)).grad(Z, *a),
-                    lambda h, *a: fused(backend_for(h.device)).diag_loss(h, *a))
+                    lambda h, *a: fused(backend_for(h.device)).diag_loss(h, *a),
+                    lambda Z, *a: _sl_of(fused(backend_for(Z.device)))(Z, *a))
 
 
 class FirstCallTimer(PatchOps):
@@ -197,16 +200,17 @@ class FirstCallTimer(PatchOps):
     def __init__(self, inner: PatchOps):
         self.first_call_s: float | None = None
         self._first: dict[str, float] = {}
-        super().__init__(self._timed("pool", inner.pool), self._timed("grad", inner.grad), inner.diag_loss)
+        super().__init__(self._timed("pool", inner.pool), self._timed("grad", inner.grad), inner.diag_loss,
+                         inner.sl and self._timed("sl", inner.sl))
 
     def _timed(self, name: str, fn: Callable) -> Callable:
-        def call(*args):
+        def call(*args, **kwargs):
             if name in self._first:
-                return fn(*args)
+                return fn(*args, **kwargs)
             t0 = time.perf_counter()
-            out = fn(*args)
+            out = fn(*args, **kwargs)
             self._first[name] = time.perf_counter() - t0
-            if len(self._first) == 2:
+            if {"pool", "grad"} <= self._first.keys():
                 self.first_call_s = sum(self._first.values())
             return out
         return call
@@ -320,14 +324,27 @@ def sl(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, q: int, thr: float, k:
     return loss, dW, fitted
 
 
-def _sl(X, y, W, q, thr, k, m, ops, Xt):
-    Z = net.preact(X, W, native=True)  # [R, N, P, K]
+def sl_patch_step(Z: torch.Tensor, y: torch.Tensor, q: int, thr: float, k: int, m: int, ops: PatchOps | None = None):
+    """The supervised step's work on Z = X W [R, N, P, K]: (loss [R], dZ, fitted [R]), through ``ops``'s pool
+    and grad (default EAGER). Every sample's loss and gradient depend on its own row of Z only."""
+    ops = ops or EAGER
     h, _ = ops.pool(Z, None, q, thr)  # [R, N, K]
     logits = h @ _class_sum(k * m, k, h.device).to(h.dtype)  # [R, N, k]: net.sl_logits
     loss, dlogits, fitted = _softmax_ce(logits, y)
     R, N = dlogits.shape[:2]
     dh = dlogits.unsqueeze(-1).expand(R, N, k, m).reshape(R, N, k * m)  # every kernel of class i gets dF_i
-    return loss, net.weight_grad(X, ops.grad(Z, None, dh, q, thr), W.dtype, Xt), fitted
+    return loss, ops.grad(Z, None, dh, q, thr), fitted
+
+
+def _sl_of(ops: PatchOps) -> Callable:
+    """``ops``'s supervised step on Z: its fused one, or composed from its pool and grad."""
+    return ops.sl or functools.partial(sl_patch_step, ops=ops)
+
+
+def _sl(X, y, W, q, thr, k, m, ops, Xt):
+    Z = net.preact(X, W, native=True)  # [R, N, P, K]
+    loss, dZ, fitted = _sl_of(ops)(Z, y, q, thr, k, m)
+    return loss, net.weight_grad(X, dZ, W.dtype, Xt), fitted
 
 
 @dataclass(frozen=True)
