@@ -8,6 +8,8 @@ stderr and exits 2; usage errors also exit 2.
 
 from __future__ import annotations
 
+import atexit
+import gc
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +21,14 @@ from rich.text import Text
 from mrplab import config as config_mod
 from mrplab.console import ProgressDisplay, fail, fmt_secs, make_console, sigterm_as_exit
 from mrplab.errors import MrplabError
+
+
+@atexit.register  # registered first, so it runs after every other exit handler
+def _skip_the_final_collection() -> None:
+    """Leave the objects alive at exit to the OS instead of the interpreter's last garbage collection, which
+    walks everything torch and matplotlib created (about 0.4 of the ~0.9 s a finished run took to exit).
+    Exit handlers still run, and files are closed as their references drop."""
+    gc.freeze()
 
 app = typer.Typer(
     add_completion=False,
