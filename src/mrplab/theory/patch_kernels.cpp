@@ -160,13 +160,14 @@ void sl_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR,
         if (v > logit[first]) first = a;
       }
       const float top = logit[first];
-      float s = 0.0f;
-      for (int64_t a = 0; a < k; ++a) s += std::exp(logit[a] - top);
       const int64_t label = y[r * sy + n];
-      row_loss[rn] = std::log(s) - (logit[label] - top);
+      const float margin = logit[label] - top;
+      float s = 0.0f;
+      for (int64_t a = 0; a < k; ++a) s += (logit[a] = std::exp(logit[a] - top));  // logit now holds exp(l - top)
+      row_loss[rn] = std::log(s) - margin;
       correct[rn] = first == label;
       for (int64_t a = 0; a < k; ++a) {
-        const float d = (std::exp(logit[a] - top) / s - (a == label ? 1.0f : 0.0f)) / float(N);
+        const float d = (logit[a] / s - (a == label ? 1.0f : 0.0f)) / float(N);
         for (int64_t j = a * m; j < (a + 1) * m; ++j) dh[j] = d;
       }
       T* out = dZ + r * oR + n * oN;
