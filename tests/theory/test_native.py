@@ -97,7 +97,7 @@ def test_native_results_do_not_depend_on_the_thread_count():
             torch.set_num_threads(threads)
             outs.append((*native.pool(Z, keep, 4, 1.3), native.grad(Z, keep, dh, 4, 1.3),
                          *native.sl(Z, torch.arange(66).view(2, 33) % 19, 4, 1.3, 19, 1),
-                         *native.diag_loss(dh.abs(), dh.roll(1, 1).abs(), dh[:, 0], 0.75)))
+                         *native.diag_loss(dh.abs(), dh.roll(1, 1).abs(), dh[:, 0], 0.75, True)))
     finally:
         torch.set_num_threads(before)
     for other in outs[1:]:

@@ -359,21 +359,30 @@ def test_shuffled_pairing_gradient_matches_autograd(decoder):
     assert not torch.allclose(same.dW, out.dW)
 
 
+@pytest.mark.parametrize("fit", [False, True])
 @pytest.mark.parametrize("power", [0.0, 0.75])
 @pytest.mark.parametrize("kind", KINDS)
-def test_diag_loss_kernels_match_the_reference(kind, power):
-    """The diagonal decoder's loss and gradients (the default MRP objective) through the run's kernels, in
-    fp32, against the eager function in float64 (which the MRP gradient tests check against autograd),
-    on codes as small as the polynomial phase makes them; K = 19 leaves a partial block of kernels."""
+def test_diag_loss_kernels_match_the_reference(kind, power, fit):
+    """The diagonal decoder's loss and gradients (the default MRP objective; with ``fit`` the fitted-decoder
+    control's) through the run's kernels, in fp32, against the eager function in float64 (which the MRP
+    gradient tests check against autograd), on codes as small as the polynomial phase makes them; K = 19
+    leaves a partial block of kernels, and kernel 3 never fires (its fitted decoder is 0)."""
     g = torch.Generator().manual_seed(5)
     h, t = torch.rand(3, 41, 19, generator=g) * 1e-4, torch.rand(3, 41, 19, generator=g) * 1e-4
+    h[:, :, 3] = 0.0
     D = torch.randn(3, 19, generator=g)
-    loss, dD, dh = _kernels(kind).diag_loss(h, t, D, power)
-    r_loss, r_dD, r_dh = steps.diag_loss(h.double(), t.double(), D.double(), power)
-    for got, want in ((loss, r_loss), (dD, r_dD), (dh, r_dh)):
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
-    assert r_loss.min() > 0 and r_dD.abs().min() > 0  # nothing vanishes: every entry is checked
+    got = _kernels(kind).diag_loss(h, t, D, power, fit)
+    want = steps.diag_loss(h.double(), t.double(), D.double(), power, fit)
+    dD_scale = steps.diag_loss(h.double(), t.double(), D.double(), power)[1].abs().max().item()
+    for name, a, b in zip(("loss", "dD", "dh", "D"), got, want):
+        assert a.dtype == torch.float32
+        if fit and name == "dD":  # zero at the least-squares optimum: only rounding is left
+            assert a.abs().max() < 1e-5 * dD_scale and b.abs().max() < 1e-9 * dD_scale
+            continue
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    loss, dD, dh, used = want
+    assert loss.min() > 0 and dh.abs().max() > 0 and (fit or dD[:, torch.arange(19) != 3].abs().min() > 0)
+    assert torch.equal(used, D.double()) != fit and (used[:, 3] == 0).all() == fit
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -383,10 +392,14 @@ def test_mrp_step_with_the_run_kernels_is_the_eager_step(kind):
     X, W, _, mask = _setup(R)
     X, W = X.float(), W.float()
     D = _decoder("diag").float()
-    for spec in (steps.MRPSpec(), steps.MRPSpec(shuffled=True), steps.MRPSpec(norm="none")):
+    for spec in (steps.MRPSpec(), steps.MRPSpec(shuffled=True), steps.MRPSpec(norm="none"),
+                 steps.MRPSpec(fit_decoder=True)):
         out = steps.mrp(X, W, D, mask, Q, THR, spec, None, _kernels(kind))
         ref = steps.mrp(X, W, D, mask, Q, THR, spec, None, steps.EAGER)
-        for a, b in ((out.loss, ref.loss), (out.dW, ref.dW), (out.dD, ref.dD)):
+        pairs = [(out.loss, ref.loss), (out.dW, ref.dW), (out.D, ref.D)]
+        if not spec.fit_decoder:  # dD is 0 at the fitted optimum up to rounding (and unused)
+            pairs.append((out.dD, ref.dD))
+        for a, b in pairs:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
 
 

@@ -155,7 +155,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mrplab_pool.restype = lib.mrplab_grad.restype = _INT
     lib.mrplab_sl.argtypes = [*_LAYOUT[:-1], _PTR, _I64, _I64, _INT, _F32, _PTR, _I64, _I64, _I64, _PTR, _PTR, _INT]
     lib.mrplab_sl.restype = _INT
-    lib.mrplab_diag_loss.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _PTR, _PTR, _PTR, _INT]
+    lib.mrplab_diag_loss.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _INT, _PTR, _PTR, _PTR, _PTR, _INT]
     lib.mrplab_diag_loss.restype = None
     return lib
 
@@ -218,14 +218,14 @@ def sl(Z: torch.Tensor, y: torch.Tensor, q: int, thr: float, k: int, m: int):
     return None if rc else (row_loss.mean(-1), dZ, correct.bool().all(-1))
 
 
-def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float):
-    """steps.diag_loss, fused: (loss [R], dD [R, K], dh [R, N, K]); None where the kernels do not take
-    these tensors (not fp32 on the CPU)."""
+def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float, fit: bool = False):
+    """steps.diag_loss, fused: (loss [R], dD [R, K], dh [R, N, K], the decoder used [R, K]); None where the
+    kernels do not take these tensors (not fp32 on the CPU)."""
     if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in (h, t, D)):
         return None
     R, N, K = h.shape
     h, t, D = h.contiguous(), t.expand(R, N, K).contiguous(), D.expand(R, K).contiguous()
-    col_loss, dD, dh = torch.empty(R, K), torch.empty(R, K), torch.empty(R, N, K)
-    library().mrplab_diag_loss(h.data_ptr(), t.data_ptr(), D.data_ptr(), R, N, K, float(power), col_loss.data_ptr(),
-                               dD.data_ptr(), dh.data_ptr(), torch.get_num_threads())
-    return col_loss.sum(-1), dD, dh
+    col_loss, dD, dh, used = torch.empty(R, K), torch.empty(R, K), torch.empty(R, N, K), torch.empty(R, K)
+    library().mrplab_diag_loss(h.data_ptr(), t.data_ptr(), D.data_ptr(), R, N, K, float(power), int(fit),
+                               col_loss.data_ptr(), dD.data_ptr(), dh.data_ptr(), used.data_ptr(), torch.get_num_threads())
+    return col_loss.sum(-1), dD, dh, used

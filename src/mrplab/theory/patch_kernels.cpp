@@ -199,49 +199,54 @@ constexpr int64_t KB = 16;  // kernels per task of mrplab_diag_loss
 
 // One run's kernels [k0, k0 + NK) (NK = KB, or nk <= KB for the last block when NK is 0).
 template <int64_t NK>
-void diag_loss_block(const float* hr, const float* tr, const float* d, int64_t N, int64_t K, float power,
-                     float* col_loss, float* dD, float* dhr, int64_t nk) {
+void diag_loss_block(const float* hr, const float* tr, const float* d_in, int64_t N, int64_t K, float power, bool fit,
+                     float* col_loss, float* dD, float* dh, float* d, int64_t nk) {
   const int64_t m = NK > 0 ? NK : nk;
-  double ms[KB] = {}, sq[KB] = {}, gh[KB] = {};
+  double ms[KB] = {}, num[KB] = {}, den[KB] = {}, sq[KB] = {}, gh[KB] = {};
   for (int64_t n = 0; n < N; ++n) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
-      const float tt = tr[n * K + j], diff = hr[n * K + j] * d[j] - tt;
+      const float tt = tr[n * K + j], hv = hr[n * K + j];
       ms[j] += double(tt) * tt;
-      sq[j] += double(diff) * diff;
+      if (fit) {
+        num[j] += double(hv) * tt;
+        den[j] += double(hv) * hv;
+      }
     }
   }
-  float g2[KB];
+  float g2[KB], scale[KB];
   for (int64_t j = 0; j < m; ++j) {
+    d[j] = !fit ? d_in[j] : den[j] > 0.0 ? float(num[j] / den[j]) : 0.0f;  // objectives.fit_decoder("diag")
     const float mean_sq = float(ms[j] / double(N));
-    const float scale = power == 0.0f ? 1.0f : std::pow(mean_sq > 1e-30f ? mean_sq : 1e-30f, -power);
-    col_loss[j] = float(double(scale) * sq[j] / double(N));
-    g2[j] = 2.0f * scale / float(N);
+    scale[j] = power == 0.0f ? 1.0f : std::pow(mean_sq > 1e-30f ? mean_sq : 1e-30f, -power);
+    g2[j] = 2.0f * scale[j] / float(N);
   }
   for (int64_t n = 0; n < N; ++n) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
-      const float hv = hr[n * K + j], g = (hv * d[j] - tr[n * K + j]) * g2[j];
-      dhr[n * K + j] = g * d[j];
+      const float hv = hr[n * K + j], diff = hv * d[j] - tr[n * K + j], g = diff * g2[j];
+      sq[j] += double(diff) * diff;
+      dh[n * K + j] = g * d[j];
       gh[j] += double(g) * hv;
     }
   }
-  for (int64_t j = 0; j < m; ++j) dD[j] = float(gh[j]);
+  for (int64_t j = 0; j < m; ++j) {
+    col_loss[j] = float(double(scale[j]) * sq[j] / double(N));
+    dD[j] = float(gh[j]);
+  }
 }
 
 void diag_loss_impl(const float* h, const float* t, const float* D, int64_t R, int64_t N, int64_t K, float power,
-                    float* col_loss, float* dD, float* dh, int nthreads) {
+                    int fit, float* col_loss, float* dD, float* dh, float* D_used, int nthreads) {
   const int64_t blocks = (K + KB - 1) / KB;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t task = 0; task < R * blocks; ++task) {
     const int64_t r = task / blocks, k0 = (task % blocks) * KB, nk = K - k0 < KB ? K - k0 : KB;
-    const int64_t at = r * N * K + k0;
+    const int64_t at = r * N * K + k0, rk = r * K + k0;
     if (nk == KB)
-      diag_loss_block<KB>(h + at, t + at, D + r * K + k0, N, K, power, col_loss + r * K + k0, dD + r * K + k0,
-                          dh + at, nk);
+      diag_loss_block<KB>(h + at, t + at, D + rk, N, K, power, fit, col_loss + rk, dD + rk, dh + at, D_used + rk, nk);
     else
-      diag_loss_block<0>(h + at, t + at, D + r * K + k0, N, K, power, col_loss + r * K + k0, dD + r * K + k0,
-                         dh + at, nk);
+      diag_loss_block<0>(h + at, t + at, D + rk, N, K, power, fit, col_loss + rk, dD + rk, dh + at, D_used + rk, nk);
   }
 }
 
@@ -266,8 +271,8 @@ int mrplab_grad(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_
 
 // col_loss [R, K]: each kernel's term of the loss (the caller sums them per run).
 void mrplab_diag_loss(const float* h, const float* t, const float* D, int64_t R, int64_t N, int64_t K, float power,
-                      float* col_loss, float* dD, float* dh, int nthreads) {
-  diag_loss_impl(h, t, D, R, N, K, power, col_loss, dD, dh, nthreads);
+                      int fit, float* col_loss, float* dD, float* dh, float* D_used, int nthreads) {
+  diag_loss_impl(h, t, D, R, N, K, power, fit, col_loss, dD, dh, D_used, nthreads);
 }
 
 int mrplab_sl(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,

@@ -59,11 +59,14 @@ def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: 
     return torch.empty_like(Z).copy_(g)  # Z's layout (shared data), whatever the inputs' layouts make of g
 
 
-def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float):
+def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float, fit: bool = False):
     """Mask reconstruction's loss with a diagonal decoder D [R, K] and each kernel's error divided by
-    its target mean square ^ power (0: plain), and its gradients: (loss [R], dD [R, K], dh [R, N, K])."""
+    its target mean square ^ power (0: plain), and its gradients: (loss [R], dD [R, K], dh [R, N, K], D).
+    ``fit``: D is first set to its least-squares optimum for these codes (the fitted-decoder control)."""
+    if fit:
+        D = objectives.fit_decoder(h, t, "diag")
     loss, dpred = _sq_error_grad(net.decode(h, D), t, power, per_channel=True)
-    return loss, (dpred * h).sum(1), dpred * D.unsqueeze(1)
+    return loss, (dpred * h).sum(1), dpred * D.unsqueeze(1), D
 
 
 @dataclass
@@ -74,7 +77,7 @@ class PatchOps:
     ``grad(Z, keep, dh, q, thr)`` -> dZ, the backward. Both read Z once: the activation and
     its derivative are recomputed from Z instead of being stored, so a step's temporaries
     are Z and dZ in the matmul's dtype. ``sl(Z, y, q, thr, k, m)``: pool, the supervised head and grad
-    fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power)``: the default mask-reconstruction
+    fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power, fit)``: the default mask-reconstruction
     loss on the pooled codes (~15 small ops eagerly, ~0.7 ms per step at the default shape; one
     C++ call fused). ``EAGER``, or fused into one kernel each: ``ops(True)``.
     """
@@ -446,19 +449,19 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
         if spec.shuffled:
             t = t.roll(-1, dims=1)  # sample n's target is sample n+1's
         t = objectives.normalise_target(t, spec.norm)
-        if spec.fit_decoder:
-            D = objectives.fit_decoder(h_s, t, "full" if D.dim() == 3 else "diag")
-        pred = net.decode(h_s, D)
         if D.dim() == 2 and (spec.norm == "per_kernel" or spec.divisor_power == 0):
-            loss, dD, dh = ops.diag_loss(h_s, t, D, spec.divisor_power)
+            loss, dD, dh, D = ops.diag_loss(h_s, t, D, spec.divisor_power, spec.fit_decoder)
         else:
-            loss, dpred = _sq_error_grad(pred, t, spec.divisor_power, spec.norm == "per_kernel")
+            if spec.fit_decoder:
+                D = objectives.fit_decoder(h_s, t, "full" if D.dim() == 3 else "diag")
+            loss, dpred = _sq_error_grad(net.decode(h_s, D), t, spec.divisor_power, spec.norm == "per_kernel")
             if D.dim() == 3:
                 dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, K]
                 dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
             else:  # one divisor per run
                 dD = (dpred * h_s).sum(1)  # [R, K]
                 dh = dpred * D.unsqueeze(1)
+        pred = net.decode(h_s, D)
         target = t
     else:
         Xf = X.float().expand(mask.shape[0], *X.shape[1:])
