@@ -1,11 +1,15 @@
 """The step's fused elementwise kernels: mrplab's C++ (theory/native.py) against torch.compile's.
 
-Two measurements, written to benchmarks/results/patch_kernels.json:
+Three measurements, written to benchmarks/results/patch_kernels.json:
 
 - per step, in this process: ms of one step's two passes over Z (pool, then grad) with a mask at
   the default run's chunk shape [3, 1000, 16, 80], and for shared data at 8 runs laid out as their
   one matmul writes them, for eager, torch.compile (inductor) and native, fp32 and bf16; the three
   are timed in turn, round after round, and each keeps its best round;
+- the fused steps, the same way: the supervised step's work on Z (pool, the class-sum head and
+  its cross-entropy, grad) eagerly, composed from the native pool and grad, and fused in one
+  pass; the default MRP loss on the pooled codes [3, 1000, 80] (and the fitted-decoder control's),
+  eager against native;
 - start-up, in fresh processes with warm caches (both built once before timing): seconds from
   launching `python` to the end of the first fused pool and grad, i.e. what a run pays before its
   first fused step (importing torch, the compiler stack or the library, loading the kernels). The
@@ -75,6 +79,38 @@ def per_step(rounds: int) -> dict:
     return out
 
 
+def fused_steps(rounds: int) -> dict:
+    runtime.keep_freed_memory()
+    native = steps.fused("native")
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        Z, _, _ = _inputs("per_run", dtype)
+        y = torch.randint(0, 10, SHAPE[:2], generator=torch.Generator().manual_seed(2))
+        composed = steps.PatchOps(native.pool, native.grad)
+        cands = {"eager": lambda: steps.sl_patch_step(Z, y, Q, THR, 10, 8),
+                 "native pool + grad": lambda: steps.sl_patch_step(Z, y, Q, THR, 10, 8, composed),
+                 "native fused": lambda: native.sl(Z, y, Q, THR, 10, 8)}
+        out[f"sl {str(dtype).removeprefix('torch.')}"] = _best(cands, rounds)
+    g = torch.Generator().manual_seed(3)
+    R, N, _, K = SHAPE
+    h, t, D = torch.rand(R, N, K, generator=g), torch.rand(R, N, K, generator=g), torch.randn(R, K, generator=g)
+    for fit in (False, True):
+        cands = {"eager": lambda fit=fit: steps.diag_loss(h, t, D, 0.75, fit),
+                 "native": lambda fit=fit: native.diag_loss(h, t, D, 0.75, fit)}
+        out["mrp loss" + (" fitted decoder" if fit else "")] = _best(cands, rounds)
+    for row, ms in out.items():
+        print(f"{row}: " + ", ".join(f"{name} {v:.3f} ms" for name, v in ms.items()))
+    return out
+
+
+def _best(cands: dict, rounds: int) -> dict[str, float]:
+    best = {name: float("inf") for name in cands}
+    for _ in range(rounds):
+        for name, fn in cands.items():
+            best[name] = min(best[name], runtime.best_time(fn, 0.2) * 1e3)
+    return best
+
+
 def start_up(starts: int, dtype: str = "bfloat16") -> dict:
     code = CHILD.format(shape=SHAPE, thr=THR, q=Q, dtype=dtype)
     times: dict[str, list[float]] = {"inductor": [], "native": []}
@@ -97,7 +133,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the per-step timing")
     args = ap.parse_args()
     result = {"machine": machine(), "shape": SHAPE, "q": Q, "threads": torch.get_num_threads(),
-              "per_step": per_step(args.rounds), "start_up": start_up(args.starts)}
+              "per_step": per_step(args.rounds), "fused_steps_ms": fused_steps(args.rounds),
+              "start_up": start_up(args.starts)}
     print(f"written {write('patch_kernels', result)}")
 
 
