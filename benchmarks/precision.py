@@ -8,13 +8,22 @@ Rows report wall time, matmul efficiency (counted FLOPs / (wall x matmul limit
 at the run's precision and shapes)), the choice and its reason, and whether
 verdicts and captured counts (per seed) agree with fp32 eager within +-1.
 
+One run per row compares rows minutes apart, and a shared machine's speed
+drifts by 20 % and more over minutes (two identical runs here: 51.4 s and
+62.4 s). So the script then times the best fixed choice and auto (warm cache)
+in interleaved pairs (``--pairs``, order alternating) and reports the median
+of the per-pair ratios, ``auto_warm_over_best_paired``: what auto itself costs
+against the best choice, with the drift common to both members of a pair.
+
     .venv/bin/python benchmarks/precision.py
+    .venv/bin/python benchmarks/precision.py --pairs 3
     .venv/bin/python benchmarks/precision.py --set sl.steps=300   # extra options for every row
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 
 from _common import efficiency, machine, outcome, run_theory, write
@@ -25,6 +34,7 @@ CHOICES = [("fp32", "false"), ("fp32", "true"), ("bf16", "false"), ("bf16", "tru
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--pairs", type=int, default=2, help="interleaved (best fixed, auto) pairs after the table")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="mrplab-prec-") as tmp:
@@ -41,6 +51,15 @@ def main() -> None:
                          "timings": s["timings"], **outcome(s)})
             print(f"{label:42s} {wall:7.1f} s  eff {rows[-1]['efficiency']:.2f}  {rt['precision']} "
                   f"compile={rt['compile']}", flush=True)
+        best_i = min(range(4), key=lambda i: rows[i]["wall_s"])
+        pairs = []
+        for i in range(args.pairs):
+            members = [plan[best_i], plan[5]] if i % 2 == 0 else [plan[5], plan[best_i]]
+            walls = {m: run_theory(f"{tmp}/runs", [*m, *args.sets], env={"MRPLAB_CACHE_DIR": cache})[0] for m in members}
+            pairs.append({"best_fixed_s": walls[plan[best_i]], "auto_s": walls[plan[5]],
+                          "ratio": walls[plan[5]] / walls[plan[best_i]]})
+            print(f"pair {i + 1}: {' '.join(plan[best_i])} {walls[plan[best_i]]:.1f} s, auto {walls[plan[5]]:.1f} s "
+                  f"(ratio {pairs[-1]['ratio']:.3f})", flush=True)
     ref = rows[0]
     for r in rows:
         r["same_verdicts_as_fp32_eager"] = r["verdicts"] == ref["verdicts"]
@@ -50,9 +69,12 @@ def main() -> None:
     auto_warm = rows[5]["wall_s"]
     result = {"benchmark": "precision", "extra": args.sets, "machine": machine(), "rows": rows,
               "best_fixed_wall_s": best, "auto_warm_over_best": auto_warm / best,
-              "auto_cold_over_best": rows[4]["wall_s"] / best}
+              "auto_cold_over_best": rows[4]["wall_s"] / best, "pairs": pairs,
+              "auto_warm_over_best_paired": statistics.median(p["ratio"] for p in pairs) if pairs else None}
     write("precision", result)
     print(f"auto (warm cache) / best fixed choice = {auto_warm / best:.3f}; cold: {rows[4]['wall_s'] / best:.3f}")
+    if pairs:
+        print(f"interleaved pairs: auto / best fixed, median of {len(pairs)} = {result['auto_warm_over_best_paired']:.3f}")
     for r in rows:
         print(f"  {r['choice']}: same verdicts {r['same_verdicts_as_fp32_eager']}, "
               f"max capture diff {r['max_capture_diff_vs_fp32_eager']}")
