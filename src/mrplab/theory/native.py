@@ -172,13 +172,14 @@ def _keep(keep: torch.Tensor | None, Z: torch.Tensor):
     return k, k.data_ptr()
 
 
-def _whole(q) -> int | None:
-    return int(q) if float(q).is_integer() else None
+def _taken_q(Z: torch.Tensor, q) -> int | None:
+    """q as the C int the kernels take, or None where they do not take this Z (``supports``) or q is not whole."""
+    return int(q) if supports(Z) and float(q).is_integer() else None
 
 
 def pool(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float):
-    """steps.pool_patches, fused; None where the kernels lack this q."""
-    if (q := _whole(q)) is None:
+    """steps.pool_patches, fused; None where the kernels do not take this Z or q."""
+    if (q := _taken_q(Z, q)) is None:
         return None
     R, N, P, K = Z.shape
     h_all = torch.empty(R, N, K, dtype=torch.float32)
@@ -190,8 +191,8 @@ def pool(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float):
 
 
 def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float):
-    """steps.patch_grad, fused: dZ in Z's dtype and layout; None where the kernels lack this q."""
-    if (q := _whole(q)) is None:
+    """steps.patch_grad, fused: dZ in Z's dtype and layout; None where the kernels do not take this Z or q."""
+    if (q := _taken_q(Z, q)) is None:
         return None
     R, N, P, K = Z.shape
     dZ = torch.empty_like(Z)
@@ -204,8 +205,8 @@ def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, t
 
 def sl(Z: torch.Tensor, y: torch.Tensor, q: int, thr: float, k: int, m: int):
     """steps.sl_patch_step, fused (one pass over Z): (loss [R], dZ in Z's dtype and layout, fitted [R]);
-    None where the kernels lack this q."""
-    if (q := _whole(q)) is None:
+    None where the kernels do not take this Z or q."""
+    if (q := _taken_q(Z, q)) is None:
         return None
     R, N, P, K = Z.shape
     assert K == k * m, (K, k, m)

@@ -139,8 +139,8 @@ def backend_for(device: torch.device) -> str:
 
 def _fused_fn(backend: str, name: str) -> Callable:
     """One fused kernel (``name`` pool, grad, diag_loss or sl) that raises where it cannot be built. The
-    native one computes eagerly the inputs it does not take (a dtype, layout or q outside native.supports);
-    torch.compile fuses pool and grad only."""
+    native one computes eagerly the inputs it does not take (each native function returns None for them:
+    a dtype, layout or q outside native.supports); torch.compile fuses pool and grad only."""
     eager = sl_patch_step if name == "sl" else getattr(EAGER, name)
     if backend == "inductor":
         if name in ("diag_loss", "sl"):
@@ -148,10 +148,9 @@ def _fused_fn(backend: str, name: str) -> Callable:
         i = ("pool", "grad").index(name)
         return lambda *args: _compiled_fns()[i](*args)
     fn = getattr(native, name)
-    takes = native.supports if name != "diag_loss" else (lambda h: True)  # native.diag_loss checks its inputs
 
     def call(*args):
-        out = fn(*args) if takes(args[0]) else None
+        out = fn(*args)
         return eager(*args) if out is None else out
 
     return call
