@@ -361,3 +361,22 @@ def test_make_data_shapes_and_determinism(share):
         assert torch.equal(td.pretrain.coef[2], ref_pre.coef)
     # pretrain/train/test are different streams
     assert not torch.equal(td.train.X[0, :10], td.test.X[0, :10])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patches_written_in_place_are_the_sampled_ones(dtype):
+    """make_data writes each seed's patches into the stacked buffer (fp32, or bf16 rounded from fp32): the
+    same numbers as sampling alone, and bf16 data is exactly the fp32 data rounded."""
+    c = cfg(n_pretrain=30, n_train=20, n_test=10)
+    bank = make_feature_bank(c, generator(0, "feature_bank"))
+    alone = sample(c, bank, 40, 0.5, generator(1, "x"))
+    out = torch.full((40, c.P, c.d), float("nan"), dtype=dtype)
+    placed = sample(c, bank, 40, 0.5, generator(1, "x"), out=out)
+    assert placed.X is out and torch.equal(out, alone.X.to(dtype))
+    assert torch.equal(placed.coef, alone.coef) and torch.equal(placed.y, alone.y)
+    ref = make_data(c, [3, 5])
+    got = make_data(c, [3, 5], dtype)
+    for name in ("pretrain", "train", "test"):
+        r, g = getattr(ref, name), getattr(got, name)
+        assert g.X.dtype == dtype and torch.equal(g.X, r.X.to(dtype)), name
+        assert torch.equal(g.coef, r.coef) and torch.equal(g.feature_patch, r.feature_patch), name

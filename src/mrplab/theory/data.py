@@ -79,8 +79,10 @@ class MultiViewData:
         return MultiViewData(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @staticmethod
-    def stack(items: list["MultiViewData"]) -> "MultiViewData":
-        return MultiViewData(**{f.name: torch.stack([getattr(it, f.name) for it in items]) for f in fields(MultiViewData)})
+    def stack(items: list["MultiViewData"], X: torch.Tensor | None = None) -> "MultiViewData":
+        """The items along a new leading axis; ``X`` = their patches already stacked (see make_data)."""
+        return MultiViewData(**{f.name: X if f.name == "X" and X is not None else
+                                torch.stack([getattr(it, f.name) for it in items]) for f in fields(MultiViewData)})
 
 
 def make_feature_bank(cfg: DataConfig, g: torch.Generator) -> FeatureBank:
@@ -116,8 +118,12 @@ def sample(
     mu: float,
     g: torch.Generator,
     pretraining: bool = False,
+    out: torch.Tensor | None = None,
 ) -> MultiViewData:
-    """Draw n samples, a fraction ~mu of them single-view (Bernoulli per sample)."""
+    """Draw n samples, a fraction ~mu of them single-view (Bernoulli per sample).
+
+    ``out`` [n, P, d]: where the patches go (in its dtype: bf16 patches are the fp32 ones rounded);
+    the returned X is then ``out``. Same numbers either way."""
     L, P, C_p = cfg.L, cfg.P, cfg.C_p
     k_cls = bank.k_total if pretraining else bank.k  # classes this data set draws from
     F = bank.k_total * L
@@ -181,7 +187,13 @@ def sample(
     feature_patch = torch.where(
         (feature_patch >= 0) & shown[feature_patch.clamp(min=0)], feature_patch, torch.full_like(feature_patch, -1)
     )
-    X = coef @ bank.flat + cfg.noise_std * torch.randn(n, P, cfg.d, generator=g)  # [N, P, d]
+    # X = coef @ bank.flat + noise_std * randn, written into one buffer (the data sets are the run's
+    # largest allocations: no temporaries, no stacked copy)
+    fp32_out = out is not None and out.dtype == torch.float32
+    X = torch.randn(n, P, cfg.d, generator=g, out=out if fp32_out else None).mul_(cfg.noise_std)
+    X.add_(coef @ bank.flat)  # [N, P, d]
+    if out is not None and not fp32_out:
+        X = out.copy_(X)
     return MultiViewData(X=X, y=y, single_view=single, dominant=dominant, coef=coef, feature_patch=feature_patch)
 
 
@@ -193,13 +205,16 @@ class TheoryData:
     test: MultiViewData
 
 
-def make_data(cfg: DataConfig, seeds: list[int]) -> TheoryData:
-    """Data for every run. The feature bank (from ``cfg.bank_seed``) is shared by all runs."""
+def make_data(cfg: DataConfig, seeds: list[int], x_dtype: torch.dtype = torch.float32) -> TheoryData:
+    """Data for every run, patches in ``x_dtype`` (bf16: the fp32 patches rounded). The feature bank
+    (from ``cfg.bank_seed``) is shared by all runs."""
     bank = make_feature_bank(cfg, generator(cfg.bank_seed, "feature_bank"))
     data_seeds = seeds[:1] if cfg.share_across_runs else seeds
-    sets: dict[str, list[MultiViewData]] = {"pretrain": [], "train": [], "test": []}
-    for s in data_seeds:
-        sets["pretrain"].append(sample(cfg, bank, cfg.n_pretrain, cfg.mu_pretrain, generator(s, "pretrain"), True))
-        sets["train"].append(sample(cfg, bank, cfg.n_train, cfg.mu_train, generator(s, "train")))
-        sets["test"].append(sample(cfg, bank, cfg.n_test, cfg.mu_test, generator(s, "test")))
-    return TheoryData(bank=bank, **{name: MultiViewData.stack(v) for name, v in sets.items()})
+    splits = {"pretrain": (cfg.n_pretrain, cfg.mu_pretrain, True), "train": (cfg.n_train, cfg.mu_train, False),
+              "test": (cfg.n_test, cfg.mu_test, False)}
+    sets: dict[str, MultiViewData] = {}
+    for name, (n, mu, pretraining) in splits.items():
+        X = torch.empty(len(data_seeds), n, cfg.P, cfg.d, dtype=x_dtype)
+        items = [sample(cfg, bank, n, mu, generator(s, name), pretraining, out=X[i]) for i, s in enumerate(data_seeds)]
+        sets[name] = MultiViewData.stack(items, X=X)
+    return TheoryData(bank=bank, **sets)

@@ -338,8 +338,9 @@ def memory_parts(cfg: TheoryConfig) -> dict[str, float]:
     chunk = steps.run_chunks(R, per_run)[0].stop
     return {
         "data": 4.0 * sets * sum(sizes) * P * d,
-        # the per-seed sets and their stacked copy held at once, plus coefficients, noise and patches of a split
-        "sampling": 4.0 * (sets * sum(sizes) * P * d + N * P * (2 * d + F)),
+        # beside the data (written in place, data.make_data): the fp32 patches, their signal part and the
+        # coefficients of the split being sampled
+        "sampling": 4.0 * N * P * (2 * d + F),
         "step temporaries": 4.0 * (12 * min(chunk, R) * per_run + 2 * min(chunk, R) * N * P * d),
         "weights": 4.0 * 8 * R * d * K,
     }
@@ -366,12 +367,10 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     info = {**share.record(), **choice.record()}
     on_runtime(info)
     t_choice = time.perf_counter()
-    data = make_data(cfg.data, cfg.seeds)
+    data = make_data(cfg.data, cfg.seeds, runtime.dtype_of(choice.precision))  # bf16: the matmul inputs;
+    # everything computed from Z stays fp32
     data = TheoryData(bank=data.bank, pretrain=data.pretrain.to(device), train=data.train.to(device),
                       test=data.test.to(device))
-    if choice.precision == "bf16":
-        for ds in (data.pretrain, data.train, data.test):
-            ds.X = ds.X.to(torch.bfloat16)  # matmul inputs in bf16; everything computed from Z stays fp32
     data.bank.V = data.bank.V.to(device)
     data.bank.covered = data.bank.covered.to(device)
     t_data = time.perf_counter()

@@ -32,7 +32,7 @@ DPI = 120
 
 
 def _save(fig: Figure, path: Path) -> None:
-    save_figure(fig, path, DPI)
+    save_figure(fig, path, DPI, tight=False)  # every figure here lays itself out (constrained): no second draw
 
 
 def _class_colours(n: int) -> list:
