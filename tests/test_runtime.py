@@ -183,3 +183,32 @@ def test_flop_counter_counts_the_engine_matmuls():
     before = runtime.matmul_flops.total
     steps.sl(X, y, W, 4, 1.0, 3, 1, steps.EAGER)
     assert runtime.matmul_flops.total - before == 2 * (2 * R * N * P * d * K)  # forward and weight gradient
+
+
+def test_huge_pages_says_what_is_in_effect(monkeypatch):
+    monkeypatch.setattr(runtime, "_thp_mode", lambda: "madvise")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert "torch asks for them" in runtime.huge_pages()
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert "does not ask" in runtime.huge_pages()
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert "does not ask" in runtime.huge_pages()
+    monkeypatch.setattr(runtime, "_thp_mode", lambda: "never")
+    assert "never" in runtime.huge_pages()
+    monkeypatch.setattr(runtime, "_thp_mode", lambda: None)
+    assert runtime.huge_pages().startswith("no transparent huge pages")
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_cli_requests_huge_pages_before_torch_unless_the_user_chose(preset):
+    """The CLI asks torch for huge pages before torch is imported (torch reads the variable once);
+    a value the user set stays."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = ("import sys, os, mrplab.cli as c; assert 'torch' not in sys.modules; c._request_huge_pages(); "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (preset or "1")

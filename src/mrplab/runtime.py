@@ -470,6 +470,31 @@ def keep_freed_memory() -> str:
     return "glibc keeps freed blocks (mmap threshold 1 GiB, trim threshold 2 GiB)" if ok else "mallopt refused"
 
 
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (always, madvise or never), None where there is none."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        return text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return None
+
+
+def huge_pages() -> str:
+    """Whether torch backs CPU tensors of 2 MiB and more with transparent huge pages (THP_MEM_ALLOC_ENABLE,
+    which the CLI sets before importing torch; torch reads it once) and what the kernel allows."""
+    mode = _thp_mode()
+    if mode is None:
+        return "no transparent huge pages (not Linux, or not readable)"
+    if mode == "always":
+        return "transparent huge pages: always (the kernel's default)"
+    if mode == "never":
+        return "transparent huge pages: never (the kernel's setting)"
+    asked = os.environ.get("THP_MEM_ALLOC_ENABLE", "").strip() == "1"  # torch reads 0 or 1
+    return (f"transparent huge pages: {mode}; " +
+            ("torch asks for them for tensors >= 2 MiB (THP_MEM_ALLOC_ENABLE=1)" if asked else
+             "torch does not ask for them (THP_MEM_ALLOC_ENABLE unset or off)"))
+
+
 def use_persistent_compile_cache() -> None:
     """Keep torch.compile's on-disk caches under mrplab's cache folder (not /tmp, which reboots wipe),
     unless the user chose a folder; a later process then loads a compiled kernel instead of building it."""

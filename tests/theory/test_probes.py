@@ -88,6 +88,14 @@ def test_noise_memorisation_matches_brute_force():
         torch.testing.assert_close(got, brute, atol=1e-4, rtol=0)
         # and it is not just the max of Z: the feature part was removed
         assert not torch.allclose(got, Z.flatten(1).amax(-1), atol=1e-3)
+        # exactly max(Z - signal), also from the engine's bf16 Z in its own layout (shared: [N, P, R, K])
+        signal = torch.matmul(data.coef.expand(R, *data.coef.shape[1:]).flatten(1, 2),
+                              C.reshape(R, 5, -1).transpose(1, 2)).view_as(Z)
+        assert torch.equal(got, (Z - signal).flatten(1).amax(-1))
+        Xb = data.X.to(torch.bfloat16)
+        Zb = net.preact(Xb, W, native=True)
+        assert Zb.dtype == torch.bfloat16
+        assert torch.equal(probes.noise_memorisation(Zb, data, C), probes.noise_memorisation(net.preact(Xb, W), data, C))
 
 
 def _view_data(y, single):

@@ -61,7 +61,7 @@ class Recorder:
         rec["max_features_per_kernel"] = _tolist(probes.kernel_purity(C, self.thr).amax(-1))
         train_set = self.data.pretrain if phase.startswith("mrp") else self.data.train
         with torch.no_grad():
-            mem = torch.cat([probes.noise_memorisation(net.preact(steps.run_rows(train_set.X, s), W[s]),
+            mem = torch.cat([probes.noise_memorisation(net.preact(steps.run_rows(train_set.X, s), W[s], native=True),
                                                        train_set.runs(s), C[s])
                              for s in steps.chunks(train_set.X, W)])
             rec["noise_memorisation"] = _tolist(mem)
@@ -293,6 +293,7 @@ def run(
     with runtime.CoreShare(cfg.threads) as share:
         result = _run(cfg, emit, advance, on_runtime, share)
     result.runtime["allocator"] = allocator
+    result.runtime["huge_pages"] = runtime.huge_pages()
     return result
 
 

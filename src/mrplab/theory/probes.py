@@ -42,14 +42,15 @@ def kernel_purity(C: torch.Tensor, thr: float) -> torch.Tensor:
 def noise_memorisation(Z: torch.Tensor, data: MultiViewData, C: torch.Tensor) -> torch.Tensor:
     """max over samples, patches and kernels of <w_r, xi_p>: [R].
 
-    Z = X W [R, N, P, K] is already at hand; the feature part of it is
-    coef @ C, so the noise part is Z - coef @ C without forming xi.
+    Z = X W [R, N, P, K] (any float dtype, any layout) is already at hand; the feature part of it
+    is coef @ C, so the noise part is Z - coef @ C without forming xi. Computed as -min(signal - Z)
+    in place in the fp32 signal (negation is exact: the same number as max(Z - signal), one buffer).
     """
     R, K = C.shape[0], C.shape[1]
     Cf = C.reshape(R, K, -1).transpose(1, 2)  # [R, F, K]
     coef = data.coef.expand(R, *data.coef.shape[1:])  # [R, N, P, F] (data of these R runs, or shared)
-    signal = torch.matmul(coef.flatten(1, 2), Cf).view_as(Z)  # [R, N, P, K]
-    return (Z - signal).flatten(1).amax(-1)
+    signal = torch.matmul(coef.flatten(1, 2), Cf).view(Z.shape)  # [R, N, P, K]
+    return signal.sub_(Z).flatten(1).amin(-1).neg()
 
 
 def accuracy_by_view(logits: torch.Tensor, data: MultiViewData) -> dict[str, torch.Tensor]:
