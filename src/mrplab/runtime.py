@@ -486,7 +486,7 @@ def huge_pages() -> str:
     if mode is None:
         return "no transparent huge pages (not Linux, or not readable)"
     if mode == "always":
-        return "transparent huge pages: always (the kernel's default)"
+        return "transparent huge pages: always (the kernel's setting; torch need not ask)"
     if mode == "never":
         return "transparent huge pages: never (the kernel's setting)"
     asked = os.environ.get("THP_MEM_ALLOC_ENABLE", "").strip() == "1"  # torch reads 0 or 1

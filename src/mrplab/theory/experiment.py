@@ -368,8 +368,8 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     info = {**share.record(), **choice.record()}
     on_runtime(info)
     t_choice = time.perf_counter()
-    data = make_data(cfg.data, cfg.seeds, runtime.dtype_of(choice.precision))  # bf16: the matmul inputs;
-    # everything computed from Z stays fp32
+    # patches in the run's precision (bf16: the matmul inputs; everything computed from Z stays fp32)
+    data = make_data(cfg.data, cfg.seeds, runtime.dtype_of(choice.precision))
     data = TheoryData(bank=data.bank, pretrain=data.pretrain.to(device), train=data.train.to(device),
                       test=data.test.to(device))
     data.bank.V = data.bank.V.to(device)
