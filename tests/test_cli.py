@@ -78,6 +78,31 @@ def test_python_dash_m_reports_user_error(tmp_path):
     assert not out.exists() or list(out.iterdir()) == []
 
 
+EXIT_PROBE = """
+import atexit, sys, threading
+from mrplab.cli import exit_now
+atexit.register(lambda: print("handler ran", flush=True))
+print("work done", end=" ")
+sys.stderr.write("err kept")
+if sys.argv[1] == "thread":
+    threading.Thread(target=lambda: (__import__("time").sleep(0.3), print("thread finished", end=" "))).start()
+exit_now(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("thread", ["none", "thread"])
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_now_keeps_exit_handlers_output_and_code(thread, code):
+    """The quick exit still runs exit handlers, flushes both streams and keeps the exit code; a non-daemon
+    thread still running is waited for (the usual exit)."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, thread, str(code)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == code
+    expect = "work done thread finished handler ran" if thread == "thread" else "work done handler ran"
+    assert proc.stdout.strip() == expect
+    assert proc.stderr == "err kept"
+
+
 def test_error_during_training_leaves_no_folder(tmp_path, monkeypatch, theory_cli):
     from mrplab.errors import MrplabError
     from mrplab.theory import experiment

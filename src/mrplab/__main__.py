@@ -1,6 +1,6 @@
 """``python -m mrplab``: the same command as ``mrplab``."""
 
-from mrplab.cli import app
+from mrplab.cli import main
 
 if __name__ == "__main__":
-    app(prog_name="mrplab")
+    main()

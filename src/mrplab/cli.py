@@ -12,6 +12,7 @@ import atexit
 import gc
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -278,3 +279,33 @@ from mrplab.vision.commands import evidence  # noqa: E402
 
 app.add_typer(_vision_app, name="vision")
 app.command()(evidence)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    """The ``mrplab`` command (the console script and ``python -m mrplab``): the app, then ``exit_now``."""
+    try:
+        app(prog_name="mrplab")
+    except SystemExit as done:
+        exit_now(0 if done.code is None else done.code)
+    exit_now(0)
+
+
+def exit_now(code: int | str) -> None:
+    """End the process with ``code`` once the command's work is done: exit handlers run and the standard
+    streams are flushed as at a normal exit, then the process ends without the interpreter's teardown of
+    every module torch and matplotlib loaded (~0.5 s of a finished theory run's exit, measured against
+    0.03 s this way). Every file mrplab writes is closed before this (io.atomic_write_*). A message
+    (non-int code) or another non-daemon thread still running takes the usual exit, which prints the
+    message or waits for the thread."""
+    if not isinstance(code, int) or any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)

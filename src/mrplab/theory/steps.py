@@ -379,8 +379,13 @@ class MRPGrads:
     dW: torch.Tensor  # [R, d, K]
     dD: torch.Tensor  # like D
     D: torch.Tensor  # the decoder this step used (the fitted one under the control)
-    pred: torch.Tensor  # [R, N, C] the decoder's output
+    h: torch.Tensor  # [R, N, K] the student's codes (visible patches)
     target: torch.Tensor | None  # [R, N, K] the teacher's target (None for pixels)
+
+    @property
+    def pred(self) -> torch.Tensor:
+        """[R, N, C] the decoder's output, computed when asked for (a logged diagnostic only)."""
+        return net.decode(self.h, self.D)
 
     @property
     def pred_var(self) -> torch.Tensor:
@@ -429,7 +434,7 @@ def mrp(
     return MRPGrads(
         loss=torch.cat([p.loss for p in parts]), dW=torch.cat([p.dW for p in parts]),
         dD=torch.cat([p.dD for p in parts]), D=torch.cat([p.D for p in parts]),
-        pred=torch.cat([p.pred for p in parts]),
+        h=torch.cat([p.h for p in parts]),
         target=None if parts[0].target is None else torch.cat([p.target for p in parts]),
     )
 
@@ -460,7 +465,6 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
             else:  # one divisor per run
                 dD = (dpred * h_s).sum(1)  # [R, K]
                 dh = dpred * D.unsqueeze(1)
-        pred = net.decode(h_s, D)
         target = t
     else:
         Xf = X.float().expand(mask.shape[0], *X.shape[1:])
@@ -475,7 +479,7 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
         dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, d]
         dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
     dZ = ops.grad(Z, keep, dh, q, thr)  # only visible patches reach the student's output
-    return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, pred=pred, target=target)
+    return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, h=h_s, target=target)
 
 
 @torch.no_grad()
