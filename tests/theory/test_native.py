@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrplab.theory import native, net, steps
+from mrplab.theory import native, net, probes, steps
 from tests.theory.helpers import reference_patch_ops
 
 
@@ -70,6 +70,28 @@ def test_native_sl_step_matches_the_definition(layout, q):
             assert torch.equal(fitted, (logits.argmax(-1) == y).all(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["per_run", "shared", "strided"])
+def test_native_noise_max_matches_the_definition(layout, dtype):
+    """native.noise_max = max(Z - coef @ Cf) in float64, with full register blocks (P = 16 patches, K = 32
+    kernels) and ragged ones (P = 5, K = 19), per-run and shared coefficients; NaN propagates per run."""
+    for P, K in ((16, 32), (5, 19)):
+        Z = _z(layout, dtype, P=P, K=K)
+        R, N = Z.shape[:2]
+        g = torch.Generator().manual_seed(5)
+        Cf = torch.randn(R, 6, K, generator=g)
+        for coef in (torch.rand(R, N, P, 6, generator=g), torch.rand(1, N, P, 6, generator=g)):
+            got = native.noise_max(Z, coef, Cf)
+            signal = torch.matmul(coef.double().expand(R, N, P, 6).flatten(1, 2), Cf.double()).view(R, N, P, K)
+            want = (Z.double() - signal).flatten(1).amax(-1)
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(got, probes.noise_max(Z, coef, Cf), rtol=1e-6, atol=1e-5)
+    Zn = Z.clone()
+    Zn[1, N - 1, P - 1, K - 1] = float("nan")
+    got = native.noise_max(Zn, coef, Cf)
+    assert got[1].isnan() and not got[0].isnan() and got[0] == native.noise_max(Z, coef, Cf)[0]
+
+
 def test_native_bf16_rounding_is_torchs_bit_for_bit():
     """q = 2: dZ = u * dh is one fp32 product in both, so the bf16 bits must agree exactly, ties and
     infinities included; NaN stays NaN (torch's own vector and scalar paths write different NaN bits)."""
@@ -97,7 +119,9 @@ def test_native_results_do_not_depend_on_the_thread_count():
             torch.set_num_threads(threads)
             outs.append((*native.pool(Z, keep, 4, 1.3), native.grad(Z, keep, dh, 4, 1.3),
                          *native.sl(Z, torch.arange(66).view(2, 33) % 19, 4, 1.3, 19, 1),
-                         *native.diag_loss(dh.abs(), dh.roll(1, 1).abs(), dh[:, 0], 0.75, True)))
+                         *native.diag_loss(dh.abs(), dh.roll(1, 1).abs(), dh[:, 0], 0.75, True),
+                         native.noise_max(Z, torch.rand(2, 33, 5, 3, generator=torch.Generator().manual_seed(6)),
+                                          torch.randn(2, 3, 19, generator=torch.Generator().manual_seed(7)))))
     finally:
         torch.set_num_threads(before)
     for other in outs[1:]:
@@ -125,6 +149,9 @@ def test_what_the_native_kernels_do_not_take_runs_eagerly():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(fused.grad(z, keep, dh, q, 1.3), steps.patch_grad(z, keep, dh, q, 1.3),
                                    rtol=1e-6, atol=1e-6)
+    coef, Cf = torch.rand(3, 7, 5, 2, generator=g), torch.randn(3, 2, 19, generator=g)
+    assert native.noise_max(Z.double(), coef, Cf) is None
+    assert torch.equal(fused.noise_max(Z.double(), coef, Cf), probes.noise_max(Z.double(), coef, Cf))
 
 
 @pytest.fixture

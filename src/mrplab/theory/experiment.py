@@ -62,7 +62,7 @@ class Recorder:
         train_set = self.data.pretrain if phase.startswith("mrp") else self.data.train
         with torch.no_grad():
             mem = torch.cat([probes.noise_memorisation(net.preact(steps.run_rows(train_set.X, s), W[s], native=True),
-                                                       train_set.runs(s), C[s])
+                                                       train_set.runs(s), C[s], self.ops.noise_max)
                              for s in steps.chunks(train_set.X, W)])
             rec["noise_memorisation"] = _tolist(mem)
             if phase in ("sl", "lp", "ft"):

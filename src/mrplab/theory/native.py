@@ -1,6 +1,6 @@
 """The step's fused elementwise kernels on the CPU: patch_kernels.cpp, built once per machine.
 
-Four small C++ functions (no torch headers) compiled with the system C++ compiler
+Five small C++ functions (no torch headers) compiled with the system C++ compiler
 into a shared library under ``<cache>/kernels/`` and called through ctypes. The
 library's name hashes its source, the compiler and the flags, so a changed
 source or instruction set builds anew, and machines that share a cache folder
@@ -157,6 +157,8 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mrplab_sl.restype = _INT
     lib.mrplab_diag_loss.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _INT, _PTR, _PTR, _PTR, _PTR, _INT]
     lib.mrplab_diag_loss.restype = None
+    lib.mrplab_noise_max.argtypes = [*_LAYOUT[:-1], _PTR, _I64, _I64, _PTR, _PTR, _INT]
+    lib.mrplab_noise_max.restype = None
     return lib
 
 
@@ -230,3 +232,16 @@ def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float, f
     library().mrplab_diag_loss(h.data_ptr(), t.data_ptr(), D.data_ptr(), R, N, K, float(power), int(fit),
                                col_loss.data_ptr(), dD.data_ptr(), dh.data_ptr(), used.data_ptr(), torch.get_num_threads())
     return col_loss.sum(-1), dD, dh, used
+
+
+def noise_max(Z: torch.Tensor, coef: torch.Tensor, Cf: torch.Tensor):
+    """probes.noise_max in one pass over Z: [R]; None where the kernels do not take these tensors."""
+    R, N, P, K = Z.shape
+    if not supports(Z) or coef.device.type != "cpu" or Cf.device.type != "cpu":
+        return None
+    coef = coef.to(torch.float32).contiguous()  # [Rc, N, P, F]
+    Cf = Cf.to(torch.float32).contiguous()  # [R, F, K]
+    row_max = torch.empty(R, N)
+    library().mrplab_noise_max(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], coef.data_ptr(),
+                               coef.shape[0], coef.shape[-1], Cf.data_ptr(), row_max.data_ptr(), torch.get_num_threads())
+    return row_max.amax(-1)

@@ -15,6 +15,9 @@
 //                loss[r] = sum_k scale_k mean_n diff^2, dh = g * D and dD[r, k] = sum_n g * h with
 //                g = 2 scale_k diff / N; h, t, dh [R, N, K], D, dD [R, K], fp32 contiguous. The sums over
 //                samples run in sample order in double, one (run, block of kernels) per task.
+//   mrplab_noise_max: the noise-memorisation probe's pass (probes.noise_max): row_max[r, n] = max over p and k of
+//                Z[r, n, p, k] - sum_f coef[r, n, p, f] Cf[r, f, k] (the sum in feature order; NaN propagates);
+//                coef fp32 [Rc, N, P, F] contiguous (Rc = 1: shared by the runs, or R), Cf fp32 [R, F, K] contiguous.
 // act(z) = max(z - thr, 0) + (thr / q) u^q and act'(z) = u^(q - 1), u = clamp(z, 0, thr) / thr: net.py's
 // smoothed ReLU. All arithmetic in fp32; the sum over patches runs in patch order. Work is split over
 // the (r, n) rows with the OpenMP runtime torch itself uses (one thread in a build without OpenMP).
@@ -195,6 +198,78 @@ int sl_q(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int
   }
 }
 
+// The max of z - signal over patches [0, np) and kernels [0, nk) of one block of at most PB patches x 16 kernels:
+// the signal's sums over features in feature order. A full block keeps its PB x 16 sums in registers (GNU vector
+// extension, split by the compiler to the machine's vector width); the sums and their order are the same either way.
+constexpr int64_t PB = 8;
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline v16 load16(const uint16_t* p) {
+  v16h h;
+  std::memcpy(&h, p, sizeof h);
+  return (v16)(__builtin_convertvector(h, v16u) << 16);
+}
+
+template <typename T>
+inline void noise_block(const T* z, int64_t sP, const float* c, const float* cf, int64_t F, int64_t K, int64_t np,
+                        int64_t nk, float& m, int& bad) {
+  if (np == PB && nk == 16) {
+    v16 a[PB] = {};
+    for (int64_t f = 0; f < F; ++f) {
+      const v16 row = load16(cf + f * K);
+      for (int64_t q = 0; q < PB; ++q) a[q] += c[q * F + f] * row;
+    }
+    v16 mv = v16{} - INFINITY;
+    v16i nan = {};
+    for (int64_t q = 0; q < PB; ++q) {
+      const v16 v = load16(z + q * sP) - a[q];
+      const v16i up = v > mv;  // lanes where v is larger (false for NaN, which sets nan instead)
+      mv = (v16)(((v16i)v & up) | ((v16i)mv & ~up));
+      nan |= v != v;
+    }
+    for (int j = 0; j < 16; ++j) {
+      m = mv[j] > m ? mv[j] : m;
+      bad |= nan[j] != 0;
+    }
+    return;
+  }
+  float acc[PB][16] = {};
+  for (int64_t f = 0; f < F; ++f)
+    for (int64_t q = 0; q < np; ++q)
+      for (int64_t j = 0; j < nk; ++j) acc[q][j] += c[q * F + f] * cf[f * K + j];
+  for (int64_t q = 0; q < np; ++q)
+    for (int64_t j = 0; j < nk; ++j) {
+      const float v = load(z + q * sP + j) - acc[q][j];
+      m = v > m ? v : m;
+      bad |= v != v;
+    }
+}
+
+template <typename T>
+void noise_max_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
+                    const float* coef, int64_t Rc, int64_t F, const float* Cf, float* row_max, int nthreads) {
+  const bool r_inner = sR < sN;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t i = 0; i < R * N; ++i) {
+    const int64_t r = r_inner ? i % R : i / N, n = r_inner ? i / R : i % N;
+    const float* cf = Cf + r * F * K;
+    const float* c = coef + ((Rc == 1 ? 0 : r) * N + n) * P * F;
+    const T* z = Z + r * sR + n * sN;
+    float m = -INFINITY;
+    int bad = 0;
+    for (int64_t p0 = 0; p0 < P; p0 += PB)
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t np = P - p0 < PB ? P - p0 : PB, nk = K - k0 < 16 ? K - k0 : 16;
+        noise_block(z + p0 * sP + k0, sP, c + p0 * F, cf + k0, F, K, np, nk, m, bad);
+      }
+    row_max[r * N + n] = bad ? NAN : m;
+  }
+}
+
 constexpr int64_t KB = 16;  // kernels per task of mrplab_diag_loss
 
 // One run's kernels [k0, k0 + NK) (NK = KB, or nk <= KB for the last block when NK is 0).
@@ -273,6 +348,14 @@ int mrplab_grad(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_
 void mrplab_diag_loss(const float* h, const float* t, const float* D, int64_t R, int64_t N, int64_t K, float power,
                       int fit, float* col_loss, float* dD, float* dh, float* D_used, int nthreads) {
   diag_loss_impl(h, t, D, R, N, K, power, fit, col_loss, dD, dh, D_used, nthreads);
+}
+
+void mrplab_noise_max(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN,
+                      int64_t sP, const float* coef, int64_t Rc, int64_t F, const float* Cf, float* row_max, int nthreads) {
+  if (bf16)
+    noise_max_impl(static_cast<const uint16_t*>(Z), R, N, P, K, sR, sN, sP, coef, Rc, F, Cf, row_max, nthreads);
+  else
+    noise_max_impl(static_cast<const float*>(Z), R, N, P, K, sR, sN, sP, coef, Rc, F, Cf, row_max, nthreads);
 }
 
 int mrplab_sl(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,

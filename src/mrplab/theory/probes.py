@@ -14,6 +14,8 @@ feature direction. The threshold used is written into summary.json.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from mrplab.theory.data import FeatureBank, MultiViewData
@@ -39,18 +41,26 @@ def kernel_purity(C: torch.Tensor, thr: float) -> torch.Tensor:
     return (C >= thr).flatten(2).sum(-1)
 
 
-def noise_memorisation(Z: torch.Tensor, data: MultiViewData, C: torch.Tensor) -> torch.Tensor:
+def noise_max(Z: torch.Tensor, coef: torch.Tensor, Cf: torch.Tensor) -> torch.Tensor:
+    """max over samples, patches and kernels of Z - coef @ Cf: [R]. Z [R, N, P, K] (any float dtype, any
+    layout), coef [Rc, N, P, F] (Rc = 1: shared by the runs, or R), Cf [R, F, K]. Computed as -min(signal - Z)
+    in place in the fp32 signal (negation is exact: the same number as max(Z - signal), one buffer)."""
+    R = Z.shape[0]
+    signal = torch.matmul(coef.expand(R, *coef.shape[1:]).flatten(1, 2), Cf).view(Z.shape)  # [R, N, P, K]
+    return signal.sub_(Z).flatten(1).amin(-1).neg()
+
+
+def noise_memorisation(Z: torch.Tensor, data: MultiViewData, C: torch.Tensor,
+                       kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = noise_max) -> torch.Tensor:
     """max over samples, patches and kernels of <w_r, xi_p>: [R].
 
     Z = X W [R, N, P, K] (any float dtype, any layout) is already at hand; the feature part of it
-    is coef @ C, so the noise part is Z - coef @ C without forming xi. Computed as -min(signal - Z)
-    in place in the fp32 signal (negation is exact: the same number as max(Z - signal), one buffer).
+    is coef @ C, so the noise part is Z - coef @ C without forming xi. ``kernel`` computes that max:
+    noise_max, or the run's fused pass (steps.PatchOps.noise_max: one read of Z, no [R, N, P, K]
+    buffer; its sums over features round in their own order, so it agrees to float rounding).
     """
     R, K = C.shape[0], C.shape[1]
-    Cf = C.reshape(R, K, -1).transpose(1, 2)  # [R, F, K]
-    coef = data.coef.expand(R, *data.coef.shape[1:])  # [R, N, P, F] (data of these R runs, or shared)
-    signal = torch.matmul(coef.flatten(1, 2), Cf).view(Z.shape)  # [R, N, P, K]
-    return signal.sub_(Z).flatten(1).amin(-1).neg()
+    return kernel(Z, data.coef, C.reshape(R, K, -1).transpose(1, 2))
 
 
 def accuracy_by_view(logits: torch.Tensor, data: MultiViewData) -> dict[str, torch.Tensor]:

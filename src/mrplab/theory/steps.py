@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from mrplab import runtime
-from mrplab.theory import native, net, objectives
+from mrplab.theory import native, net, objectives, probes
 
 def _wide(Z: torch.Tensor) -> torch.Tensor:
     """Z in the dtype the elementwise work runs in: fp32 for bf16 matmul outputs, else Z's own."""
@@ -79,13 +79,15 @@ class PatchOps:
     are Z and dZ in the matmul's dtype. ``sl(Z, y, q, thr, k, m)``: pool, the supervised head and grad
     fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power, fit)``: the default mask-reconstruction
     loss on the pooled codes (~15 small ops eagerly, ~0.7 ms per step at the default shape; one
-    C++ call fused). ``EAGER``, or fused into one kernel each: ``ops(True)``.
+    C++ call fused). ``noise_max(Z, coef, Cf)``: the noise-memorisation probe's max over Z less its feature part
+(probes.noise_max). ``EAGER``, or fused into one kernel each: ``ops(True)``.
     """
 
     pool: Callable
     grad: Callable
     diag_loss: Callable = diag_loss
     sl: Callable | None = None  # sl_patch_step in one pass over Z; None: composed from pool and grad
+    noise_max: Callable = probes.noise_max  # the noise-memorisation probe's pass over Z
 
 
 class _EagerOps(PatchOps):
@@ -143,7 +145,7 @@ def _fused_fn(backend: str, name: str) -> Callable:
     a dtype, layout or q outside native.supports); torch.compile fuses pool and grad only."""
     eager = sl_patch_step if name == "sl" else getattr(EAGER, name)
     if backend == "inductor":
-        if name in ("diag_loss", "sl"):
+        if name in ("diag_loss", "sl", "noise_max"):
             return eager
         i = ("pool", "grad").index(name)
         return lambda *args: _compiled_fns()[i](*args)
@@ -180,7 +182,8 @@ def _with_fallback(fused: Callable, eager: Callable) -> Callable:
 def fused(backend: str) -> PatchOps:
     """The kernels of one implementation ("native" or "inductor"), each falling back to eager on its own."""
     kernels = [_with_fallback(_fused_fn(backend, name), getattr(EAGER, name)) for name in ("pool", "grad", "diag_loss")]
-    return PatchOps(*kernels, _with_fallback(_fused_fn(backend, "sl"), sl_patch_step) if backend == "native" else None)
+    return PatchOps(*kernels, _with_fallback(_fused_fn(backend, "sl"), sl_patch_step) if backend == "native" else None,
+                    _with_fallback(_fused_fn(backend, "noise_max"), EAGER.noise_max))
 
 
 @functools.cache
@@ -193,7 +196,8 @@ def ops(compiled: bool) -> PatchOps:
     return PatchOps(lambda Z, *a: fused(backend_for(Z.device)).pool(Z, *a),
                     lambda Z, *a: fused(backend_for(Z.device)).grad(Z, *a),
                     lambda h, *a: fused(backend_for(h.device)).diag_loss(h, *a),
-                    lambda Z, *a: _sl_of(fused(backend_for(Z.device)))(Z, *a))
+                    lambda Z, *a: _sl_of(fused(backend_for(Z.device)))(Z, *a),
+                    lambda Z, *a: fused(backend_for(Z.device)).noise_max(Z, *a))
 
 
 class FirstCallTimer(PatchOps):
@@ -203,7 +207,7 @@ class FirstCallTimer(PatchOps):
         self.first_call_s: float | None = None
         self._first: dict[str, float] = {}
         super().__init__(self._timed("pool", inner.pool), self._timed("grad", inner.grad), inner.diag_loss,
-                         inner.sl and self._timed("sl", inner.sl))
+                         inner.sl and self._timed("sl", inner.sl), inner.noise_max)
 
     def _timed(self, name: str, fn: Callable) -> Callable:
         def call(*args, **kwargs):
