@@ -79,8 +79,8 @@ class PatchOps:
     are Z and dZ in the matmul's dtype. ``sl(Z, y, q, thr, k, m)``: pool, the supervised head and grad
     fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power, fit)``: the default mask-reconstruction
     loss on the pooled codes (~15 small ops eagerly, ~0.7 ms per step at the default shape; one
-    C++ call fused). ``noise_max(Z, coef, Cf)``: the noise-memorisation probe's max over Z less its feature part
-(probes.noise_max). ``EAGER``, or fused into one kernel each: ``ops(True)``.
+    C++ call fused). ``noise_max(Z, coef, Cf)``: the noise-memorisation probe's max over Z less its
+    feature part (probes.noise_max; one pass over Z fused). ``EAGER``, or fused into one kernel each: ``ops(True)``.
     """
 
     pool: Callable
