@@ -12,6 +12,10 @@ One process, one table, written to benchmarks/results/engine.json:
   against the size of the data tensors;
 - batching: R = 8 seeds in one batched step vs 8 sequential single-run steps.
 
+Huge pages are requested as the CLI requests them; the batching part also keeps freed blocks as
+experiment.run does (without that, glibc unmaps every buffer over its mmap threshold and each step
+of R = 8 faults ~40 MB back in).
+
     .venv/bin/python benchmarks/engine.py            # default and large configs
     .venv/bin/python benchmarks/engine.py --quick    # default config only
 """
@@ -25,7 +29,11 @@ import threading
 import time
 from pathlib import Path
 
-import torch
+from mrplab.cli import _request_huge_pages  # imports no torch
+
+_request_huge_pages()  # the allocator settings a run has (with runtime.keep_freed_memory in main)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import naive_reference  # noqa: E402
@@ -191,6 +199,9 @@ def main(argv: list[str]) -> int:
         if quick and name != "default":
             continue
         result["configs"].append(bench_config(name, ov, reps=3 if name == "large" else 10))
+    # as experiment.run does (after the configs, whose step-memory figures need freed blocks returned): without
+    # it glibc unmaps every buffer over its mmap threshold, and each batched R = 8 step faults ~40 MB back in
+    runtime.keep_freed_memory()
     result["batching"] = bench_batching(reps=5)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
