@@ -236,9 +236,9 @@ def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float, f
 
 def noise_max(Z: torch.Tensor, coef: torch.Tensor, Cf: torch.Tensor):
     """probes.noise_max in one pass over Z: [R]; None where the kernels do not take these tensors."""
-    R, N, P, K = Z.shape
     if not supports(Z) or coef.device.type != "cpu" or Cf.device.type != "cpu":
         return None
+    R, N, P, K = Z.shape
     coef = coef.to(torch.float32).contiguous()  # [Rc, N, P, F]
     Cf = Cf.to(torch.float32).contiguous()  # [R, F, K]
     row_max = torch.empty(R, N)
