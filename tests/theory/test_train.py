@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mrplab import config
 from mrplab.rng import generator
 from mrplab.theory import net, steps
 from mrplab.theory.data import make_data
-from mrplab.theory.train import RunGens, pretrain_mrp, pretrain_mrp_variants
+from mrplab.theory.train import RunGens, pretrain_mrp, pretrain_mrp_variants, train_sl
 
 SETS = ["data.k=4", "data.d=48", "data.P=8", "data.n_pretrain=120", "mrp.steps=12", "seeds=[0,1]", "threads=2"]
 
@@ -46,3 +47,59 @@ def test_lockstep_variants_equal_each_variant_trained_alone():
     # the variants differ from each other (the test would pass vacuously if the overrides were ignored)
     assert not torch.equal(together["mrp"].W, together["mrp_fitted_decoder"].W)
     assert not torch.equal(together["mrp"].W, together["mrp_shuffled_pairing"].W)
+
+
+def _sl_counting(calls: list[int]) -> steps.PatchOps:
+    """The eager kernels, recording how many runs each supervised step computes."""
+    def sl(Z, *args):
+        calls.append(Z.shape[0])
+        return steps.sl_patch_step(Z, *args)
+    return steps.PatchOps(steps.EAGER.pool, steps.EAGER.grad, sl=sl)
+
+
+@pytest.mark.parametrize("batch_size", [None, 40])
+def test_sl_runs_that_finish_leave_the_batch_and_each_run_equals_it_trained_alone(batch_size):
+    """until_fit: runs finish at different steps; later steps compute only the runs still training, and every
+    run's kernels, steps and fit are bitwise those it gets alone (full batch and mini-batches)."""
+    seeds = [0, 1, 2, 3]
+    cfg = config.load(None, ["data.k=4", "data.d=48", "data.P=8", "data.n_train=80", "sl.steps=2",
+                             "sl.max_steps=400", "sl.lr=50", f"sl.batch_size={batch_size or 'null'}",
+                             f"seeds={seeds}", "threads=2"])
+    data = make_data(cfg.data, seeds).train
+    W0 = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, cfg.data.k * cfg.net.m, cfg.net.sigma_0)
+    K = cfg.data.k * cfg.net.m
+
+    def gens(ss):
+        return RunGens(mask=[generator(s, "sl:mask") for s in ss], batch=[generator(s, "sl:batch") for s in ss])
+
+    calls: list[int] = []
+    together = train_sl(W0, data, cfg.sl, cfg.net, cfg.data.k, gens(seeds), _Log(), 50, _sl_counting(calls))
+    assert len(set(together.steps.tolist())) > 1  # the runs finish at different steps (else nothing is tested)
+    assert together.fitted.all()
+    # each step computes the runs not yet finished: a run that finished at step t computed steps 0..t
+    assert sum(calls) == int((together.steps + 1).sum()) < len(seeds) * (int(together.steps.max()) + 1)
+    for r, s in enumerate(seeds):
+        alone_data = make_data(cfg.data, [s]).train
+        alone = train_sl(W0[r:r + 1], alone_data, cfg.sl, cfg.net, cfg.data.k, gens([s]), _Log(), 50,
+                         _sl_counting([]))
+        assert torch.equal(alone.W[0], together.W[r]), s
+        assert alone.steps.tolist() == [together.steps[r].item()] and alone.fitted.tolist() == [True]
+    assert together.W.shape == (len(seeds), cfg.data.d, K)
+
+
+def test_sl_on_shared_data_drops_finished_runs_too():
+    seeds = [0, 1, 2, 3]
+    cfg = config.load(None, ["data.k=4", "data.d=48", "data.P=8", "data.n_train=80", "sl.steps=2",
+                             "sl.max_steps=400", "sl.lr=50", "data.share_across_runs=true",
+                             f"seeds={seeds}", "threads=2"])
+    data = make_data(cfg.data, seeds).train
+    assert data.X.shape[0] == 1
+    W0 = net.init_kernels([generator(s, "init") for s in seeds], cfg.data.d, cfg.data.k * cfg.net.m, cfg.net.sigma_0)
+    calls: list[int] = []
+    gens = RunGens(mask=[generator(s, "sl:mask") for s in seeds], batch=[generator(s, "sl:batch") for s in seeds])
+    res = train_sl(W0, data, cfg.sl, cfg.net, cfg.data.k, gens, _Log(), 50, _sl_counting(calls))
+    assert len(set(res.steps.tolist())) > 1 and res.fitted.all()
+    assert sum(calls) == int((res.steps + 1).sum())
+    for r in range(len(seeds)):  # a finished run's kernels are those of its finishing step: recheck its fit
+        loss, _, fits = steps.sl(data.X, data.y, res.W[r:r + 1], cfg.net.q, cfg.net.threshold, cfg.data.k, cfg.net.m)
+        assert fits.all()

@@ -38,17 +38,22 @@ def _is_log_step(t: int, steps: int, every: int) -> bool:
     return t % every == 0 or t == steps
 
 
-def _select(data: MultiViewData, idx: torch.Tensor | None,
-            Xt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _select(data: MultiViewData, idx: torch.Tensor | None, Xt: torch.Tensor | None = None,
+            runs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Patches, labels and transposed patches (``Xt`` = net.transposed_patches(data.X) of the full
-    set, or None) of a batch: idx [R, B] per-run sample indices, or None for the full set."""
+    set, or None) of a batch: idx [R, B] per-run sample indices, or None for the full set. ``runs``:
+    idx holds the batches of these runs only (the others' rows are left out)."""
     if idx is None:
         return data.X, data.y, Xt
-    R = idx.shape[0]
-    rows = torch.arange(R, device=idx.device).unsqueeze(1)
-    X = data.X.expand(R, *data.X.shape[1:])[rows, idx]  # [R, B, P, d]
-    y = data.y.expand(R, -1)[rows, idx]  # [R, B]
-    return X, y, None
+    if runs is None:
+        runs = torch.arange(idx.shape[0], device=idx.device)
+    rows = (runs if data.X.shape[0] > 1 else torch.zeros_like(runs)).unsqueeze(1)  # shared data: row 0
+    return data.X[rows, idx], data.y[rows, idx], None  # [len(runs), B, P, d], [len(runs), B]
+
+
+def _run_rows(t: torch.Tensor | None, runs: torch.Tensor) -> torch.Tensor | None:
+    """The rows ``runs`` of a tensor with a leading run axis (a copy), or t itself when that axis is shared."""
+    return t if t is None or t.shape[0] == 1 else t[runs]
 
 
 def _full_set_t(data: MultiViewData, bs: int | None) -> torch.Tensor | None:
@@ -82,6 +87,11 @@ def train_sl(
     training sample correctly goes on, up to ``max_steps``, and stops at the first step where it does
     (its kernels then stay as they are while other runs finish), so a run's result never depends on
     which other runs share the batch.
+
+    Only the runs still training are computed: once a run has finished, a step covers the others
+    (their rows of the data gathered once per change of that set), so a batch of R runs costs the sum
+    of its runs' steps, not R times the longest run's. A finished run's logged loss stays that of its
+    last step (the same number: its kernels and, with full-batch steps, its data no longer change).
     """
     W = W0.clone()
     R = W.shape[0]
@@ -91,11 +101,18 @@ def train_sl(
     taken = torch.full((R,), last, dtype=torch.long)
     fitted = torch.zeros(R, dtype=torch.bool, device=W.device)
     guard = Guard("supervised training", "sl.lr")
-    Xt = _full_set_t(data, cfg.batch_size)
+    live: torch.Tensor | None = None  # the runs still training, once one has finished (None: all)
+    whole = (data.X, data.y, _full_set_t(data, cfg.batch_size))  # the full set: patches, labels, transposed
+    full = whole  # its rows of the live runs
     for t in range(last + 1):
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W.device)
-        X, y, Xt_b = _select(data, idx, Xt)
-        loss, dW, fits = steps.sl(X, y, W, q, thr, k, netc.m, ops, Xt_b)  # [R], [R, d, K], [R]
+        X, y, Xt_b = full if idx is None else _select(data, idx if live is None else idx[live], runs=live)
+        W_live = W if live is None else W[live]
+        loss_l, dW, fits_l = steps.sl(X, y, W_live, q, thr, k, netc.m, ops, Xt_b)  # [L], [L, d, K], [L]
+        if live is None:
+            loss, fits = loss_l, fits_l
+        else:
+            loss[live], fits = loss_l, torch.zeros_like(done).index_put_((live,), fits_l)
         guard.check(t, loss, weight_norm(W, runs=True))
         fitted = torch.where(done, fitted, fits)
         if t >= cfg.steps:
@@ -107,7 +124,15 @@ def train_sl(
             hooks.log("sl", t, {"W": W, "loss": loss})
         if stop:
             break
-        W.sub_(dW * (~done).to(dW.dtype)[:, None, None], alpha=cfg.lr)
+        if not bool(done.any()):
+            W.sub_(dW, alpha=cfg.lr)
+        else:
+            rows = torch.arange(R, device=W.device) if live is None else live  # this step's runs
+            still = ~done[rows]
+            if not bool(still.all()):  # some finished at this step: train on without them
+                live = rows[still]
+                full = tuple(_run_rows(a, live) for a in whole)
+            W[live] = W_live[still].sub_(dW[still], alpha=cfg.lr)
         hooks.advance()
     return SLResult(W=W, steps=taken, fitted=fitted)
 
