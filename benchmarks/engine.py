@@ -125,13 +125,14 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
              ("engine_bf16_compiled", X.to(torch.bfloat16), fused))
     for path, Xp, act in paths:
         W = W0.clone()
+        Xt = net.transposed_patches(Xp)  # as training passes it (full-batch steps): bf16's weight gradient reads it
         # compile (once per shape) outside the timed and memory-watched region
-        steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, ops=act)
-        steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), ops=act)
+        steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, ops=act, Xt=Xt)
+        steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), ops=act, Xt=Xt)
         base = _rss()
         with PeakRSS() as mem:
-            t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, ops=act), reps)
-            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), ops=act), reps)
+            t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, ops=act, Xt=Xt), reps)
+            t_mrp = timeit(lambda: steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), ops=act, Xt=Xt), reps)
         limit = out["limit_bf16_gflops" if "bf16" in path else "limit_fp32_gflops"]
         out[path] = {
             "sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,
