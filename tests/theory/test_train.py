@@ -25,6 +25,13 @@ class _Log:
         pass
 
 
+class _RunLog(_Log):
+    """Every log's per-run losses."""
+
+    def log(self, phase, step, state):
+        self.records.append((step, state["loss"].tolist()))
+
+
 def _gens(seeds):
     return RunGens(mask=[generator(s, "mrp:mask") for s in seeds], batch=[generator(s, "mrp:batch") for s in seeds])
 
@@ -73,17 +80,27 @@ def test_sl_runs_that_finish_leave_the_batch_and_each_run_equals_it_trained_alon
         return RunGens(mask=[generator(s, "sl:mask") for s in ss], batch=[generator(s, "sl:batch") for s in ss])
 
     calls: list[int] = []
-    together = train_sl(W0, data, cfg.sl, cfg.net, cfg.data.k, gens(seeds), _Log(), 50, _sl_counting(calls))
+    together_log = _RunLog()
+    together = train_sl(W0, data, cfg.sl, cfg.net, cfg.data.k, gens(seeds), together_log, 10, _sl_counting(calls))
     assert len(set(together.steps.tolist())) > 1  # the runs finish at different steps (else nothing is tested)
     assert together.fitted.all()
     # each step computes the runs not yet finished: a run that finished at step t computed steps 0..t
     assert sum(calls) == int((together.steps + 1).sum()) < len(seeds) * (int(together.steps.max()) + 1)
     for r, s in enumerate(seeds):
         alone_data = make_data(cfg.data, [s]).train
-        alone = train_sl(W0[r:r + 1], alone_data, cfg.sl, cfg.net, cfg.data.k, gens([s]), _Log(), 50,
+        alone_log = _RunLog()
+        alone = train_sl(W0[r:r + 1], alone_data, cfg.sl, cfg.net, cfg.data.k, gens([s]), alone_log, 10,
                          _sl_counting([]))
         assert torch.equal(alone.W[0], together.W[r]), s
         assert alone.steps.tolist() == [together.steps[r].item()] and alone.fitted.tolist() == [True]
+        # the logged losses: the same at every step both logged; after the run finished, its last one
+        alone_loss = {step: losses[0] for step, losses in alone_log.records}
+        last = alone_loss[max(alone_loss)]
+        for step, losses in together_log.records:
+            if step in alone_loss:
+                assert losses[r] == alone_loss[step], (s, step)
+            elif step > max(alone_loss) and batch_size is None:
+                assert losses[r] == last, (s, step)
     assert together.W.shape == (len(seeds), cfg.data.d, K)
 
 

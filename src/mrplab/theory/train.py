@@ -112,7 +112,8 @@ def train_sl(
         if live is None:
             loss, fits = loss_l, fits_l
         else:
-            loss[live], fits = loss_l, torch.zeros_like(done).index_put_((live,), fits_l)
+            # out of place: a logged loss tensor from an earlier step stays as it was
+            loss, fits = loss.index_put((live,), loss_l), torch.zeros_like(done).index_put_((live,), fits_l)
         guard.check(t, loss, weight_norm(W, runs=True))
         fitted = torch.where(done, fitted, fits)
         if t >= cfg.steps:
