@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -36,18 +38,24 @@ def _gens(seeds):
     return RunGens(mask=[generator(s, "mrp:mask") for s in seeds], batch=[generator(s, "mrp:batch") for s in seeds])
 
 
-def test_lockstep_variants_equal_each_variant_trained_alone():
-    cfg = config.load(None, SETS + ["mrp.batch_size=40"])  # mini-batches: the batch draw is shared too
-    data = make_data(cfg.data, cfg.seeds).pretrain
+@pytest.mark.parametrize("fused,bf16,shared", [(False, False, False), (True, False, False), (True, True, False),
+                                               (True, True, True), (False, False, True)])
+def test_lockstep_variants_equal_each_variant_trained_alone(fused, bf16, shared):
+    """Bitwise: eager and fused kernels, fp32 and bf16 patches, per-run and shared data."""
+    cfg = config.load(None, SETS + ["mrp.batch_size=40", f"data.share_across_runs={str(shared).lower()}"])
+    data = make_data(cfg.data, cfg.seeds).pretrain  # mini-batches: the batch draw is shared too
+    if bf16:
+        data = dataclasses.replace(data, X=data.X.to(torch.bfloat16))
+    ops = steps.ops(fused)
     W0 = net.init_kernels([generator(s, "init") for s in cfg.seeds], cfg.data.d, cfg.data.k * cfg.net.m,
                           cfg.net.sigma_0)
     variants = {"mrp": {}, "mrp_fitted_decoder": {"fit_decoder": True}, "mrp_shuffled_pairing": {"shuffled": True}}
     together_log = _Log()
-    together = pretrain_mrp_variants(W0, data, cfg.mrp, cfg.net, _gens(cfg.seeds), together_log, 4,
-                                     steps.EAGER, variants)
+    together = pretrain_mrp_variants(W0, data, cfg.mrp, cfg.net, _gens(cfg.seeds), together_log, 4, ops, variants)
     for phase, overrides in variants.items():
         alone_log = _Log()
-        alone = pretrain_mrp(W0, data, cfg.mrp, cfg.net, _gens(cfg.seeds), alone_log, 4, phase=phase, **overrides)
+        alone = pretrain_mrp(W0, data, cfg.mrp, cfg.net, _gens(cfg.seeds), alone_log, 4, ops=ops, phase=phase,
+                             **overrides)
         assert torch.equal(alone.W, together[phase].W), phase
         assert torch.equal(alone.D, together[phase].D), phase
         assert alone_log.records == [r for r in together_log.records if r[0] == phase]
