@@ -51,11 +51,6 @@ def _select(data: MultiViewData, idx: torch.Tensor | None, Xt: torch.Tensor | No
     return data.X[rows, idx], data.y[rows, idx], None  # [len(runs), B, P, d], [len(runs), B]
 
 
-def _run_rows(t: torch.Tensor | None, runs: torch.Tensor) -> torch.Tensor | None:
-    """The rows ``runs`` of a tensor with a leading run axis (a copy), or t itself when that axis is shared."""
-    return t if t is None or t.shape[0] == 1 else t[runs]
-
-
 def _full_set_t(data: MultiViewData, bs: int | None) -> torch.Tensor | None:
     """net.transposed_patches of the full set when every step uses it (bs None or >= n, as _batch_idx)."""
     return net.transposed_patches(data.X) if bs is None or bs >= data.n else None
@@ -132,7 +127,7 @@ def train_sl(
             still = ~done[rows]
             if not bool(still.all()):  # some finished at this step: train on without them
                 live = rows[still]
-                full = tuple(_run_rows(a, live) for a in whole)
+                full = tuple(steps.rows_or_none(a, live) for a in whole)
             W[live] = W_live[still].sub_(dW[still], alpha=cfg.lr)
         hooks.advance()
     return SLResult(W=W, steps=taken, fitted=fitted)
