@@ -3,13 +3,21 @@
 Runs the command in a fresh process (``python -m mrplab theory --out <tmpdir>
 --quiet``), so the time includes start-up, the runtime choice (probes or the
 cache), compilation, data, training, probes, checkpoints, figures and the
-report. Efficiency = the run's counted matmul FLOPs / (wall time x the
-machine's matmul limit at the chosen precision and the run's own shapes).
+report. Efficiency = ideal time / wall time, where the ideal time is the run's
+counted matmul FLOPs at the machine's matmul limit at the chosen precision, shape
+by shape: sum over the shapes (m, k, n) the run multiplied at (the run records
+FLOPs by shape, runtime.FlopCounter) of FLOPs / the limit at that shape. A wide
+product runs at a higher rate than a narrow one, so a run that multiplies wider
+is held to the higher limit. Shapes with under 1 % of the FLOPs are held to the
+highest limit measured. ``efficiency_at_best_shape`` holds every FLOP to that
+highest limit (the stricter number).
 
-The limit is the highest of: the one the run used (runtime.py, cached per
-machine) and the same pair measured here right before and right after the run.
-A shared machine's speed drifts by tens of percent over minutes; taking the
-highest limit never flatters the run. Writes benchmarks/results/theory_walltime.json.
+The limit at a shape is the highest of: the one the run used (runtime.py, cached
+per machine, at its probe shapes), and the training pair at that shape measured
+here right after the run and, from the second run on, right before it (the
+shapes of the run before). A shared machine's speed drifts by tens of percent
+over minutes; taking the highest limit never flatters the run. Writes
+benchmarks/results/theory_walltime.json.
 
     .venv/bin/python benchmarks/theory_walltime.py                  # defaults, one run
     .venv/bin/python benchmarks/theory_walltime.py --repeat 3       # three runs, one after another
@@ -36,28 +44,46 @@ from _common import machine, run_theory, write
 from mrplab import config, runtime
 from mrplab.theory.experiment import matmul_shapes
 
-LIMIT_BUDGET_S = 2.0  # per dtype and measurement: the best time of many pairs
+LIMIT_BUDGET_S = 1.0  # per shape, precision and measurement: the best time of many pairs
+MIN_SHARE = 0.01  # shapes with less of the run's FLOPs are held to the highest limit measured
 
 
-def _limits(shapes, precisions=("fp32", "bf16")) -> dict[str, float]:
-    cpu = torch.device("cpu")
-    return {p: runtime.matmul_gflops(shapes, runtime.dtype_of(p), cpu, LIMIT_BUDGET_S) for p in precisions}
+def _shape(key: str) -> tuple[int, int, int]:
+    m, k, n = (int(x) for x in key.split("x"))
+    return m, k, n
 
 
-def one_run(sets: list[str], cold: bool, shapes) -> dict:
+def _limits(shapes, precision: str) -> dict[str, float]:
+    """GFLOP/s of the training pair at each shape ("m x k x n" keys) in ``precision``."""
+    dtype, cpu = runtime.dtype_of(precision), torch.device("cpu")
+    return {s: runtime.matmul_gflops([_shape(s)], dtype, cpu, LIMIT_BUDGET_S) for s in shapes}
+
+
+def _main_shapes(by_shape: dict[str, int]) -> list[str]:
+    total = sum(by_shape.values())
+    return [s for s, f in by_shape.items() if f >= MIN_SHARE * total]
+
+
+def one_run(sets: list[str], cold: bool, probe_shapes, before_shapes: list[str] | None, precision: str | None) -> dict:
     keep = os.environ.get("MRPLAB_BENCH_KEEP")  # a folder to keep the run folder in, for inspection
-    before = _limits(shapes)  # the run's precision is known only after it (auto)
+    before = _limits(before_shapes, precision) if before_shapes and precision else {}
     with tempfile.TemporaryDirectory(prefix="mrplab-bench-") as tmp:
         env = {"MRPLAB_CACHE_DIR": f"{tmp}/cache"} if cold else {}
         wall, summary = run_theory(keep or tmp, sets, env=env)
     rt = summary["runtime"]
-    p = rt["precision"]
-    after = _limits(shapes, (p,))
-    limits = {"run": rt["matmul_limit_gflops"], "before": before[p], "after": after[p]}
-    limit = max(limits.values())
+    p, by_shape = rt["precision"], rt["matmul_flops_by_shape"]
+    shapes = _main_shapes(by_shape)
+    after = _limits(shapes, p)
+    probe = {"x".join(map(str, s)) for s in probe_shapes}
+    limits = {s: {"after": after[s], **({"before": before[s]} if s in before else {}),
+                  **({"run": rt["matmul_limit_gflops"]} if s in probe and len(probe) == 1 else {})} for s in shapes}
+    best = {s: max(v.values()) for s, v in limits.items()}
+    top = max(best.values())
+    ideal = sum(f / (best.get(s, top) * 1e9) for s, f in by_shape.items())
     return {
-        "wall_s": wall, "efficiency": rt["matmul_flops"] / (wall * limit * 1e9), "matmul_limit_gflops": limit,
-        "limits_gflops": limits, "ideal_s": rt["matmul_flops"] / (limit * 1e9), "runtime": rt,
+        "wall_s": wall, "efficiency": ideal / wall, "ideal_s": ideal,
+        "efficiency_at_best_shape": rt["matmul_flops"] / (wall * top * 1e9), "matmul_limit_gflops": top,
+        "flops_by_shape": by_shape, "limits_gflops": limits, "limit_by_shape_gflops": best, "runtime": rt,
         "timings": summary["timings"], "wall_with_report_s": summary.get("wall_with_report_s"),
         "config_hash": summary["config_hash"], "seeds": summary["seeds"], "steps": summary.get("steps"),
         "claims_passed": summary.get("claims_passed"), "claims_total": summary.get("claims_total"),
@@ -74,21 +100,25 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs, one after another (the median is the headline)")
     ap.add_argument("--tag", default="", help="write results/theory_walltime_<tag>.json (e.g. a capped ISA)")
     args = ap.parse_args()
-    shapes = matmul_shapes(config.load(None, args.sets))
+    probe_shapes = matmul_shapes(config.load(None, args.sets))
     runs = []
     for i in range(args.repeat):
-        r = one_run(args.sets, args.cold, shapes)
+        last = runs[-1] if runs else None
+        r = one_run(args.sets, args.cold, probe_shapes, last and list(last["limit_by_shape_gflops"]),
+                    last and last["runtime"]["precision"])
         runs.append(r)
         rt = r["runtime"]
-        print(f"run {i + 1}/{args.repeat}: {r['wall_s']:.1f} s wall, {rt['matmul_flops'] / 1e12:.2f} TFLOP counted, "
-              f"limit {r['matmul_limit_gflops']:.0f} GFLOP/s {rt['precision']} (run {r['limits_gflops']['run']:.0f}, "
-              f"before {r['limits_gflops']['before']:.0f}, after {r['limits_gflops']['after']:.0f}) -> ideal "
-              f"{r['ideal_s']:.1f} s, efficiency {r['efficiency']:.2f}; {r['claims_passed']}/{r['claims_total']} "
-              f"claims PASS", flush=True)
+        per = ", ".join(f"{s}: {r['flops_by_shape'][s] / 1e12:.2f} TFLOP at {g:.0f} ({', '.join(f'{k} {v:.0f}' for k, v in r['limits_gflops'][s].items())})"
+                        for s, g in r["limit_by_shape_gflops"].items())
+        print(f"run {i + 1}/{args.repeat}: {r['wall_s']:.1f} s wall, {rt['matmul_flops'] / 1e12:.2f} TFLOP counted; "
+              f"limits GFLOP/s {rt['precision']} by shape: {per} -> ideal {r['ideal_s']:.1f} s, efficiency "
+              f"{r['efficiency']:.2f} ({r['efficiency_at_best_shape']:.2f} with every FLOP at "
+              f"{r['matmul_limit_gflops']:.0f}); {r['claims_passed']}/{r['claims_total']} claims PASS", flush=True)
     effs = [r["efficiency"] for r in runs]
     env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
     result = {"benchmark": "theory_walltime", "sets": args.sets, "isa_env": env, "cold_cache": args.cold, "repeat": args.repeat,
               "efficiency_median": statistics.median(effs), "efficiency_min": min(effs),
+              "efficiency_at_best_shape_median": statistics.median(r["efficiency_at_best_shape"] for r in runs),
               "wall_s_median": statistics.median(r["wall_s"] for r in runs), "runs": runs, "machine": machine()}
     path = write("theory_walltime" + (f"_{args.tag}" if args.tag else ""), result)
     rt = runs[-1]["runtime"]

@@ -185,6 +185,23 @@ def test_flop_counter_counts_the_engine_matmuls():
     assert runtime.matmul_flops.total - before == 2 * (2 * R * N * P * d * K)  # forward and weight gradient
 
 
+def test_flop_counter_keys_each_product_by_the_shape_that_ran():
+    """Per-run data: R products [N*P, d] @ [d, K]; shared data: one [N*P, d] @ [d, R*K]; MRP's variants
+    batched: [N*P, d] @ [d, V*K] per run."""
+    from mrplab.theory import steps
+
+    R, N, P, d, K = 2, 5, 4, 6, 3
+    W, y, mask = torch.randn(R, d, K), torch.randint(0, 3, (R, N)), torch.rand(R, N, P) < 0.5
+    for X, shape in ((torch.randn(R, N, P, d), (N * P, d, K)), (torch.randn(1, N, P, d), (N * P, d, R * K))):
+        before = dict(runtime.matmul_flops.by_shape)
+        steps.sl(X, y, W, 4, 1.0, 3, 1, steps.EAGER)
+        assert runtime.matmul_flops.since(before) == {shape: 2 * (2 * R * N * P * d * K)}
+    X, spec = torch.randn(R, N, P, d), steps.MRPSpec()
+    before = dict(runtime.matmul_flops.by_shape)
+    steps.mrp_variants(X, [W, W + 1, W - 1], [torch.ones(R, K)] * 3, mask, 4, 1.0, [spec] * 3)
+    assert runtime.matmul_flops.since(before) == {(N * P, d, 3 * K): 3 * 2 * (2 * R * N * P * d * K)}
+
+
 def test_huge_pages_says_what_is_in_effect(monkeypatch):
     monkeypatch.setattr(runtime, "_thp_mode", lambda: "madvise")
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")

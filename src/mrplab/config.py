@@ -228,6 +228,11 @@ class MRPConfig(Strict):
             return 0.0
         return self.loss_norm if self.loss_norm is not None else (q - 1) / q
 
+    @property
+    def ema_teacher(self) -> bool:
+        """Whether the teacher is an EMA of the student (else the student itself under stop-gradient)."""
+        return self.teacher_momentum > 0 or (self.teacher_momentum_end or 0.0) > 0
+
     def momentum(self, t: int) -> float:
         """The teacher's EMA momentum after step t of ``steps`` (linear schedule)."""
         if self.teacher_momentum_end is None:

@@ -506,13 +506,23 @@ def use_persistent_compile_cache() -> None:
 
 
 class FlopCounter:
-    """Matmul FLOPs the engine performed (2 m k n per product)."""
+    """Matmul FLOPs the engine performed (2 m k n per product), by the shape (m, k, n) of the product that
+    ran: the machine's rate differs by shape, so a run's ideal time is the sum over its shapes of FLOPs / rate
+    (benchmarks/theory_walltime.py)."""
 
     def __init__(self) -> None:
-        self.total = 0
+        self.by_shape: dict[tuple[int, int, int], int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_shape.values())
 
     def add(self, m: int, k: int, n: int, times: int = 1) -> None:
-        self.total += 2 * m * k * n * times
+        self.by_shape[m, k, n] = self.by_shape.get((m, k, n), 0) + 2 * m * k * n * times
+
+    def since(self, before: dict[tuple[int, int, int], int]) -> dict[tuple[int, int, int], int]:
+        """FLOPs by shape counted after ``before`` (a copy of ``by_shape`` taken then)."""
+        return {shape: f - before.get(shape, 0) for shape, f in self.by_shape.items() if f != before.get(shape, 0)}
 
 
 matmul_flops = FlopCounter()

@@ -120,6 +120,30 @@ def test_a_seed_gives_the_same_run_alone_or_batched():
         assert math.isclose(alone.per_seed[0][key], batched.per_seed[1][key], abs_tol=1e-3)
 
 
+def test_the_run_records_its_matmul_flops_by_shape(small_result):
+    """What the efficiency benchmark holds each FLOP to: MRP with its two controls multiplies [N*P, d] @ [d, 3K]
+    per run, SL and fine-tuning [N*P, d] @ [d, K]; the shapes add up to the total."""
+    rt = small_result.runtime
+    by_shape = rt["matmul_flops_by_shape"]
+    assert sum(by_shape.values()) == rt["matmul_flops"] > 0
+    K, P = 5 * 6, 16
+    mrp_steps, R = 1000 + 1, 2
+    assert by_shape[f"{800 * P}x300x{3 * K}"] == mrp_steps * R * 2 * (2 * 800 * P * 300 * 3 * K)
+    assert f"{500 * P}x300x{K}" in by_shape and not any(k.endswith(f"x{2 * K}") for k in by_shape)
+
+
+def test_matmul_shapes_are_the_products_the_steps_run():
+    """The precision probe's shapes: SL's per run, and MRP's with its controls side by side (not under an EMA
+    teacher, whose variants step one by one); shared data: one product per chunk of runs."""
+    shapes = experiment.matmul_shapes
+    assert shapes(config.load(None, [])) == [(16000, 300, 80), (16000, 300, 240)]
+    assert shapes(config.load(None, ["mrp.controls=[fitted_decoder]", "data.n_pretrain=500"])) == [
+        (16000, 300, 80), (8000, 300, 160)]
+    assert shapes(config.load(None, ["mrp.controls=[]"])) == [(16000, 300, 80)]
+    assert shapes(config.load(None, ["mrp.teacher_momentum=0.9"])) == [(16000, 300, 80)]
+    assert shapes(config.load(None, ["data.share_across_runs=true", "seeds=[0,1,2,3]"])) == [(16000, 300, 320)]
+
+
 def test_shared_data_uses_one_data_set_for_all_runs():
     res = experiment.run(config.load(None, TINY + ["seeds=[0,1]", "data.share_across_runs=true"]))
     assert res.data.train.X.shape[0] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ from mrplab.rng import generator
 from mrplab.theory import net, steps
 from mrplab.theory.objectives import (cross_entropy, fit_decoder, mae_pixel_loss, make_run_masks, mrp_teacher_loss,
                                       normalise_target)
-from tests.theory.helpers import reference_patch_ops
+from tests.theory.helpers import reference_patch_ops, wide_matmul_is_exact
 
 R, N, P, d, k, m = 2, 12, 6, 10, 3, 2
 K = k * m
@@ -429,3 +430,75 @@ def test_sl_step_with_the_run_kernels_is_the_reference(kind, Rd, dtype):
     # a label set that every sample of run 0 gets right (from the reference's own argmax): fitted flips
     y_fit = logits.argmax(-1)[:1].expand(Rd, N) if Rd == 1 else logits.argmax(-1)
     assert steps.sl(Xc, y_fit, W.float(), Q, THR, k, m, _kernels(kind))[2][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_grad_writes_into_a_slice_of_a_larger_buffer(kind, dtype):
+    """grad(..., out=) on one run's block of variants ([V, N, P, K] inside [N, P, V, K], as steps.mrp_variants
+    passes it): the same dZ as without ``out``, written into that slice only."""
+    R, N, P, V, K, q, thr = 2, 7, 5, 3, 6, 4, 1.0
+    g = torch.Generator().manual_seed(2)
+    Zw = (torch.randn(R, N, P, V * K, generator=g) * 0.8).to(dtype)
+    Z = Zw.view(R, N, P, V, K).permute(0, 3, 1, 2, 4)[1]  # run 1's variants
+    keep, dh = (torch.rand(N, P, generator=g) < 0.6).expand(V, N, P), torch.randn(V, N, K, generator=g)
+    buf = torch.full_like(Zw, 7.0)
+    out = buf.view(R, N, P, V, K).permute(0, 3, 1, 2, 4)[1]
+    ops = _kernels(kind)
+    got = ops.grad(Z, keep, dh, q, thr, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.stride() == out.stride()
+    assert torch.equal(out, ops.grad(Z, keep, dh, q, thr))
+    assert (buf[0] == 7.0).all()  # run 0's part of the buffer is untouched
+    assert not (out == 7.0).any()
+    _, _, want = reference_patch_ops(Z, keep, dh, q, thr)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=1e-6)
+
+
+def _variant_case(target: str, decoder: str, Rd: int, R_: int, dtype: torch.dtype, seed: int = 3):
+    """Patches, kernels, decoders and specs of MRP with its two controls (fitted decoder, shuffled pairing)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(Rd, N, P, d, generator=g).to(dtype)
+    Ws = [0.6 * torch.randn(R_, d, K, generator=g) for _ in range(3)]
+    if target == "pixels":
+        Ds = [0.1 * torch.randn(R_, K, d, generator=g) for _ in range(3)]
+    else:
+        Ds = [(torch.eye(K).expand(R_, K, K) if decoder == "full" else torch.ones(R_, K))
+              + 0.1 * torch.randn(R_, K, K if decoder == "full" else 1, generator=g).squeeze(-1) for _ in range(3)]
+    base = steps.MRPSpec(target, "masked" if target == "pixels" else "all", "per_kernel", 0.75)
+    specs = [base, dataclasses.replace(base, fit_decoder=True), dataclasses.replace(base, shuffled=True)]
+    mask = make_run_masks([generator(s, "m") for s in range(R_)], N, P, 0.5)
+    return X, Ws, Ds, mask, specs
+
+
+@pytest.mark.parametrize("target,decoder", [("teacher", "diag"), ("teacher", "full"), ("pixels", "full")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("data", ["per_run", "shared_one_run", "shared"])
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+def test_mrp_variants_equal_each_variant_alone(kind, data, dtype, target, decoder, monkeypatch):
+    """MRP and its controls in one step (one matmul V*K wide per run, one kernel call per run) give each
+    variant's loss, gradients, decoder and logged variances as its own step does: bitwise where this BLAS
+    computes a column of the wide product as the narrow one (helpers.wide_matmul_is_exact), else to rounding.
+    Per-run data in three chunks of runs; shared data for R > 1 steps each variant on its own."""
+    R_ = 1 if data == "shared_one_run" else 3
+    X, Ws, Ds, mask, specs = _variant_case(target, decoder, R_ if data == "per_run" else 1, R_, dtype)
+    ops = _kernels(kind)
+    widths = []
+    preact = net.preact
+    monkeypatch.setattr(net, "preact", lambda X_, W_, **kw: widths.append(W_.shape[-1]) or preact(X_, W_, **kw))
+    monkeypatch.setattr(steps, "CHUNK_ELEMS", N * P * K * 3)  # one run per chunk (its three variants)
+    together = steps.mrp_variants(X, Ws, Ds, mask, Q, THR, specs, ops)
+    batched = data != "shared"
+    assert widths == ([3 * K] * R_ if batched else [K] * 3)
+    exact = not batched or wide_matmul_is_exact(X, Ws)
+    for W, D, spec, got in zip(Ws, Ds, specs, together):
+        want = steps.mrp(X, W, D, mask, Q, THR, spec, None, ops)
+        for name in ("loss", "dW", "dD", "D", "pred_var", "target_var"):
+            a, b = getattr(got, name), getattr(want, name)
+            if b is None:
+                assert a is None and target == "pixels"
+            elif exact:
+                assert torch.equal(a, b), name
+            elif not (name == "dD" and spec.fit_decoder):  # 0 at the fitted optimum up to rounding (and unused)
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
+    assert not torch.allclose(together[0].dW, together[2].dW)  # the variants differ: the check can fail

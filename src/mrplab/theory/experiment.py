@@ -298,11 +298,16 @@ def run(
 
 
 def matmul_shapes(cfg: TheoryConfig) -> list[tuple[int, int, int]]:
-    """The engine's matmul (m, k, n) at a training step: X[N*P, d] @ W[d, K] per run, or for shared
-    data one X[N*P, d] @ W[d, c*K] per chunk of c runs (the shapes the precision probe and the limit use)."""
+    """The engine's matmuls (m, k, n) at a training step (the shapes the precision probe measures): for
+    shared data one X[N*P, d] @ W[d, c*K] per chunk of c runs; for per-run data X[N*P, d] @ W[d, K] per
+    run, and MRP with its V - 1 controls under the stop-gradient teacher X[N*P, d] @ [d, V*K] per run
+    (steps.mrp_variants)."""
     K, P, d, N = cfg.data.k * cfg.net.m, cfg.data.P, cfg.data.d, cfg.data.n_train
-    c = _step_chunks(cfg)[0].stop if cfg.data.share_across_runs else 1
-    return [(N * P, d, K * c)]
+    if cfg.data.share_across_runs and len(cfg.seeds) > 1:
+        return [(N * P, d, K * _step_chunks(cfg)[0].stop)]
+    V = 1 + len(controls(cfg))
+    wide = [(cfg.data.n_pretrain * P, d, V * K)] if V > 1 and not cfg.mrp.ema_teacher else []
+    return [(N * P, d, K), *wide]
 
 
 def _step_chunks(cfg: TheoryConfig) -> list[slice]:
@@ -363,7 +368,7 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
     device = resolve_device(cfg.device)
     check_memory(cfg, device)
     t0 = time.perf_counter()
-    flops0 = runtime.matmul_flops.total
+    flops0 = dict(runtime.matmul_flops.by_shape)
     choice, compile_key, probed_now = choose_runtime(cfg, device)
     info = {**share.record(), **choice.record()}
     on_runtime(info)
@@ -415,7 +420,9 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
         if not probed_now and cfg.compile == "auto":  # what a run with warm caches pays
             runtime.note_compile_cost(device, compile_key, ops.first_call_s)
     info["threads_seen"] = sorted(set(share.seen))
-    info["matmul_flops"] = runtime.matmul_flops.total - flops0
+    by_shape = runtime.matmul_flops.since(flops0)
+    info["matmul_flops"] = sum(by_shape.values())
+    info["matmul_flops_by_shape"] = {"x".join(map(str, shape)): f for shape, f in sorted(by_shape.items())}
     return TheoryResult(cfg=cfg, data=data, W_init=W_init, W_sl=W_sl, W_mrp=mrp.W, D_mrp=mrp.D, W_ft=ft.W,
                         head=ft.head, W_controls=W_controls, per_seed=per_seed, verdicts=verdicts, history=rec.history,
                         timings=timings,

@@ -167,6 +167,11 @@ def supports(Z: torch.Tensor) -> bool:
     return Z.device.type == "cpu" and Z.dim() == 4 and Z.dtype in _DTYPES and (Z.stride(3) == 1 or Z.shape[3] == 1)
 
 
+def _fits(out: torch.Tensor, Z: torch.Tensor) -> bool:
+    """Whether the kernels can write Z's result into ``out``."""
+    return out.shape == Z.shape and out.dtype == Z.dtype and supports(out)
+
+
 def _keep(keep: torch.Tensor | None, Z: torch.Tensor):
     if keep is None:
         return None, None
@@ -192,12 +197,14 @@ def pool(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float):
     return None if rc else (h_vis, h_all)
 
 
-def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float):
-    """steps.patch_grad, fused: dZ in Z's dtype and layout; None where the kernels do not take this Z or q."""
-    if (q := _taken_q(Z, q)) is None:
+def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float,
+         out: torch.Tensor | None = None):
+    """steps.patch_grad, fused: dZ in Z's dtype and layout, or written into ``out`` (Z's shape and dtype, any
+    strides with stride 1 along K: a slice of a larger buffer); None where the kernels do not take this Z or q."""
+    if (q := _taken_q(Z, q)) is None or (out is not None and not _fits(out, Z)):
         return None
     R, N, P, K = Z.shape
-    dZ = torch.empty_like(Z)
+    dZ = torch.empty_like(Z) if out is None else out
     g = dh.to(torch.float32).expand(R, N, K).contiguous()
     k, k_ptr = _keep(keep, Z)
     rc = library().mrplab_grad(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], k_ptr,

@@ -74,7 +74,7 @@ def preact(X: torch.Tensor, W: torch.Tensor, native: bool = False) -> torch.Tens
     """
     Rd, N, P, d = X.shape
     R, _, K = W.shape
-    matmul_flops.add(N * P, d, K, times=R)
+    matmul_flops.add(N * P, d, R * K if Rd == 1 else K, times=1 if Rd == 1 else R)  # the product that runs
     Wc = W.to(X.dtype)  # bf16 data: bf16 matmul inputs
     if Rd == 1:
         Wf = Wc.permute(1, 0, 2).reshape(d, R * K)  # [d, R*K]
@@ -190,7 +190,7 @@ def weight_grad(X: torch.Tensor, dZ: torch.Tensor, dtype: torch.dtype | None = N
     Rd, N, P, d = X.shape
     R, K = dZ.shape[0], dZ.shape[-1]
     dtype = dtype or dZ.dtype
-    matmul_flops.add(N * P, d, K, times=R)
+    matmul_flops.add(N * P, d, R * K if Rd == 1 else K, times=1 if Rd == 1 else R)  # the product that runs
     XT = X.reshape(Rd, N * P, d).transpose(1, 2) if Xt is None else Xt  # [Rd, d, N*P]
     if Rd == 1:
         dZf = dZ.permute(1, 2, 0, 3).reshape(N * P, R * K)  # [N*P, R*K]

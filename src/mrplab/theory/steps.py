@@ -47,16 +47,24 @@ def pool_patches(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float)
     return (a * keep.unsqueeze(-1)).sum(2), h_all
 
 
-def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float) -> torch.Tensor:
+def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """dZ = act'(Z) * dh (the same for every patch) on the visible patches, 0 on the others, in Z's dtype
-    and layout, ready for the weight-gradient matmul. dh [R, N, K]. act'(z) = (clamp(z, 0, thr)/thr)^(q-1)
-    (q >= 2, config.NetConfig)."""
+    and layout, ready for the weight-gradient matmul; or written into ``out`` (Z's shape, any strides: a slice
+    of a larger buffer) and returned. dh [R, N, K]. act'(z) = (clamp(z, 0, thr)/thr)^(q-1) (q >= 2, config.NetConfig)."""
     g = (_wide(Z).clamp(0.0, thr) * (1.0 / thr)) ** (q - 1) * dh.unsqueeze(2)
     if keep is not None:
         g = g * keep.unsqueeze(-1)
-    if Z.is_contiguous():
-        return g.to(Z.dtype)
-    return torch.empty_like(Z).copy_(g)  # Z's layout (shared data), whatever the inputs' layouts make of g
+    return _into(g, Z, out)
+
+
+def _into(g: torch.Tensor, Z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """dZ ``g`` in Z's dtype and layout (shared data: whatever the inputs' layouts made of g), or copied into ``out``."""
+    if out is not None:
+        return out.copy_(g)
+    if g.dtype == Z.dtype and g.stride() == Z.stride():
+        return g
+    return g.to(Z.dtype) if Z.is_contiguous() else torch.empty_like(Z).copy_(g)
 
 
 def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float, fit: bool = False):
@@ -74,7 +82,7 @@ class PatchOps:
     """The elementwise work of a step around its two matmuls, on Z = X W:
 
     ``pool(Z, keep, q, thr)`` -> (h over visible patches, h over all patches), the forward;
-    ``grad(Z, keep, dh, q, thr)`` -> dZ, the backward. Both read Z once: the activation and
+    ``grad(Z, keep, dh, q, thr, out=None)`` -> dZ (or written into ``out``), the backward. Both read Z once: the activation and
     its derivative are recomputed from Z instead of being stored, so a step's temporaries
     are Z and dZ in the matmul's dtype. ``sl(Z, y, q, thr, k, m)``: pool, the supervised head and grad
     fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power, fit)``: the default mask-reconstruction
@@ -109,7 +117,7 @@ class _EagerOps(PatchOps):
             return h_all, h_all
         return a.mul_(keep.unsqueeze(-1)).sum(2), h_all
 
-    def _grad(self, Z, keep, dh, q, thr):
+    def _grad(self, Z, keep, dh, q, thr, out=None):
         kept, self._kept = self._kept, None
         if kept is not None and kept[0] is Z and kept[1:3] == (q, thr):
             g = kept[3]
@@ -118,7 +126,7 @@ class _EagerOps(PatchOps):
         g.mul_(dh.unsqueeze(2))
         if keep is not None:
             g.mul_(keep.unsqueeze(-1))
-        return g if g.dtype == Z.dtype and g.stride() == Z.stride() else torch.empty_like(Z).copy_(g)
+        return _into(g, Z, out)
 
 
 EAGER = _EagerOps()
@@ -147,13 +155,14 @@ def _fused_fn(backend: str, name: str) -> Callable:
     if backend == "inductor":
         if name in ("diag_loss", "sl", "noise_max"):
             return eager
-        i = ("pool", "grad").index(name)
-        return lambda *args: _compiled_fns()[i](*args)
+        if name == "pool":
+            return lambda *args: _compiled_fns()[0](*args)
+        return lambda *args, out=None: _into(_compiled_fns()[1](*args), args[0], out)
     fn = getattr(native, name)
 
-    def call(*args):
-        out = fn(*args)
-        return eager(*args) if out is None else out
+    def call(*args, **kwargs):
+        res = fn(*args, **kwargs)
+        return eager(*args, **kwargs) if res is None else res
 
     return call
 
@@ -163,9 +172,9 @@ def _with_fallback(fused: Callable, eager: Callable) -> Callable:
     ``eager``, which computes the same numbers, after one warning line."""
     state = {"fn": fused}
 
-    def call(*args):
+    def call(*args, **kwargs):
         try:
-            return state["fn"](*args)
+            return state["fn"](*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
             if state["fn"] is eager:
                 raise
@@ -173,7 +182,7 @@ def _with_fallback(fused: Callable, eager: Callable) -> Callable:
             warnings.warn(f"the fused kernels failed ({first[:200]}); continuing with the eager elementwise "
                           "kernels (set compile=false to skip them)", RuntimeWarning, stacklevel=3)
             state["fn"] = eager
-            return eager(*args)
+            return eager(*args, **kwargs)
 
     return call
 
@@ -194,7 +203,7 @@ def ops(compiled: bool) -> PatchOps:
     if not compiled:
         return EAGER
     return PatchOps(lambda Z, *a: fused(backend_for(Z.device)).pool(Z, *a),
-                    lambda Z, *a: fused(backend_for(Z.device)).grad(Z, *a),
+                    lambda Z, *a, **kw: fused(backend_for(Z.device)).grad(Z, *a, **kw),
                     lambda h, *a: fused(backend_for(h.device)).diag_loss(h, *a),
                     lambda Z, *a: _sl_of(fused(backend_for(Z.device)))(Z, *a),
                     lambda Z, *a: fused(backend_for(Z.device)).noise_max(Z, *a))
@@ -289,8 +298,8 @@ def _class_sum(K: int, k: int, device: torch.device) -> torch.Tensor:
 CHUNK_ELEMS = 1 << 24  # elements of one chunk's [c, N, P, K] tensors (64 MiB in fp32)
 
 
-def run_chunks(R: int, per_run_elems: int, budget: int = CHUNK_ELEMS) -> list[slice]:
-    """Slices of the run axis whose [c, N, P, K] tensors hold at most ``budget`` elements.
+def run_chunks(R: int, per_run_elems: int, budget: int | None = None) -> list[slice]:
+    """Slices of the run axis whose [c, N, P, K] tensors hold at most ``budget`` (default CHUNK_ELEMS) elements.
 
     A step holds Z and dZ of its chunk (three more fp32 buffers on the eager path); the
     chunk bounds that memory for large configs. Below the bound, wider chunks pay: with
@@ -299,7 +308,7 @@ def run_chunks(R: int, per_run_elems: int, budget: int = CHUNK_ELEMS) -> list[sl
     result does not depend on which others are batched with it (bitwise for per-run data;
     shared data in bf16 can round differently as the matmul's width changes).
     """
-    c = max(1, budget // max(per_run_elems, 1))
+    c = max(1, (CHUNK_ELEMS if budget is None else budget) // max(per_run_elems, 1))
     return [slice(i, min(i + c, R)) for i in range(0, R, c)]
 
 
@@ -383,23 +392,21 @@ class MRPGrads:
     dW: torch.Tensor  # [R, d, K]
     dD: torch.Tensor  # like D
     D: torch.Tensor  # the decoder this step used (the fitted one under the control)
-    h: torch.Tensor  # [R, N, K] the student's codes (visible patches)
-    target: torch.Tensor | None  # [R, N, K] the teacher's target (None for pixels)
-
-    @property
-    def pred(self) -> torch.Tensor:
-        """[R, N, C] the decoder's output, computed when asked for (a logged diagnostic only)."""
-        return net.decode(self.h, self.D)
+    codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # per run chunk, for the logged diagnostics:
+    # (the student's codes h [c, N, K] on the visible patches, the decoder used, the teacher's target or None)
 
     @property
     def pred_var(self) -> torch.Tensor:
-        """[R] variance across samples of the prediction, mean over channels (a logged diagnostic)."""
-        return _sample_var(self.pred)
+        """[R] variance across samples of the decoder's output, mean over channels (a logged diagnostic,
+        computed when asked for)."""
+        return torch.cat([_sample_var(net.decode(h, D)) for h, D, _ in self.codes])
 
     @property
     def target_var(self) -> torch.Tensor | None:
         """[R] the same for the teacher's target; None for pixel targets."""
-        return None if self.target is None else _sample_var(self.target)
+        if self.codes[0][2] is None:
+            return None
+        return torch.cat([_sample_var(t) for _, _, t in self.codes])
 
 
 def _sample_var(x: torch.Tensor) -> torch.Tensor:
@@ -433,57 +440,107 @@ def mrp(
     parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec,
                   None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s))
              for s in chunks(X, W)]
+    return _joined(parts)
+
+
+def _joined(parts: list[MRPGrads]) -> MRPGrads:
+    """One MRPGrads from those of consecutive run chunks."""
     if len(parts) == 1:
         return parts[0]
-    return MRPGrads(
-        loss=torch.cat([p.loss for p in parts]), dW=torch.cat([p.dW for p in parts]),
-        dD=torch.cat([p.dD for p in parts]), D=torch.cat([p.D for p in parts]),
-        h=torch.cat([p.h for p in parts]),
-        target=None if parts[0].target is None else torch.cat([p.target for p in parts]),
-    )
+    return MRPGrads(loss=torch.cat([p.loss for p in parts]), dW=torch.cat([p.dW for p in parts]),
+                    dD=torch.cat([p.dD for p in parts]), D=torch.cat([p.D for p in parts]),
+                    codes=[c for p in parts for c in p.codes])
 
 
 def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
     keep = ~mask  # [R, N, P]
     Z = net.preact(X, W, native=True)  # [R, N, P, K]
     h_s, h_all = ops.pool(Z, keep, q, thr)  # [R, N, K]: the student sees the visible patches only
-    target = None
+    h_vis_t = h_s  # the stop-gradient student as the teacher: the same Z
+    if spec.target == "teacher" and W_teacher is not None:  # the EMA teacher on the full input
+        h_vis_t, h_all = ops.pool(net.preact(X, W_teacher, native=True), keep, q, thr)
+    loss, dD, dh, D, target = _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec, ops)
+    dZ = ops.grad(Z, keep, dh, q, thr)  # only visible patches reach the student's output
+    return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, codes=[(h_s, D, target)])
+
+
+def _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec: MRPSpec, ops):
+    """The loss on the student's codes h_s [R, N, K] (visible patches) and its gradients: (loss [R], dD, dh
+    [R, N, K], the decoder used, the teacher's target or None). h_vis_t, h_all: the teacher's codes over the
+    visible and over all patches (teacher target only)."""
     if spec.target == "teacher":
-        if W_teacher is not None:  # the EMA teacher on the full input
-            h_vis_t, h_all = ops.pool(net.preact(X, W_teacher, native=True), keep, q, thr)
-        else:  # the stop-gradient student: the same Z
-            h_vis_t = h_s
         t = h_all if spec.scope == "all" else h_all - h_vis_t  # [R, N, K] pooled over all / the masked patches
         if spec.shuffled:
             t = t.roll(-1, dims=1)  # sample n's target is sample n+1's
         t = objectives.normalise_target(t, spec.norm)
         if D.dim() == 2 and (spec.norm == "per_kernel" or spec.divisor_power == 0):
             loss, dD, dh, D = ops.diag_loss(h_s, t, D, spec.divisor_power, spec.fit_decoder)
-        else:
-            if spec.fit_decoder:
-                D = objectives.fit_decoder(h_s, t, "full" if D.dim() == 3 else "diag")
-            loss, dpred = _sq_error_grad(net.decode(h_s, D), t, spec.divisor_power, spec.norm == "per_kernel")
-            if D.dim() == 3:
-                dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, K]
-                dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
-            else:  # one divisor per run
-                dD = (dpred * h_s).sum(1)  # [R, K]
-                dh = dpred * D.unsqueeze(1)
-        target = t
-    else:
-        Xf = X.float().expand(mask.shape[0], *X.shape[1:])
-        sel = mask if spec.scope == "masked" else torch.ones_like(mask)
-        t = torch.einsum("rnp,rnpd->rnd", sel.to(Xf.dtype), Xf)  # content of the patches in scope
-        if spec.shuffled:
-            t = t.roll(-1, dims=1)
+            return loss, dD, dh, D, t
         if spec.fit_decoder:
-            D = objectives.fit_decoder(h_s, t, "full")
-        pred = torch.bmm(h_s, D)  # [R, N, d] pixel decoder D [R, K, d]
-        loss, dpred = _sq_error_grad(pred, t, spec.divisor_power, per_channel=False)
-        dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, d]
-        dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
-    dZ = ops.grad(Z, keep, dh, q, thr)  # only visible patches reach the student's output
-    return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, h=h_s, target=target)
+            D = objectives.fit_decoder(h_s, t, "full" if D.dim() == 3 else "diag")
+        loss, dpred = _sq_error_grad(net.decode(h_s, D), t, spec.divisor_power, spec.norm == "per_kernel")
+        if D.dim() == 3:
+            dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, K]
+            dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
+        else:  # one divisor per run
+            dD = (dpred * h_s).sum(1)  # [R, K]
+            dh = dpred * D.unsqueeze(1)
+        return loss, dD, dh, D, t
+    Xf = X.float().expand(mask.shape[0], *X.shape[1:])
+    sel = mask if spec.scope == "masked" else torch.ones_like(mask)
+    t = torch.einsum("rnp,rnpd->rnd", sel.to(Xf.dtype), Xf)  # content of the patches in scope
+    if spec.shuffled:
+        t = t.roll(-1, dims=1)
+    if spec.fit_decoder:
+        D = objectives.fit_decoder(h_s, t, "full")
+    pred = torch.bmm(h_s, D)  # [R, N, d] pixel decoder D [R, K, d]
+    loss, dpred = _sq_error_grad(pred, t, spec.divisor_power, per_channel=False)
+    dD = torch.bmm(h_s.transpose(1, 2), dpred)  # [R, K, d]
+    dh = torch.bmm(dpred, D.transpose(1, 2))  # [R, N, K]
+    return loss, dD, dh, D, None
+
+
+def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor], mask: torch.Tensor, q: int,
+                 thr: float, specs: list[MRPSpec], ops: PatchOps = EAGER,
+                 Xt: torch.Tensor | None = None) -> list[MRPGrads]:
+    """``mrp`` of V variants (MRP and its controls: kernels Ws[v] [R, d, K], decoders Ds[v], objectives specs[v])
+    that share the patches, the masks and the stop-gradient teacher, each variant's result as ``mrp`` gives it.
+
+    With per-run data a run's V matmuls run as one: X[N*P, d] @ [W_1 | ... | W_V] [d, V*K] and X^T @ dZ
+    [N*P, V*K], which at the default shape ran at ~1.3-1.6x the rate of V products K wide (benchmarks/README.md).
+    The pool and grad passes take a run's V variants as the runs of one kernel call ([V, N, P, K] inside its
+    [N, P, V, K] block), the grad writing into the one dZ. Each column of the wide product is the same dot
+    product as in the narrow one, so a variant's numbers are those it gets alone where the BLAS computes a
+    column the same way at either width (bitwise on the CPUs measured; tests/theory/test_train.py checks it).
+    Shared data (one data set for R > 1 runs) already multiplies R*K columns at once; batching the variants
+    too measured no faster there (larger buffers than the caches hold), so each variant runs on its own.
+    """
+    V = len(Ws)
+    R, d, K = Ws[0].shape
+    if V == 1 or (X.shape[0] == 1 and R > 1):
+        return [mrp(X, W, D, mask, q, thr, spec, None, ops, Xt) for W, D, spec in zip(Ws, Ds, specs)]
+    parts = [_mrp_variants(run_rows(X, s), [W[s] for W in Ws], [D[s] for D in Ds], mask[s], q, thr, specs, ops,
+                           rows_or_none(Xt, s))
+             for s in run_chunks(R, X.shape[1] * X.shape[2] * K * V)]
+    return [_joined([p[v] for p in parts]) for v in range(V)]
+
+
+def _mrp_variants(X, Ws, Ds, mask, q, thr, specs, ops, Xt) -> list[MRPGrads]:
+    V, (R, d, K), (_, N, P, _) = len(Ws), Ws[0].shape, X.shape
+    keep = ~mask  # [R, N, P]
+    Zw = net.preact(X, torch.stack(Ws, 2).view(R, d, V * K), native=True)  # [R, N, P, V*K]: run r's variants side by side
+    dZw = torch.empty(Zw.shape, dtype=Zw.dtype, device=Zw.device)
+    Z, dZ = (z.view(R, N, P, V, K).permute(0, 3, 1, 2, 4) for z in (Zw, dZw))  # [R, V, N, P, K]
+    keeps = [keep[r].expand(V, N, P) for r in range(R)]  # a run's variants share its mask
+    pooled = [ops.pool(Z[r], keeps[r], q, thr) for r in range(R)]  # each ([V, N, K], same)
+    h_vis, h_all = (torch.stack(hs) for hs in zip(*pooled))  # [R, V, N, K]
+    losses = [_mrp_loss(X, mask, h_vis[:, v], h_vis[:, v], h_all[:, v], Ds[v], specs[v], ops) for v in range(V)]
+    dh = torch.stack([dh_v for _, _, dh_v, _, _ in losses], 1)  # [R, V, N, K]
+    for r in range(R):
+        ops.grad(Z[r], keeps[r], dh[r], q, thr, out=dZ[r])  # only visible patches reach the student's output
+    dW = net.weight_grad(X, dZw, Ws[0].dtype, Xt).view(R, d, V, K)
+    return [MRPGrads(loss=loss, dW=dW[:, :, v], dD=dD, D=D, codes=[(h_vis[:, v], D, t)])
+            for v, (loss, dD, _, D, t) in enumerate(losses)]
 
 
 @torch.no_grad()

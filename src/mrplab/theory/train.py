@@ -169,8 +169,7 @@ class _MRPRun:
             self.D = net.init_decoder(R, K, netc.decoder).to(W0.device)
         else:
             self.D = torch.zeros(R, K, d, device=W0.device)
-        ema = cfg.teacher_momentum > 0 or (cfg.teacher_momentum_end or 0.0) > 0
-        self.W_t = W0.clone() if ema else None
+        self.W_t = W0.clone() if cfg.ema_teacher else None
         self.spec = steps.MRPSpec.of(cfg, netc.q, overrides.get("fit_decoder"), overrides.get("shuffled"))
         self.guard = Guard("mask-reconstruction pretraining" + ("" if phase == "mrp" else f" ({phase})"), "mrp.lr")
 
@@ -181,8 +180,9 @@ def pretrain_mrp_variants(
 ) -> dict[str, MRPResult]:
     """pretrain_mrp for several variants at once, by phase name: {phase: {"fit_decoder": ..., "shuffled": ...}}
     (None = the config's choice). They share the initial weights, the data and the masks, so each step
-    draws its batch and its masks once for all of them (the mask draw costs ~0.1 ms per run and step);
-    every variant's numbers are those it gets trained alone."""
+    draws its batch and its masks once for all of them (the mask draw costs ~0.1 ms per run and step), and with
+    the stop-gradient teacher their matmuls run as one (steps.mrp_variants); every variant's numbers are those
+    it gets trained alone."""
     q, thr = netc.q, netc.threshold
     runs = [_MRPRun(W0, cfg, netc, phase, overrides) for phase, overrides in variants.items()]
     dec_lr = cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr
@@ -192,9 +192,13 @@ def pretrain_mrp_variants(
         idx = _batch_idx(gens.batch, data.n, cfg.batch_size, W0.device)
         X, _, Xt_b = _select(data, idx, Xt)
         mask = make_run_masks(gens.mask, X.shape[1], P, cfg.mask_ratio, W0.device)  # [R, N, P] True = masked
-        for run in runs:
+        if runs[0].W_t is None:  # one student serves as its own teacher: the variants' matmuls run as one
+            outs = steps.mrp_variants(X, [run.W for run in runs], [run.D for run in runs], mask, q, thr,
+                                      [run.spec for run in runs], ops, Xt_b)
+        else:
+            outs = [steps.mrp(X, run.W, run.D, mask, q, thr, run.spec, run.W_t, ops, Xt_b) for run in runs]
+        for run, out in zip(runs, outs):
             W, spec = run.W, run.spec
-            out = steps.mrp(X, W, run.D, mask, q, thr, spec, run.W_t, ops, Xt_b)
             run.guard.check(t, out.loss, weight_norm(W, runs=True))
             if spec.fit_decoder:
                 run.D = out.D  # the least-squares decoder for the current encoder
