@@ -510,8 +510,9 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     [N*P, V*K], which at the default shape ran at ~1.3-1.6x the rate of V products K wide (benchmarks/README.md).
     The pool and grad passes take a run's V variants as the runs of one kernel call ([V, N, P, K] inside its
     [N, P, V, K] block), the grad writing into the one dZ. Each column of the wide product is the same dot
-    product as in the narrow one, so a variant's numbers are those it gets alone where the BLAS computes a
-    column the same way at either width (bitwise on the CPUs measured; tests/theory/test_train.py checks it).
+    product as in the narrow one, so a variant's numbers are those it gets alone, bitwise where the BLAS
+    computes a column the same way at either width (so on an AMD EPYC at the default shapes, fp32 and bf16; not
+    at some small fp32 shapes), else to rounding (tests/theory/test_steps.py and test_train.py check both).
     Shared data (one data set for R > 1 runs) already multiplies R*K columns at once; batching the variants
     too measured no faster there (larger buffers than the caches hold), so each variant runs on its own.
     """

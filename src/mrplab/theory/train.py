@@ -182,7 +182,7 @@ def pretrain_mrp_variants(
     (None = the config's choice). They share the initial weights, the data and the masks, so each step
     draws its batch and its masks once for all of them (the mask draw costs ~0.1 ms per run and step), and with
     the stop-gradient teacher their matmuls run as one (steps.mrp_variants); every variant's numbers are those
-    it gets trained alone."""
+    it gets trained alone (bitwise where the BLAS rounds a column of the wide product as the narrow one)."""
     q, thr = netc.q, netc.threshold
     runs = [_MRPRun(W0, cfg, netc, phase, overrides) for phase, overrides in variants.items()]
     dec_lr = cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr
