@@ -93,6 +93,10 @@ def one_run(sets: list[str], cold: bool, probe_shapes, before_shapes: list[str] 
     }
 
 
+def _measured(r: dict, shape: str) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in r["limits_gflops"][shape].items())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[], dest="sets")
@@ -108,10 +112,10 @@ def main() -> int:
                     last and last["runtime"]["precision"])
         runs.append(r)
         rt = r["runtime"]
-        per = ", ".join(f"{s}: {r['flops_by_shape'][s] / 1e12:.2f} TFLOP at {g:.0f} ({', '.join(f'{k} {v:.0f}' for k, v in r['limits_gflops'][s].items())})"
+        per = ", ".join(f"{s}: {r['flops_by_shape'][s] / 1e12:.2f} TFLOP at {g:.0f} ({_measured(r, s)})"
                         for s, g in r["limit_by_shape_gflops"].items())
-        print(f"run {i + 1}/{args.repeat}: {r['wall_s']:.1f} s wall, {rt['matmul_flops'] / 1e12:.2f} TFLOP counted; "
-              f"limits GFLOP/s {rt['precision']} by shape: {per} -> ideal {r['ideal_s']:.1f} s, efficiency "
+        print(f"run {i + 1}/{args.repeat}: {r['wall_s']:.1f} s wall, {rt['matmul_flops'] / 1e12:.2f} TFLOP "
+              f"counted; limits GFLOP/s {rt['precision']} by shape: {per} -> ideal {r['ideal_s']:.1f} s, efficiency "
               f"{r['efficiency']:.2f} ({r['efficiency_at_best_shape']:.2f} with every FLOP at "
               f"{r['matmul_limit_gflops']:.0f}); {r['claims_passed']}/{r['claims_total']} claims PASS", flush=True)
     effs = [r["efficiency"] for r in runs]

@@ -51,7 +51,8 @@ def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: 
                out: torch.Tensor | None = None) -> torch.Tensor:
     """dZ = act'(Z) * dh (the same for every patch) on the visible patches, 0 on the others, in Z's dtype
     and layout, ready for the weight-gradient matmul; or written into ``out`` (Z's shape, any strides: a slice
-    of a larger buffer) and returned. dh [R, N, K]. act'(z) = (clamp(z, 0, thr)/thr)^(q-1) (q >= 2, config.NetConfig)."""
+    of a larger buffer) and returned. dh [R, N, K]. act'(z) = (clamp(z, 0, thr)/thr)^(q-1)
+    (q >= 2, config.NetConfig)."""
     g = (_wide(Z).clamp(0.0, thr) * (1.0 / thr)) ** (q - 1) * dh.unsqueeze(2)
     if keep is not None:
         g = g * keep.unsqueeze(-1)
@@ -59,7 +60,8 @@ def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: 
 
 
 def _into(g: torch.Tensor, Z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """dZ ``g`` in Z's dtype and layout (shared data: whatever the inputs' layouts made of g), or copied into ``out``."""
+    """dZ ``g`` in Z's dtype and layout (shared data: whatever the inputs' layouts made of g), or copied
+    into ``out``."""
     if out is not None:
         return out.copy_(g)
     if g.dtype == Z.dtype and g.stride() == Z.stride():
@@ -305,8 +307,10 @@ def run_chunks(R: int, per_run_elems: int, budget: int | None = None) -> list[sl
     chunk bounds that memory for large configs. Below the bound, wider chunks pay: with
     shared data one matmul X[N*P, d] @ W[d, c*K] serves the chunk, and every kernel call
     covers c runs. Runs are independent, so a step is computed chunk by chunk: a run's
-    result does not depend on which others are batched with it (bitwise for per-run data;
-    shared data in bf16 can round differently as the matmul's width changes).
+    result does not depend on which others are batched with it, to rounding (bitwise for per-run
+    data at AVX-512, measured; held to AVX2, torch's reductions over a batch of runs rounded some
+    values differently from one run alone; shared data in bf16 can round differently as the matmul's
+    width changes).
     """
     c = max(1, (CHUNK_ELEMS if budget is None else budget) // max(per_run_elems, 1))
     return [slice(i, min(i + c, R)) for i in range(0, R, c)]
@@ -529,18 +533,19 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
 def _mrp_variants(X, Ws, Ds, mask, q, thr, specs, ops, Xt) -> list[MRPGrads]:
     V, (R, d, K), (_, N, P, _) = len(Ws), Ws[0].shape, X.shape
     keep = ~mask  # [R, N, P]
-    Zw = net.preact(X, torch.stack(Ws, 2).view(R, d, V * K), native=True)  # [R, N, P, V*K]: run r's variants side by side
+    Zw = net.preact(X, torch.stack(Ws, 2).view(R, d, V * K), native=True)  # [R, N, P, V*K]: variants side by side
     dZw = torch.empty(Zw.shape, dtype=Zw.dtype, device=Zw.device)
     Z, dZ = (z.view(R, N, P, V, K).permute(0, 3, 1, 2, 4) for z in (Zw, dZw))  # [R, V, N, P, K]
     keeps = [keep[r].expand(V, N, P) for r in range(R)]  # a run's variants share its mask
     pooled = [ops.pool(Z[r], keeps[r], q, thr) for r in range(R)]  # each ([V, N, K], same)
-    h_vis, h_all = (torch.stack(hs) for hs in zip(*pooled))  # [R, V, N, K]
-    losses = [_mrp_loss(X, mask, h_vis[:, v], h_vis[:, v], h_all[:, v], Ds[v], specs[v], ops) for v in range(V)]
+    # each variant's codes [R, N, K] in a contiguous buffer of their own, as its own step has them
+    h_vis, h_all = ([torch.stack([h[v] for h in hs]) for v in range(V)] for hs in zip(*pooled))
+    losses = [_mrp_loss(X, mask, h_vis[v], h_vis[v], h_all[v], Ds[v], specs[v], ops) for v in range(V)]
     dh = torch.stack([dh_v for _, _, dh_v, _, _ in losses], 1)  # [R, V, N, K]
     for r in range(R):
         ops.grad(Z[r], keeps[r], dh[r], q, thr, out=dZ[r])  # only visible patches reach the student's output
     dW = net.weight_grad(X, dZw, Ws[0].dtype, Xt).view(R, d, V, K)
-    return [MRPGrads(loss=loss, dW=dW[:, :, v], dD=dD, D=D, codes=[(h_vis[:, v], D, t)])
+    return [MRPGrads(loss=loss, dW=dW[:, :, v], dD=dD, D=D, codes=[(h_vis[v], D, t)])
             for v, (loss, dD, _, D, t) in enumerate(losses)]
 
 
