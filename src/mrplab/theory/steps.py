@@ -511,17 +511,17 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     that share the patches, the masks and the stop-gradient teacher, each variant's result as ``mrp`` gives it.
 
     With per-run data a run's V matmuls run as one: X[N*P, d] @ [W_1 | ... | W_V] [d, V*K] and X^T @ dZ
-    [N*P, V*K], which at the default shape ran at ~1.3-1.6x the rate of V products K wide (benchmarks/README.md).
+    [N*P, V*K]: at the default shape the pair ran at ~1.35x the rate of V products K wide, the forward at ~1.6x.
     The pool and grad passes take a run's V variants as the runs of one kernel call ([V, N, P, K] inside its
     [N, P, V, K] block), the grad writing into the one dZ. Each column of the wide product is the same dot
     product as in the narrow one, so a variant's numbers are those it gets alone, bitwise where the BLAS
     computes a column the same way at either width (so on an AMD EPYC at the default shapes, fp32 and bf16; not
     at some small fp32 shapes), else to rounding (tests/theory/test_steps.py and test_train.py check both).
     Shared data (one data set for R > 1 runs) already multiplies R*K columns at once; batching the variants
-    too measured no faster there (larger buffers than the caches hold), so each variant runs on its own.
+    too measured no faster there (benchmarks/README.md), so each variant runs on its own.
     """
     V = len(Ws)
-    R, d, K = Ws[0].shape
+    R, _, K = Ws[0].shape
     if V == 1 or (X.shape[0] == 1 and R > 1):
         return [mrp(X, W, D, mask, q, thr, spec, None, ops, Xt) for W, D, spec in zip(Ws, Ds, specs)]
     parts = [_mrp_variants(run_rows(X, s), [W[s] for W in Ws], [D[s] for D in Ds], mask[s], q, thr, specs, ops,
