@@ -62,10 +62,8 @@ def child(step: str, R: int, shared: bool, n_steps: int, precision: str) -> dict
     if step == "sl":
         def run():
             steps.sl(X, y, W0, q, thr, dc.k, cfg.net.m, ops, Xt)
-        V = 1
     else:
         specs = [steps.MRPSpec.of(cfg.mrp, q)] + [steps.MRPSpec.of(cfg.mrp, q, **CONTROLS[c]) for c in cfg.mrp.controls]
-        V = len(specs)
         Ws = [W0.clone() for _ in specs]
         Ds = [net.init_decoder(R, K, cfg.net.decoder) for _ in specs]
         mask = make_run_masks([generator(s, "mask") for s in seeds], N, P, cfg.mrp.mask_ratio, W0.device)
@@ -86,6 +84,9 @@ def child(step: str, R: int, shared: bool, n_steps: int, precision: str) -> dict
     net.preact, net.weight_grad = timed(net.preact), timed(net.weight_grad)
     for _ in range(5):
         run()
+    before = runtime.matmul_flops.total
+    run()
+    flops = runtime.matmul_flops.total - before  # the products one step runs, as the run counts them
     times, mm = [], []
     for _ in range(n_steps):
         spent["matmul"] = 0.0
@@ -95,7 +96,6 @@ def child(step: str, R: int, shared: bool, n_steps: int, precision: str) -> dict
         mm.append(spent["matmul"])
     order = sorted(range(n_steps), key=times.__getitem__)
     mid = order[n_steps // 2]  # the median step and its own matmul share
-    flops = 4 * N * P * d * K * R * V  # forward and weight gradient of every run and variant
     return {"step_s": times[mid], "matmul_s": mm[mid], "other_s": times[mid] - mm[mid],
             "matmul_gflops": flops / mm[mid] / 1e9, "flops": flops, "threads": torch.get_num_threads()}
 
