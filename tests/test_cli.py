@@ -117,3 +117,66 @@ def test_error_during_training_leaves_no_folder(tmp_path, monkeypatch, theory_cl
     result = theory_cli.invoke(theory_cli.args(out))
     theory_cli.assert_user_error(result, out)
     assert result.stderr == "error: supervised learning diverged at step 1 (loss [nan, nan]) (lower sl.lr)\n"
+
+
+# --------------------------------------------------------------------------- progress lines
+
+
+def _progress_lines(text: str) -> list[tuple[str, str, int, int, str]]:
+    """(stage label, step text, overall done, overall total, the whole line) of every plain progress line."""
+    import re
+
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"\[(.+?)\] step (\S+(?: \(planned \d+; until fit\))?).*overall (\d+)/(\d+) ", line)
+        if m:
+            rows.append((m[1], m[2], int(m[3]), int(m[4]), line))
+    return rows
+
+
+def test_theory_progress_shows_mrp_and_controls_as_one_stage_and_sl_past_its_plan():
+    """MRP and its two controls advance in lockstep: one stage, counted in MRP's steps, with MRP's own captured
+    count (the controls capture nothing here); SL running 5 steps past its plan (until_fit) moves the end, so
+    overall never passes 100 % and every plain line's step stays within the stage; past its plan a stage says so."""
+    import io
+
+    from rich.console import Console
+
+    from mrplab.cli import _Progress
+
+    out = io.StringIO()
+    plan = {"sl": 10, "mrp": 10, "mrp_fitted_decoder": 10, "mrp_shuffled_pairing": 10, "ft": 10}
+    phi = [[[0.0, 0.0]] * 5]  # one run, 5 classes x 2 features
+
+    def rec(phase, captured):
+        return {"phase": phase, "loss": [0.5], "n_captured": [captured], "phi": phi}
+
+    with _Progress(plan, quiet=False, console=Console(file=out, force_terminal=False, width=200)) as p:
+        p.EXTRA_LINE_S = 0.0  # past its plan, a stage prints a line at least this often: here every step
+        for t in range(16):  # SL fits after 15 steps
+            if t % 5 == 0:
+                p.record(rec("sl", 3))
+            if t < 15:
+                p.advance()
+        for t in range(11):  # the lockstep loop: every variant logs, then one advance for all three
+            if t % 5 == 0:
+                for phase, captured in (("mrp", 8), ("mrp_fitted_decoder", 0), ("mrp_shuffled_pairing", 0)):
+                    p.record(rec(phase, captured))
+            if t < 10:
+                p.advance(3)
+        for t in range(11):
+            if t % 5 == 0:
+                p.record(rec("ft", 9))
+            if t < 10:
+                p.advance()
+    rows = _progress_lines(out.getvalue())
+    assert out.getvalue().startswith("theory run: 50 steps planned")
+    assert [r[2] for r in rows] == sorted({r[2] for r in rows}), out.getvalue()  # overall strictly increasing
+    assert all(done <= total for _, _, done, total, _ in rows) and rows[-1][2:4] == (55, 55), out.getvalue()
+    assert {r[0] for r in rows} == {"sl", "mrp + 2 controls", "ft"}, out.getvalue()
+    mrp = [r for r in rows if r[0] == "mrp + 2 controls"]
+    steps = [int(r[1].split("/")[0]) for r in mrp]
+    assert steps == sorted(steps) and all(1 <= s <= 10 for s in steps) and all(r[1].endswith("/10") for r in mrp)
+    assert all("captured 8.0/10" in r[4] for r in mrp), out.getvalue()
+    past = [r for r in rows if r[0] == "sl" and "until fit" in r[1]]
+    assert [int(r[1].split()[0]) for r in past] == [11, 12, 13, 14, 15], out.getvalue()

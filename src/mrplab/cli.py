@@ -13,6 +13,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -75,15 +76,28 @@ def _main(
 
 
 class _Progress(ProgressDisplay):
-    """Progress of one theory run in steps, over its phases."""
+    """Progress of one theory run in steps, over its phases. MRP and its control runs train in lockstep
+    (train.pretrain_mrp_variants), so they show as one stage, "mrp + N controls", counted in MRP's steps,
+    with MRP's own loss and captured count (a control's records do not stand for the stage). A stage that
+    runs past its planned steps (SL with until_fit) moves the run's end by as much, so "overall" stays a
+    share of what is known to be left; plain lines then come at least every ``EXTRA_LINE_S`` seconds."""
+
+    EXTRA_LINE_S = 10.0
 
     def __init__(self, phase_total: dict[str, int], quiet: bool, console: Console):
         super().__init__(console, quiet)
         self.phase_total = phase_total
         self.total = max(sum(phase_total.values()), 1)
+        self.units: dict[str, int] = {}  # stage -> phases it trains at once
+        for phase in phase_total:
+            self.units[self._stage(phase)] = self.units.get(self._stage(phase), 0) + 1
         self.phase = "data"
-        self.phase_done = 0
+        self.phase_done = 0  # the stage's steps times its phases (what advance counts)
         self.last: dict = {}
+        self.last_line = self.t0
+
+    def _stage(self, phase: str) -> str:
+        return "mrp" if phase.startswith("mrp_") and "mrp" in self.phase_total else phase
 
     def __enter__(self) -> "_Progress":
         if not self.quiet and self.tty:
@@ -96,8 +110,15 @@ class _Progress(ProgressDisplay):
         self.close_bar()
         return False
 
+    def _past_plan(self) -> bool:
+        planned = self.phase_total.get(self.phase)
+        return planned is not None and self.phase_done > planned * self.units.get(self.phase, 1)
+
     def _status(self) -> str:
-        text = f"[{self.phase}] step {self.phase_done}/{self.phase_total.get(self.phase, '?')}"
+        units = self.units.get(self.phase, 1)
+        label = self.phase if units == 1 else f"{self.phase} + {units - 1} control{'s' if units > 2 else ''}"
+        step, planned = self.phase_done // units, self.phase_total.get(self.phase, "?")
+        text = f"[{label}] step {step} (planned {planned}; until fit)" if self._past_plan() else f"[{label}] step {step}/{planned}"
         loss = self.last.get("loss")
         if loss:
             text += f"  loss {sum(loss) / len(loss):.4g}"
@@ -119,21 +140,27 @@ class _Progress(ProgressDisplay):
         )
 
     def record(self, rec: dict) -> None:
-        if rec.get("phase") != self.phase:
-            self.phase, self.phase_done = rec.get("phase", "?"), 0
-        self.last = rec
+        phase = rec.get("phase", "?")
+        if self._stage(phase) != self.phase:
+            self.phase, self.phase_done, self.last = self._stage(phase), 0, {}
+        if phase == self.phase:
+            self.last = rec
         if self._bar is not None:
             self._bar.update(self._task, description=self._status())
 
     def advance(self, n: int = 1) -> None:
         self.done += n
         self.phase_done += n
+        if self._past_plan():  # the run ends later by the steps past the plan
+            self.total += min(n, self.phase_done - self.phase_total[self.phase] * self.units.get(self.phase, 1))
         if self.quiet:
             return
         if self._bar is not None:
-            self._bar.update(self._task, advance=n, description=self._status())
+            self._bar.update(self._task, advance=n, total=self.total, description=self._status())
             return
-        if self.line_due():
+        now = time.perf_counter()
+        if self.line_due() or (self._past_plan() and now - self.last_line >= self.EXTRA_LINE_S):
+            self.last_line = now
             elapsed, eta = self.elapsed_eta()
             self.console.print(
                 f"{self._status()}  overall {self.done}/{self.total} ({100 * self.done // self.total}%)"

@@ -140,3 +140,21 @@ def test_sl_on_shared_data_drops_finished_runs_too():
     for r in range(len(seeds)):  # a finished run's kernels are those of its finishing step: recheck its fit
         loss, _, fits = steps.sl(data.X, data.y, res.W[r:r + 1], cfg.net.q, cfg.net.threshold, cfg.data.k, cfg.net.m)
         assert fits.all()
+
+
+def test_lockstep_variants_advance_once_per_step_for_all_variants():
+    """The progress display counts MRP and its controls as one stage: one advance of V per step, V x steps in all
+    (what experiment.planned_phase_steps plans for the stage)."""
+    cfg = config.load(None, SETS)
+    data = make_data(cfg.data, cfg.seeds).pretrain
+    W0 = net.init_kernels([generator(s, "init") for s in cfg.seeds], cfg.data.d, cfg.data.k * cfg.net.m,
+                          cfg.net.sigma_0)
+    calls = []
+
+    class _Count(_Log):
+        def advance(self, n=1):
+            calls.append(n)
+
+    variants = {"mrp": {}, "mrp_fitted_decoder": {"fit_decoder": True}, "mrp_shuffled_pairing": {"shuffled": True}}
+    pretrain_mrp_variants(W0, data, cfg.mrp, cfg.net, _gens(cfg.seeds), _Count(), 4, steps.EAGER, variants)
+    assert calls == [3] * cfg.mrp.steps

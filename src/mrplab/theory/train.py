@@ -215,7 +215,8 @@ def pretrain_mrp_variants(
             if run.W_t is not None:
                 tau = cfg.momentum(t + 1)
                 run.W_t.mul_(tau).add_(W, alpha=1.0 - tau)
-            hooks.advance()
+        if t < cfg.steps:
+            hooks.advance(len(runs))  # one step of every variant
     return {run.phase: MRPResult(W=run.W, D=run.D) for run in runs}
 
 
