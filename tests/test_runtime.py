@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -229,3 +230,30 @@ def test_cli_requests_huge_pages_before_torch_unless_the_user_chose(preset):
             "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (preset or "1")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"version": %d, "entries": [1]}', '{"version": -1, "entries": {}}',
+                                  '{"version": %d, "entries": {"k": 5}}', "damaged entries"])
+def test_a_damaged_cache_is_measured_again_and_replaced(monkeypatch, text):
+    """Whatever the cache file holds, a run gets its answer (measured anew) and leaves a cache that works."""
+    native = lambda d: (True, "CPU flags amx_bf16")  # noqa: E731
+    path = runtime.cache_dir() / "runtime.json"
+    if text == "damaged entries":  # a rate that is not a number, a compile entry without its timings
+        _rates(monkeypatch, fp32=100.0, bf16=200.0)
+        runtime.choose_precision("auto", CPU, SHAPES, native=native)
+        _compile_choice(calls=10_000)
+        blob = json.loads(path.read_text())
+        for entry in blob["entries"].values():
+            entry.update({"bf16": "fast", "fp32": float("nan")} if "bf16" in entry else {"works": True, "eager_ms": None})
+        path.write_text(json.dumps(blob))
+    else:
+        path.parent.mkdir(parents=True)
+        path.write_text(text.replace("%d", str(runtime.CACHE_VERSION)))
+    asked = _rates(monkeypatch, fp32=100.0, bf16=200.0)
+    first = runtime.choose_precision("auto", CPU, SHAPES, native=native)
+    assert first[0] == "bf16" and len(asked) == 2
+    assert runtime.choose_precision("auto", CPU, SHAPES, native=native) == first and len(asked) == 2  # cached now
+    (on, _, probed), log = _compile_choice(calls=10_000)
+    assert on and probed and log == ["eager", "compiled"]  # probed anew
+    (on, _, probed), log = _compile_choice(calls=10_000)
+    assert on and not probed and log == []  # and cached again

@@ -72,15 +72,27 @@ def _cache_file() -> Path:
     return cache_dir() / "runtime.json"
 
 
-def cache_read(key: str) -> dict | None:
+def _cache_blob(path: Path) -> dict:
+    """The cache file's contents, or an empty cache where it is missing, unreadable, of another version or
+    damaged (a probe then measures again and the next write replaces it)."""
     try:
-        blob = json.loads(_cache_file().read_text())
+        blob = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(blob, dict) or blob.get("version") != CACHE_VERSION:
-        return None
-    entry = blob.get("entries", {}).get(key)
+        blob = None
+    if not isinstance(blob, dict) or blob.get("version") != CACHE_VERSION or not isinstance(blob.get("entries"), dict):
+        return {"version": CACHE_VERSION, "entries": {}}
+    return blob
+
+
+def cache_read(key: str) -> dict | None:
+    entry = _cache_blob(_cache_file())["entries"].get(key)
     return entry if isinstance(entry, dict) else None
+
+
+def _number(v: Any, zero_ok: bool = False) -> bool:
+    """Whether a cached value is a finite positive number (or 0 with ``zero_ok``); a damaged entry is measured
+    again."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or zero_ok and v == 0)
 
 
 def cache_write(key: str, entry: dict) -> None:
@@ -88,13 +100,8 @@ def cache_write(key: str, entry: dict) -> None:
     path = _cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            blob = json.loads(path.read_text())
-            if not isinstance(blob, dict) or blob.get("version") != CACHE_VERSION:
-                raise ValueError
-        except (OSError, ValueError):
-            blob = {"version": CACHE_VERSION, "entries": {}}
-        blob.setdefault("entries", {})[key] = entry
+        blob = _cache_blob(path)
+        blob["entries"][key] = entry
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".runtime.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(blob, f, indent=1, sort_keys=True)
@@ -365,7 +372,7 @@ def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dt
     """GFLOP/s per precision at these shapes (``matmul_gflops``), from the cache or measured now (and cached)."""
     key = _key(device, "matmul" if autocast else "matmul pair as the theory engine runs it (2026-12)", shapes)
     entry = cache_read(key) or {}
-    todo = [p for p in dtypes if p not in entry]
+    todo = [p for p in dtypes if not _number(entry.get(p))]
     for p in todo:
         entry[p] = matmul_gflops(shapes, dtype_of(p), device, autocast=autocast)
     if todo:
@@ -413,6 +420,10 @@ def choose_compile(requested: bool | str, device: torch.device, key: Any, calls:
         return requested, "set by the config (compile)", False
     ckey = _key(device, "compile", key)
     entry, probed = cache_read(ckey), False
+    if entry is not None and entry.get("works") is not False and not (
+            entry.get("works") is True and _number(entry.get("eager_ms")) and _number(entry.get("compiled_ms"))
+            and _number(entry.get("compile_s"), zero_ok=True)):
+        entry = None  # damaged: probe again
     if entry is None:
         eager_ms = time_eager()
         if calls * eager_ms / 1e3 < MIN_COMPILE_S:
