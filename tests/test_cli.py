@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import sys
 
@@ -124,8 +126,6 @@ def test_error_during_training_leaves_no_folder(tmp_path, monkeypatch, theory_cl
 
 def _progress_lines(text: str) -> list[tuple[str, str, int, int, str]]:
     """(stage label, step text, overall done, overall total, the whole line) of every plain progress line."""
-    import re
-
     rows = []
     for line in text.splitlines():
         m = re.match(r"\[(.+?)\] step (\S+(?: \(planned \d+; until fit\))?).*overall (\d+)/(\d+) ", line)
@@ -138,8 +138,6 @@ def test_theory_progress_shows_mrp_and_controls_as_one_stage_and_sl_past_its_pla
     """MRP and its two controls advance in lockstep: one stage, counted in MRP's steps, with MRP's own captured
     count (the controls capture nothing here); SL running 5 steps past its plan (until_fit) moves the end, so
     overall never passes 100 % and every plain line's step stays within the stage; past its plan a stage says so."""
-    import io
-
     from rich.console import Console
 
     from mrplab.cli import _Progress

@@ -89,8 +89,8 @@ class _Progress(ProgressDisplay):
         self.phase_total = phase_total
         self.total = max(sum(phase_total.values()), 1)
         self.units: dict[str, int] = {}  # stage -> phases it trains at once
-        for phase in phase_total:
-            self.units[self._stage(phase)] = self.units.get(self._stage(phase), 0) + 1
+        for stage in map(self._stage, phase_total):
+            self.units[stage] = self.units.get(stage, 0) + 1
         self.phase = "data"
         self.phase_done = 0  # the stage's steps times its phases (what advance counts)
         self.last: dict = {}
@@ -110,9 +110,10 @@ class _Progress(ProgressDisplay):
         self.close_bar()
         return False
 
-    def _past_plan(self) -> bool:
+    def _past_plan(self) -> int:
+        """How far the stage has run past its planned steps (in advance's units), 0 within its plan."""
         planned = self.phase_total.get(self.phase)
-        return planned is not None and self.phase_done > planned * self.units.get(self.phase, 1)
+        return 0 if planned is None else max(self.phase_done - planned * self.units.get(self.phase, 1), 0)
 
     def _status(self) -> str:
         units = self.units.get(self.phase, 1)
@@ -151,15 +152,15 @@ class _Progress(ProgressDisplay):
     def advance(self, n: int = 1) -> None:
         self.done += n
         self.phase_done += n
-        if self._past_plan():  # the run ends later by the steps past the plan
-            self.total += min(n, self.phase_done - self.phase_total[self.phase] * self.units.get(self.phase, 1))
+        past = self._past_plan()
+        self.total += min(n, past)  # the run ends later by the steps past the plan
         if self.quiet:
             return
         if self._bar is not None:
             self._bar.update(self._task, advance=n, total=self.total, description=self._status())
             return
         now = time.perf_counter()
-        if self.line_due() or (self._past_plan() and now - self.last_line >= self.EXTRA_LINE_S):
+        if self.line_due() or (past and now - self.last_line >= self.EXTRA_LINE_S):
             self.last_line = now
             elapsed, eta = self.elapsed_eta()
             self.console.print(

@@ -401,6 +401,13 @@ def choose_precision(requested: str, device: torch.device, shapes: list[tuple[in
     return "fp32", f"auto: {why} but {meas}, under the {BF16_MIN_SPEEDUP}x that bf16 must gain", rates
 
 
+def _compile_entry_ok(entry: dict) -> bool:
+    """A cached compile probe: a failure, or a success with its timings."""
+    return entry.get("works") is False or (entry.get("works") is True and _number(entry.get("eager_ms"))
+                                           and _number(entry.get("compiled_ms"))
+                                           and _number(entry.get("compile_s"), zero_ok=True))
+
+
 def choose_compile(requested: bool | str, device: torch.device, key: Any, calls: int,
                    time_eager: Callable[[], float], time_compiled: Callable[[], tuple[float, float]],
                    ) -> tuple[bool, str, bool]:
@@ -420,9 +427,7 @@ def choose_compile(requested: bool | str, device: torch.device, key: Any, calls:
         return requested, "set by the config (compile)", False
     ckey = _key(device, "compile", key)
     entry, probed = cache_read(ckey), False
-    if entry is not None and entry.get("works") is not False and not (
-            entry.get("works") is True and _number(entry.get("eager_ms")) and _number(entry.get("compiled_ms"))
-            and _number(entry.get("compile_s"), zero_ok=True)):
+    if entry is not None and not _compile_entry_ok(entry):
         entry = None  # damaged: probe again
     if entry is None:
         eager_ms = time_eager()
