@@ -21,15 +21,18 @@ def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MRPLAB_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def _rates(monkeypatch, fp32: float, bf16: float) -> list[torch.dtype]:
-    """Force the matmul probe's answer; returns the dtypes it was asked to measure."""
+def _rates(monkeypatch, fp32: float, bf16: float, probes: list | None = None) -> list[torch.dtype]:
+    """Force the matmul probe's answer; returns the dtypes it was asked to measure (``probes`` collects each
+    probe's dtypes)."""
     asked: list[torch.dtype] = []
 
-    def fake(shapes, dtype, device, budget_s=0.3, autocast=False):
-        asked.append(dtype)
-        return bf16 if dtype == torch.bfloat16 else fp32
+    def fake(shapes, dtypes, device, budget_s=0.3, autocast=False):
+        asked.extend(dtypes)
+        if probes is not None:
+            probes.append(list(dtypes))
+        return [bf16 if dtype == torch.bfloat16 else fp32 for dtype in dtypes]
 
-    monkeypatch.setattr(runtime, "matmul_gflops", fake)
+    monkeypatch.setattr(runtime, "matmul_rates", fake)
     return asked
 
 
@@ -77,9 +80,66 @@ def test_probe_results_are_cached_per_machine(monkeypatch):
     first = runtime.choose_precision("auto", CPU, SHAPES, native=native)
     n = len(asked)
     second = runtime.choose_precision("auto", CPU, SHAPES, native=native)
-    assert first == second and len(asked) == n == 2  # the second run measured nothing
+    assert (first[0], first[2]) == (second[0], second[2]) and len(asked) == n == 2  # the second run measured nothing
+    assert "(probed now)" in first[1]
+    # the reason says the rates came from the cache, when they were measured and where the cache lives
+    when = json.loads((runtime.cache_dir() / "runtime.json").read_text())["entries"]
+    (stamp,) = {e["measured"] for e in when.values()}
+    assert f"probe cached at {stamp} in {runtime.cache_dir() / 'runtime.json'}" in second[1]
     runtime.choose_precision("auto", CPU, [(128, 32, 16)], native=native)  # other shapes: measured anew
     assert len(asked) == 4
+
+
+def test_the_precisions_auto_compares_come_from_one_probe(monkeypatch):
+    """fp32 and bf16 are measured in one interleaved probe; where one is cached and the other is not, both are
+    measured again, so auto never compares rates from different moments."""
+    probes: list = []
+    _rates(monkeypatch, fp32=100.0, bf16=200.0, probes=probes)
+    native = lambda d: (True, "CPU flags amx_bf16")  # noqa: E731
+    runtime.choose_precision("fp32", CPU, SHAPES)  # a run with fp32 set caches fp32 alone
+    _rates(monkeypatch, fp32=150.0, bf16=200.0, probes=probes)  # the machine's speed has changed since
+    p, why, rates = runtime.choose_precision("auto", CPU, SHAPES, native=native)
+    assert probes == [[torch.float32], [torch.float32, torch.bfloat16]]
+    assert rates == {"fp32": 150.0, "bf16": 200.0} and p == "bf16" and "1.33x" in why
+    assert runtime.choose_precision("bf16", CPU, SHAPES)[2] == {"bf16": 200.0} and len(probes) == 2  # cached
+    # other shapes: a bf16 run, then an fp32 run, each probes its own precision, and the fp32 probe replaces
+    # the entry; auto then measures both again rather than compare the bf16 rate with the later fp32 one
+    other = [(128, 32, 16)]
+    runtime.choose_precision("bf16", CPU, other)
+    runtime.choose_precision("fp32", CPU, other)
+    runtime.choose_precision("auto", CPU, other, native=native)
+    runtime.choose_precision("auto", CPU, other, native=native)
+    assert probes[2:] == [[torch.bfloat16], [torch.float32], [torch.float32, torch.bfloat16]]
+
+
+def test_best_times_calls_the_functions_in_turn():
+    """The probe's functions alternate call by call (a warm-up call of each first), so drift reaches both."""
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    best = runtime.best_times(fns, budget_s=0.0)
+    assert calls == ["a", "b"] * 4 and len(best) == 2 and all(0 <= t < 1 for t in best)
+    calls.clear()
+    runtime.best_times(fns, budget_s=0.0, burst=2)  # the matmul probe's bursts: each precision's data hot again
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+
+
+def test_best_times_holds_the_ratio_through_drift(monkeypatch):
+    """A machine that speeds up 4x during the probe: in turn, a function that costs 2x another reads 2x;
+    measured one after the other, as the probe did before, the later one read as the cheaper."""
+    clock = [0.0]
+    speed = lambda: 4.0 if clock[0] > 60 else 1.0  # noqa: E731
+
+    def cost(units):
+        def fn():
+            clock[0] += units / speed()
+        return fn
+
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    cheap, dear = runtime.best_times([cost(1.0), cost(2.0)], budget_s=100.0)
+    assert dear / cheap == pytest.approx(2.0)
+    clock[0] = 0.0
+    cheap_alone, dear_alone = runtime.best_time(cost(1.0), 50.0), runtime.best_time(cost(2.0), 50.0)
+    assert dear_alone / cheap_alone < 1.0
 
 
 def test_probe_cache_is_kept_apart_per_instruction_set_cap(monkeypatch):
@@ -99,6 +159,8 @@ def test_probe_cache_is_kept_apart_per_instruction_set_cap(monkeypatch):
 def test_real_probe_measures_positive_rates():
     r = runtime.matmul_gflops([(256, 64, 32)], torch.float32, CPU, budget_s=0.02)
     assert 0.01 < r < 1e5
+    both = runtime.matmul_rates([(256, 64, 32), (128, 64, 16)], [torch.float32, torch.bfloat16], CPU, budget_s=0.02)
+    assert len(both) == 2 and all(0.01 < x < 1e5 for x in both)
 
 
 def _compile_choice(calls, eager_ms=2.0, compiled=(0.5, 3.0), fails=False):
@@ -252,7 +314,8 @@ def test_a_damaged_cache_is_measured_again_and_replaced(monkeypatch, text):
     asked = _rates(monkeypatch, fp32=100.0, bf16=200.0)
     first = runtime.choose_precision("auto", CPU, SHAPES, native=native)
     assert first[0] == "bf16" and len(asked) == 2
-    assert runtime.choose_precision("auto", CPU, SHAPES, native=native) == first and len(asked) == 2  # cached now
+    second = runtime.choose_precision("auto", CPU, SHAPES, native=native)
+    assert (second[0], second[2]) == (first[0], first[2]) and "probe cached" in second[1] and len(asked) == 2
     (on, _, probed), log = _compile_choice(calls=10_000)
     assert on and probed and log == ["eager", "compiled"]  # probed anew
     (on, _, probed), log = _compile_choice(calls=10_000)

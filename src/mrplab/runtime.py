@@ -10,8 +10,9 @@ Ground floor: imports nothing of mrplab but ``errors``.
   slowed concurrent runs ~30x).
 - **precision auto**: bf16 only where the device runs it natively (CPU flags
   avx512_bf16 / amx_bf16, or a CUDA device with bf16) *and* a short probe at
-  the run's own matmul shapes measures it clearly faster than fp32 (some CPUs
-  with native bf16 instructions still run fp32 matmuls faster).
+  the run's own matmul shapes (fp32 and bf16 in turn) measures it clearly
+  faster than fp32 (some CPUs with native bf16 instructions still run fp32
+  matmuls faster).
 - **compile auto**: fused elementwise kernels (theory/native.py's C++ on the
   CPU, torch.compile on CUDA) only where a compiler works and the run is long
   enough for the measured per-step saving to repay the measured build or
@@ -43,6 +44,9 @@ from mrplab.errors import MrplabError
 # bf16 must beat fp32 by this factor at the run's shapes to be chosen: it gives up 16 mantissa bits
 BF16_MIN_SPEEDUP = 1.15
 CACHE_VERSION = 1
+# the matmul probe's calls of one precision in a row before the next precision's (runtime.best_times): its
+# first call after the other precision's refills the cache, the later ones run hot as the limit is meant
+PROBE_BURST = 3
 # below this much eager elementwise work in a run, fusing is not worth a probe (torch.compile with warm caches ~1 s)
 MIN_COMPILE_S = 2.0
 
@@ -274,15 +278,27 @@ class CoreShare:
 
 def best_time(fn: Callable[[], Any], budget_s: float, sync: Callable[[], None] = lambda: None) -> float:
     """Best wall seconds of fn over at least 3 calls and up to budget_s (after one warm-up call)."""
-    fn()
-    sync()
-    best, t_end, n = float("inf"), time.perf_counter() + budget_s, 0
-    while n < 3 or (time.perf_counter() < t_end and n < 50):
-        t0 = time.perf_counter()
+    return best_times([fn], budget_s, sync)[0]
+
+
+def best_times(fns: list[Callable[[], Any]], budget_s: float, sync: Callable[[], None] = lambda: None,
+               burst: int = 1) -> list[float]:
+    """Best wall seconds of each of fns, called in turn (``burst`` calls of each per round) for at least 3 rounds
+    and up to budget_s or 50 calls each (after one warm-up call of each). In turn, a shared machine's drift
+    during the measurement reaches every function alike, so their ratio holds where measuring one after the
+    other would not; a burst lets a function's later calls find its data in cache again after the others ran."""
+    for fn in fns:
         fn()
         sync()
-        best = min(best, time.perf_counter() - t0)
-        n += 1
+    best, t_end, rounds = [float("inf")] * len(fns), time.perf_counter() + budget_s, 0
+    while rounds < 3 or (time.perf_counter() < t_end and rounds * burst < 50):
+        for i, fn in enumerate(fns):
+            for _ in range(burst):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                best[i] = min(best[i], time.perf_counter() - t0)
+        rounds += 1
     return best
 
 
@@ -300,37 +316,56 @@ def weight_grad_reads_a_copy(dtype: torch.dtype, device: torch.device) -> bool:
 
 def matmul_gflops(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype, device: torch.device,
                   budget_s: float = 0.3, autocast: bool = False) -> float:
-    """GFLOP/s of a training matmul pair at each shape (m, k, n): forward Z[m, n] = X[m, k] @ W[k, n]
-    and weight gradient dW[k, n] = X^T dZ. Returns total FLOPs / total best time.
+    """GFLOP/s of a training matmul pair at each shape (m, k, n) in one precision: matmul_rates of one dtype."""
+    return matmul_rates(shapes, [dtype], device, budget_s, autocast)[0]
 
-    As the theory engine runs it (default): X, Z and dZ in ``dtype`` (its elementwise kernels read
+
+def matmul_rates(shapes: Iterable[tuple[int, int, int]], dtypes: list[torch.dtype], device: torch.device,
+                 budget_s: float = 0.3, autocast: bool = False) -> list[float]:
+    """GFLOP/s per dtype of a training matmul pair at each shape (m, k, n): forward Z[m, n] = X[m, k] @ W[k, n]
+    and weight gradient dW[k, n] = X^T dZ. Each rate is total FLOPs / total best time.
+
+    The dtypes' pairs run in turn at each shape (runtime.best_times, in bursts of PROBE_BURST calls, budget_s
+    per dtype and shape), so the ratio that precision auto decides on does not depend on when a shared machine
+    slowed down (a 2-core AMD EPYC, eight probes of each kind alternating in one process: bf16 / fp32 read
+    3.36x to 4.08x in turn, 2.53x to 4.32x one after the other; another eight one after the other, 3.15x to
+    6.64x; benchmarks/README.md).
+
+    As the theory engine runs it (default): X, Z and dZ in the dtype (its elementwise kernels read
     and write them so), X^T a transposed copy where ``weight_grad_reads_a_copy``, W and dW converted
     from and to fp32. ``autocast``: as torch.autocast runs a layer (the vision track), Z and dW
     converted to fp32 and dZ from fp32, with X^T a view.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator(device="cpu").manual_seed(0)
-    flops, secs = 0.0, 0.0
+    flops, secs = 0.0, [0.0] * len(dtypes)
     for m, k, n in shapes:
-        X = torch.randn(m, k, generator=g).to(device, dtype)
-        W = torch.randn(k, n, generator=g).to(device)
-        if autocast:
-            dZ = torch.randn(m, n, generator=g).to(device)
-
-            def pair() -> None:
-                (X @ W.to(dtype)).float()
-                (X.t() @ dZ.to(dtype)).float()
-        else:
-            XT = X.t().contiguous() if weight_grad_reads_a_copy(dtype, device) else X.t()
-            dZ = torch.randn(m, n, generator=g).to(device, dtype)
-
-            def pair() -> None:
-                X @ W.to(dtype)
-                (XT @ dZ).float()
-
-        secs += best_time(pair, budget_s, sync)
+        X32, W = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g).to(device)
+        dZ32 = torch.randn(m, n, generator=g)
+        pairs = [_pair(X32.to(device, dtype), W, dZ32, dtype, device, autocast) for dtype in dtypes]
+        for i, t in enumerate(best_times(pairs, budget_s * len(pairs), sync, burst=PROBE_BURST)):
+            secs[i] += t
         flops += 4.0 * m * k * n
-    return flops / secs / 1e9
+    return [flops / t / 1e9 for t in secs]
+
+
+def _pair(X: torch.Tensor, W: torch.Tensor, dZ32: torch.Tensor, dtype: torch.dtype, device: torch.device,
+          autocast: bool) -> Callable[[], None]:
+    """One forward and weight-gradient matmul pair in ``dtype`` (matmul_rates)."""
+    if autocast:
+        dZ = dZ32.to(device)
+
+        def pair() -> None:
+            (X @ W.to(dtype)).float()
+            (X.t() @ dZ.to(dtype)).float()
+        return pair
+    XT = X.t().contiguous() if weight_grad_reads_a_copy(dtype, device) else X.t()
+    dZ = dZ32.to(device, dtype)
+
+    def pair() -> None:
+        X @ W.to(dtype)
+        (XT @ dZ).float()
+    return pair
 
 
 # --------------------------------------------------------------------------- choices
@@ -368,34 +403,41 @@ def _key(device: torch.device, *parts: Any) -> str:
 
 
 def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: Iterable[str],
-                    autocast: bool = False) -> dict[str, float]:
-    """GFLOP/s per precision at these shapes (``matmul_gflops``), from the cache or measured now (and cached)."""
-    key = _key(device, "matmul" if autocast else "matmul pair as the theory engine runs it (2026-12)", shapes)
+                    autocast: bool = False) -> tuple[dict[str, float], str]:
+    """(GFLOP/s per precision at these shapes, where they come from), from the cache or measured now (and
+    cached). Where any precision asked for is not cached, all of them are measured again in one interleaved
+    probe (matmul_rates) whose rates replace the entry, so the rates compared are always from one moment."""
+    # the probe's method is part of the key: rates from an older method (precisions one after the other) are
+    # measured again once
+    key = _key(device, "matmul, interleaved" if autocast else "matmul pair as the theory engine runs it, interleaved",
+               shapes)
+    dtypes = list(dtypes)
     entry = cache_read(key) or {}
-    todo = [p for p in dtypes if not _number(entry.get(p))]
-    for p in todo:
-        entry[p] = matmul_gflops(shapes, dtype_of(p), device, autocast=autocast)
-    if todo:
-        entry["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        cache_write(key, entry)
-    return {p: float(entry[p]) for p in dtypes}
+    if all(_number(entry.get(p)) for p in dtypes):
+        when = entry.get("measured")
+        return ({p: float(entry[p]) for p in dtypes},
+                f"probe cached{f' at {when}' if isinstance(when, str) else ''} in {_cache_file()}")
+    rates = dict(zip(dtypes, matmul_rates(shapes, [dtype_of(p) for p in dtypes], device, autocast=autocast)))
+    # the entry holds one probe's rates only: a rate from another moment is not compared with these
+    cache_write(key, {**rates, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return rates, "probed now"
 
 
 def choose_precision(requested: str, device: torch.device, shapes: list[tuple[int, int, int]],
                      native: Callable[[torch.device], tuple[bool, str]] = native_bf16, autocast: bool = False,
                      ) -> tuple[str, str, dict[str, float]]:
     """(precision, reason, measured GFLOP/s per precision) for ``requested`` in auto | fp32 | bf16;
-    ``autocast``: the matmuls as torch.autocast runs them (matmul_gflops)."""
+    ``autocast``: the matmuls as torch.autocast runs them (matmul_rates)."""
     if requested != "auto":
-        rates = measure_matmuls(device, shapes, [requested], autocast)
+        rates, _ = measure_matmuls(device, shapes, [requested], autocast)
         return requested, "set by the config (precision)", rates
     ok, why = native(device)
     if not ok:
-        return "fp32", f"auto: {why}", measure_matmuls(device, shapes, ["fp32"], autocast)
-    rates = measure_matmuls(device, shapes, ["fp32", "bf16"], autocast)
+        return "fp32", f"auto: {why}", measure_matmuls(device, shapes, ["fp32"], autocast)[0]
+    rates, source = measure_matmuls(device, shapes, ["fp32", "bf16"], autocast)
     ratio = rates["bf16"] / rates["fp32"]
     meas = (f"bf16 {rates['bf16']:.0f} vs fp32 {rates['fp32']:.0f} GFLOP/s ({ratio:.2f}x) at this run's matmul "
-            f"shapes, {torch.get_num_threads()} threads")
+            f"shapes, {torch.get_num_threads()} threads ({source})")
     if ratio >= BF16_MIN_SPEEDUP:
         return "bf16", f"auto: native bf16 ({why}) and {meas}", rates
     return "fp32", f"auto: {why} but {meas}, under the {BF16_MIN_SPEEDUP}x that bf16 must gain", rates
