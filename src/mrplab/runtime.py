@@ -327,9 +327,8 @@ def matmul_rates(shapes: Iterable[tuple[int, int, int]], dtypes: list[torch.dtyp
 
     The dtypes' pairs run in turn at each shape (runtime.best_times, in bursts of PROBE_BURST calls, budget_s
     per dtype and shape), so the ratio that precision auto decides on does not depend on when a shared machine
-    slowed down (a 2-core AMD EPYC, eight probes of each kind alternating in one process: bf16 / fp32 read
-    3.36x to 4.08x in turn, 2.53x to 4.32x one after the other; another eight one after the other, 3.15x to
-    6.64x; benchmarks/README.md).
+    slowed down (benchmarks/probe_drift.py on a 2-core AMD EPYC, eight probes of each kind: bf16 / fp32 read
+    3.17x to 3.99x in turn, 2.65x to 4.14x one after the other).
 
     As the theory engine runs it (default): X, Z and dZ in the dtype (its elementwise kernels read
     and write them so), X^T a transposed copy where ``weight_grad_reads_a_copy``, W and dW converted
