@@ -414,8 +414,8 @@ def measure_matmuls(device: torch.device, shapes: list[tuple[int, int, int]], dt
     entry = cache_read(key) or {}
     if all(_number(entry.get(p)) for p in dtypes):
         when = entry.get("measured")
-        return ({p: float(entry[p]) for p in dtypes},
-                f"probe cached{f' at {when}' if isinstance(when, str) else ''} in {_cache_file()}")
+        # no path: a run folder (and a benchmark's record of it) names no folder of the machine it ran on
+        return {p: float(entry[p]) for p in dtypes}, f"probe{f' of {when}' if isinstance(when, str) else ''}, cached"
     rates = dict(zip(dtypes, matmul_rates(shapes, [dtype_of(p) for p in dtypes], device, autocast=autocast)))
     # the entry holds one probe's rates only: a rate from another moment is not compared with these
     cache_write(key, {**rates, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
