@@ -51,8 +51,7 @@ def main(argv: list[str]) -> int:
         return runtime.matmul_gflops(shapes, f32, cpu), runtime.matmul_gflops(shapes, b16, cpu)
 
     def in_turn() -> tuple[float, float]:
-        fp32, bf16 = runtime.matmul_rates(shapes, [f32, b16], cpu)
-        return fp32, bf16
+        return tuple(runtime.matmul_rates(shapes, [f32, b16], cpu))
 
     kinds = {"one_after_the_other": one_after_the_other, "in_turn": in_turn}
     rates: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
@@ -60,8 +59,8 @@ def main(argv: list[str]) -> int:
         order = list(kinds) if i % 2 == 0 else list(kinds)[::-1]
         for k in order:
             rates[k].append(kinds[k]())
-        print(" ".join(f"{k}: fp32 {rates[k][-1][0]:.0f} bf16 {rates[k][-1][1]:.0f} ({rates[k][-1][1] / rates[k][-1][0]:.2f}x)"
-                       for k in kinds), flush=True)
+        print(" ".join(f"{k}: fp32 {f:.0f} bf16 {b:.0f} ({b / f:.2f}x)" for k, (f, b) in
+                       ((k, rates[k][-1]) for k in kinds)), flush=True)
     result = {"benchmark": "probe_drift", "machine": machine(), "shapes": shapes, "repeats": args.repeats,
               "probe_burst": runtime.PROBE_BURST}
     for k, v in rates.items():
