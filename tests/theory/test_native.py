@@ -201,3 +201,25 @@ def test_an_unwritable_cache_builds_in_the_temporary_folder(fresh_build, monkeyp
     monkeypatch.setattr("tempfile.tempdir", str(fresh_build))
     _check_kernels_work()
     assert len(list(fresh_build.glob("mrplab-kernels-*/*.so"))) == 1
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+def test_compact16_packs_the_kept_columns_run_after_run(simd, shared):
+    """native.compact16 (steps.Visible's packed patches) against torch's gather, with AVX-512 VBMI2's compress
+    (where this CPU has it) and with the portable loop: a width that is no multiple of 32, a run with no kept
+    column, one with every column kept, and the rest random; every run's columns land from its start on."""
+    c, d, M = 4, 5, 77
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(1 if shared else c, d, M, generator=g).to(torch.bfloat16)
+    keep = torch.rand(c, M, generator=g) < 0.5
+    keep[1] = False
+    keep[2] = True
+    counts = keep.sum(1).tolist()
+    starts = [sum(counts[:r]) for r in range(c)]
+    out = native.compact16(A, keep, starts, sum(counts), simd=simd)
+    assert out is not None and out.shape == (d, sum(counts))
+    for r in range(c):
+        want = A[0 if shared else r][:, keep[r]]
+        assert torch.equal(out[:, starts[r]:starts[r] + counts[r]], want), r
+    assert native.compact16(A.float(), keep, starts, sum(counts)) is None  # bf16 only: fp32 gathers rows

@@ -104,8 +104,10 @@ def _teacher_target(X, W_teacher, mask, scope, norm):
                                         ("per_sample", 0.0)])
 @pytest.mark.parametrize("scope", ["all", "masked"])
 @pytest.mark.parametrize("ema", [False, True])
-def test_mrp_teacher_gradient_matches_autograd(decoder, norm, power, scope, ema):
-    X, W, _, mask = _setup(R)
+@pytest.mark.parametrize("Rd", [1, R])
+def test_mrp_teacher_gradient_matches_autograd(decoder, norm, power, scope, ema, Rd):
+    """Per-run data, and data shared by the runs (whose weight gradient runs over the visible patches only)."""
+    X, W, _, mask = _setup(Rd)
     D = _decoder(decoder)
     W_t = (W + 0.05 * torch.randn_like(W)) if ema else None
     Wr, Dr = W.clone().requires_grad_(True), D.clone().requires_grad_(True)
@@ -504,3 +506,50 @@ def test_mrp_variants_equal_each_variant_alone(kind, data, dtype, target, decode
             elif not (name == "dD" and spec.fit_decoder):  # 0 at the fitted optimum up to rounding (and unused)
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
     assert not torch.allclose(together[0].dW, together[2].dW)  # the variants differ: the check can fail
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_visible_weight_grad_is_the_product_over_every_patch(kind, dtype):
+    """Shared data: the grad pass writes exactly the visible patches' rows of dZ, run after run, into the
+    compacted buffer (and nothing for the masked ones), and the weight gradient from it is X^T dZ over every
+    patch, to the rounding of its own blocking. Run 0 sees no patch, run 1 every patch."""
+    c, N_, P_, d_, K_, q, thr = 3, 9, 7, 11, 6, 4, 1.0
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(1, N_, P_, d_, generator=g).to(dtype)
+    keep = torch.rand(c, N_, P_, generator=g) < 0.5
+    keep[0], keep[1] = False, True
+    Z = (torch.randn(N_, P_, c, K_, generator=g) * 0.8 * thr).to(dtype).permute(2, 0, 1, 3)  # shared layout
+    dh = torch.randn(c, N_, K_, generator=g)
+    ops = _kernels(kind)
+    vis = ops.visible(X, net.transposed_patches(X), keep)
+    assert vis.columns == (kind == "compiled" and dtype == torch.bfloat16)  # the packed layout where it is built
+    assert vis.counts == keep.flatten(1).sum(1).tolist() and vis.counts[:2] == [0, N_ * P_]
+    dense = ops.grad(Z, keep, dh, q, thr)
+    buf = vis.buffer(K_).fill_(7.0)
+    got = ops.grad(Z, keep, dh, q, thr, out=buf, rows=vis.rows(K_))
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf, torch.cat([dense[r][keep[r]] for r in range(c)]))  # every row written, in order
+    dW = vis.weight_grad(buf, torch.float32)
+    want = net.weight_grad(X, dense, torch.float32)
+    assert (dW[0] == 0).all()
+    torch.testing.assert_close(dW, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+def test_mrp_counts_the_products_it_runs(kind):
+    """The FLOP count of one MRP step (benchmarks' efficiency): per-run data multiplies every patch in both
+    products; shared data by several runs multiplies the visible patches only in the weight gradient."""
+    from mrplab.runtime import matmul_flops
+    X1, W, _, mask = _setup(1)
+    X1, W = X1.to(torch.bfloat16), W.float()
+    D = _decoder("diag").float()
+    keep_counts = (~mask).flatten(1).sum(1).tolist()
+    for X in (X1.expand(R, -1, -1, -1).contiguous(), X1):
+        before = dict(matmul_flops.by_shape)
+        steps.mrp(X, W, D, mask, Q, THR, steps.MRPSpec(), None, _kernels(kind), net.transposed_patches(X))
+        counted = sum(matmul_flops.since(before).values())
+        forward = 2 * N * P * d * K * R
+        wgrad = forward if X.shape[0] == R else sum(2 * n * d * K for n in keep_counts)
+        assert counted == forward + wgrad, (X.shape[0], counted, forward + wgrad)
+    assert sum(keep_counts) < N * P * R  # the masks hide some patches: the two counts differ

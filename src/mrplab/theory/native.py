@@ -1,6 +1,6 @@
 """The step's fused elementwise kernels on the CPU: patch_kernels.cpp, built once per machine.
 
-Five small C++ functions (no torch headers) compiled with the system C++ compiler
+Six small C++ functions (no torch headers) compiled with the system C++ compiler
 into a shared library under ``<cache>/kernels/`` and called through ctypes. The
 library's name hashes its source, the compiler and the flags, so a changed
 source or instruction set builds anew, and machines that share a cache folder
@@ -151,7 +151,9 @@ def _load() -> ctypes.CDLL | BuildError:
 
 def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mrplab_pool.argtypes = [*_LAYOUT, _INT, _F32, _PTR, _PTR, _INT]
-    lib.mrplab_grad.argtypes = [*_LAYOUT, _PTR, _INT, _F32, _PTR, _I64, _I64, _I64, _INT]
+    lib.mrplab_grad.argtypes = [*_LAYOUT, _PTR, _INT, _F32, _PTR, _I64, _I64, _I64, _PTR, _INT]
+    lib.mrplab_compact16.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT, _INT]
+    lib.mrplab_compact16.restype = _INT
     lib.mrplab_pool.restype = lib.mrplab_grad.restype = _INT
     lib.mrplab_sl.argtypes = [*_LAYOUT[:-1], _PTR, _I64, _I64, _INT, _F32, _PTR, _I64, _I64, _I64, _PTR, _PTR, _INT]
     lib.mrplab_sl.restype = _INT
@@ -198,18 +200,47 @@ def pool(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float):
 
 
 def grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float,
-         out: torch.Tensor | None = None):
+         out: torch.Tensor | None = None, rows: torch.Tensor | None = None):
     """steps.patch_grad, fused: dZ in Z's dtype and layout, or written into ``out`` (Z's shape and dtype, any
-    strides with stride 1 along K: a slice of a larger buffer); None where the kernels do not take this Z or q."""
-    if (q := _taken_q(Z, q)) is None or (out is not None and not _fits(out, Z)):
+    strides with stride 1 along K: a slice of a larger buffer), or with ``rows`` into the compacted ``out`` (steps
+    ._into_rows); None where the kernels do not take this Z or q."""
+    if (q := _taken_q(Z, q)) is None or (out is not None and not (_fits_rows(out, Z, rows) if rows is not None
+                                                                   else _fits(out, Z))):
         return None
     R, N, P, K = Z.shape
     dZ = torch.empty_like(Z) if out is None else out
     g = dh.to(torch.float32).expand(R, N, K).contiguous()
     k, k_ptr = _keep(keep, Z)
+    rows_ptr = None if rows is None else rows.data_ptr()
+    strides = (0, 0, 0) if rows is not None else dZ.stride()[:3]
     rc = library().mrplab_grad(Z.data_ptr(), Z.dtype == torch.bfloat16, R, N, P, K, *Z.stride()[:3], k_ptr,
-                               g.data_ptr(), q, float(thr), dZ.data_ptr(), *dZ.stride()[:3], torch.get_num_threads())
+                               g.data_ptr(), q, float(thr), dZ.data_ptr(), *strides, rows_ptr, torch.get_num_threads())
     return None if rc else dZ
+
+
+def _fits_rows(out: torch.Tensor, Z: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether the kernels can write Z's visible rows into the compacted ``out`` at the offsets ``rows``."""
+    return (out.dtype == Z.dtype and out.device.type == "cpu" and out.is_contiguous() and rows.dtype == torch.int64
+            and rows.is_contiguous() and rows.shape == Z.shape[:3])
+
+
+def compact16(A: torch.Tensor, keep: torch.Tensor, starts: list[int], total: int, simd: bool = True
+              ) -> torch.Tensor | None:
+    """The columns of A [Ra, d, M] (bf16, contiguous; Ra = 1: shared by the runs, or c) where keep [c, M] (bool)
+    is True, run after run: [d, total], the columns of run r from starts[r] on, a view of a buffer with room for
+    every column and one more (the same size at every step: steps.Visible.buffer); None where the kernels do not
+    take A (not bf16 on the CPU). ``simd``: AVX-512 VBMI2's compress where the CPU has it and the kernels are
+    built for AVX-512, else a portable loop (False: always that loop); the same result either way."""
+    if A.dtype != torch.bfloat16 or A.device.type != "cpu" or not A.is_contiguous():
+        return None
+    c, M = keep.shape
+    d = A.shape[1]
+    out = torch.empty(d, c * M + 1, dtype=A.dtype)
+    k = keep.contiguous().view(torch.uint8)
+    s = torch.tensor(starts, dtype=torch.int64)
+    library().mrplab_compact16(A.data_ptr(), 0 if A.shape[0] == 1 else d * M, c, d, M, k.data_ptr(), s.data_ptr(),
+                               out.data_ptr(), c * M + 1, int(simd), torch.get_num_threads())
+    return out[:, :total]
 
 
 def sl(Z: torch.Tensor, y: torch.Tensor, q: int, thr: float, k: int, m: int):

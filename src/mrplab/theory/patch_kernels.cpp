@@ -4,7 +4,12 @@
 //   mrplab_pool: h_all[r, n, :] = sum_p act(Z[r, n, p, :]) and, with keep [R, N, P] (1 = visible),
 //                h_vis[r, n, :] = the same sum over the visible patches; fp32 [R, N, K] contiguous.
 //   mrplab_grad: dZ[r, n, p, :] = act'(Z[r, n, p, :]) * dh[r, n, :] on visible patches, 0 on the others,
-//                in Z's dtype (bf16 rounded to nearest even, as torch does) at dZ's own strides.
+//                in Z's dtype (bf16 rounded to nearest even, as torch does) at dZ's own strides; or, with rows
+//                [R, N, P] (element offsets into dZ, -1 = masked), each visible patch's values at dZ + its
+//                offset and nothing for the masked ones (a compacted dZ of the visible patches only).
+//   mrplab_compact16: the columns of A[r] [d, M] (16-bit elements, rows M apart, runs sA apart; sA = 0: one A
+//                for all runs) where keep[r, :] is 1, packed in order: out[i, starts[r] + j] = A[r][i, m_j] for
+//                run r's j-th kept column m_j; out's rows ld apart, with one spare column after the last run's.
 //   mrplab_sl:   the supervised step on Z in one pass per (r, n) row (steps.sl_patch_step): h = the row's pooled
 //                act(Z), logits_i = sum of class i's m kernels (K = k m), softmax cross-entropy against the label,
 //                dZ = act'(Z) * dh with dh_j = dloss/dlogit_(j / m) / N, at dZ's own strides; writes each row's
@@ -29,6 +34,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -109,7 +117,7 @@ void pool_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t s
 template <typename T, int Q>
 void grad_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
                const uint8_t* keep, const float* dh, float thr, T* dZ, int64_t oR, int64_t oN, int64_t oP,
-               int nthreads) {
+               const int64_t* rows, int nthreads) {
   const float inv = 1.0f / thr;
   const Tasks tasks(R, N, sR, sN);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -118,10 +126,16 @@ void grad_impl(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t s
     auto patch = [&](int64_t r, int64_t p) {
       const int64_t rn = r * N + n;
       const T* z = Z + r * sR + n * sN + p * sP;
-      T* out = dZ + r * oR + n * oN + p * oP;
-      if (keep && !keep[rn * P + p]) {
-        std::memset(out, 0, K * sizeof(T));
-        return;
+      T* out;
+      if (rows) {
+        if (rows[rn * P + p] < 0) return;
+        out = dZ + rows[rn * P + p];
+      } else {
+        out = dZ + r * oR + n * oN + p * oP;
+        if (keep && !keep[rn * P + p]) {
+          std::memset(out, 0, K * sizeof(T));
+          return;
+        }
       }
       const float* g = dh + rn * K;
 #pragma omp simd
@@ -149,13 +163,13 @@ int pool_q(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, i
 template <typename T>
 int grad_q(const T* Z, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN, int64_t sP,
            const uint8_t* keep, const float* dh, int q, float thr, T* dZ, int64_t oR, int64_t oN, int64_t oP,
-           int nt) {
+           const int64_t* rows, int nt) {
   switch (q) {
-    case 2: grad_impl<T, 2>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
-    case 3: grad_impl<T, 3>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
-    case 4: grad_impl<T, 4>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
-    case 5: grad_impl<T, 5>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
-    case 6: grad_impl<T, 6>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, nt); return 0;
+    case 2: grad_impl<T, 2>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, rows, nt); return 0;
+    case 3: grad_impl<T, 3>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, rows, nt); return 0;
+    case 4: grad_impl<T, 4>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, rows, nt); return 0;
+    case 5: grad_impl<T, 5>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, rows, nt); return 0;
+    case 6: grad_impl<T, 6>(Z, R, N, P, K, sR, sN, sP, keep, dh, thr, dZ, oR, oN, oP, rows, nt); return 0;
     default: return 1;
   }
 }
@@ -359,6 +373,63 @@ void diag_loss_impl(const float* h, const float* t, const float* D, int64_t R, i
   }
 }
 
+
+// One row of one run: x's kept columns packed from o on. The portable loop stores every element and advances by
+// its keep byte (no branch on a random mask); the store after the last kept column lands on o + count, which the
+// next run's row overwrites, or the spare column after the last run.
+inline void pack_row(const uint16_t* x, const uint8_t* keep, int64_t M, uint16_t* o) {
+  int64_t j = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    o[j] = x[m];
+    j += keep[m] != 0;
+  }
+}
+
+#if defined(__AVX512F__)
+// The same with AVX-512 VBMI2: 32 columns per compress (in registers, then a masked store of the kept ones;
+// the compress with a memory destination is slow on some AMD CPUs).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2")))
+void pack_row_vbmi2(const uint16_t* x, const uint8_t* keep, int64_t M, uint16_t* o) {
+  int64_t j = 0, m = 0;
+  for (; m + 32 <= M; m += 32) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep + m));
+    const __mmask32 sel = _mm256_test_epi8_mask(k, k);
+    const __m512i v = _mm512_maskz_compress_epi16(sel, _mm512_loadu_si512(x + m));
+    const int cnt = __builtin_popcount(static_cast<unsigned>(sel));
+    _mm512_mask_storeu_epi16(o + j, cnt == 32 ? __mmask32(~0u) : __mmask32((1u << cnt) - 1u), v);
+    j += cnt;
+  }
+  pack_row(x + m, keep + m, M - m, o + j);
+}
+
+bool has_vbmi2() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2");
+  return yes;
+}
+#else  // built without AVX-512 (torch's capability below it, or another architecture)
+bool has_vbmi2() { return false; }
+void pack_row_vbmi2(const uint16_t* x, const uint8_t* keep, int64_t M, uint16_t* o) { pack_row(x, keep, M, o); }
+#endif
+
+// A task is one row i of all runs, the runs in order (so the portable loop's extra store is overwritten in time).
+int compact16(const uint16_t* A, int64_t sA, int64_t c, int64_t d, int64_t M, const uint8_t* keep,
+              const int64_t* starts, uint16_t* out, int64_t ld, bool simd, int nthreads) {
+  const bool fast = simd && has_vbmi2();
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t i = 0; i < d; ++i) {
+    for (int64_t r = 0; r < c; ++r) {
+      const uint16_t* x = A + r * sA + i * M;
+      uint16_t* o = out + i * ld + starts[r];
+      if (fast)
+        pack_row_vbmi2(x, keep + r * M, M, o);
+      else
+        pack_row(x, keep + r * M, M, o);
+    }
+  }
+  return fast ? 1 : 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -371,11 +442,18 @@ int mrplab_pool(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_
 
 int mrplab_grad(const void* Z, int bf16, int64_t R, int64_t N, int64_t P, int64_t K, int64_t sR, int64_t sN,
                 int64_t sP, const uint8_t* keep, const float* dh, int q, float thr, void* dZ, int64_t oR,
-                int64_t oN, int64_t oP, int nthreads) {
+                int64_t oN, int64_t oP, const int64_t* rows, int nthreads) {
   return bf16 ? grad_q(static_cast<const uint16_t*>(Z), R, N, P, K, sR, sN, sP, keep, dh, q, thr,
-                       static_cast<uint16_t*>(dZ), oR, oN, oP, nthreads)
+                       static_cast<uint16_t*>(dZ), oR, oN, oP, rows, nthreads)
               : grad_q(static_cast<const float*>(Z), R, N, P, K, sR, sN, sP, keep, dh, q, thr,
-                       static_cast<float*>(dZ), oR, oN, oP, nthreads);
+                       static_cast<float*>(dZ), oR, oN, oP, rows, nthreads);
+}
+
+// simd = 0: the portable loop even where AVX-512 VBMI2 is there (tests compare the two). Returns 1 where the
+// packing ran with VBMI2's compress, 0 with the portable loop (the same result).
+int mrplab_compact16(const uint16_t* A, int64_t sA, int64_t c, int64_t d, int64_t M, const uint8_t* keep,
+                     const int64_t* starts, uint16_t* out, int64_t ld, int simd, int nthreads) {
+  return compact16(A, sA, c, d, M, keep, starts, out, ld, simd != 0, nthreads);
 }
 
 // col_loss [R, K]: each kernel's term of the loss (the caller sums them per run).

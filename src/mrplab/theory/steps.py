@@ -8,7 +8,7 @@ Cost per step: one matmul Z = X W (teacher and student share it when the
 teacher is the stop-gradient student), one pass over Z that pools the smoothed
 ReLU over the (visible and all) patches, a few [R, N, K] ops for the loss, one
 pass over Z that writes dZ = act'(Z) * keep * dh in the matmul's dtype, and one
-matmul dW = X^T dZ. The two passes are ``PatchOps`` (fused where it pays: C++
+matmul dW = X^T dZ (mask reconstruction: over the visible patches only, ``Visible``). The two passes are ``PatchOps`` (fused where it pays: C++
 kernels on the CPU, native.py; torch.compile on CUDA); the activation is
 recomputed from Z rather than stored, so a step holds Z and dZ only.
 """
@@ -48,25 +48,120 @@ def pool_patches(Z: torch.Tensor, keep: torch.Tensor | None, q: int, thr: float)
 
 
 def patch_grad(Z: torch.Tensor, keep: torch.Tensor | None, dh: torch.Tensor, q: int, thr: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """dZ = act'(Z) * dh (the same for every patch) on the visible patches, 0 on the others, in Z's dtype
     and layout, ready for the weight-gradient matmul; or written into ``out`` (Z's shape, any strides: a slice
-    of a larger buffer) and returned. dh [R, N, K]. act'(z) = (clamp(z, 0, thr)/thr)^(q-1)
-    (q >= 2, config.NetConfig)."""
+    of a larger buffer) and returned; or, with ``rows``, only the visible patches' rows, into a compacted
+    ``out`` (``_into_rows``). dh [R, N, K]. act'(z) = (clamp(z, 0, thr)/thr)^(q-1) (q >= 2, config.NetConfig)."""
     g = (_wide(Z).clamp(0.0, thr) * (1.0 / thr)) ** (q - 1) * dh.unsqueeze(2)
-    if keep is not None:
+    if keep is not None and rows is None:
         g = g * keep.unsqueeze(-1)
-    return _into(g, Z, out)
+    return _into(g, Z, out, rows)
 
 
-def _into(g: torch.Tensor, Z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _into(g: torch.Tensor, Z: torch.Tensor, out: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """dZ ``g`` in Z's dtype and layout (shared data: whatever the inputs' layouts made of g), or copied
-    into ``out``."""
+    into ``out``, or its visible rows into the compacted ``out`` (``_into_rows``)."""
+    if rows is not None:
+        return _into_rows(g, rows, out)
     if out is not None:
         return out.copy_(g)
     if g.dtype == Z.dtype and g.stride() == Z.stride():
         return g
     return g.to(Z.dtype) if Z.is_contiguous() else torch.empty_like(Z).copy_(g)
+
+
+def _into_rows(g: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """g [R, N, P, K]'s rows where rows [R, N, P] >= 0 written at those element offsets of the contiguous
+    ``out`` (``Visible.rows``: a compacted dZ of the visible patches), in out's dtype; the others are skipped."""
+    sel = rows >= 0
+    at = rows[sel].unsqueeze(1) + torch.arange(g.shape[-1], device=g.device)
+    out.view(-1)[at] = g[sel].to(out.dtype)
+    return out
+
+
+@dataclass
+class Visible:
+    """The visible patches of a chunk of c runs, for mask reconstruction's weight gradient over them only.
+
+    A masked patch's dZ is 0 (only visible patches reach the student's output), so X^T dZ over every patch
+    multiplies zeros in a fraction mask_ratio of its rows. Instead, the grad pass writes only the visible
+    patches' rows of dZ, run after run, into one compacted [total, C] buffer (``rows``), and each run's
+    weight gradient is A_r^T-times-its-rows, where A holds the run's visible patches: the columns of the
+    transposed patches packed by the fused kernels (native.compact16: [d, total], the layout the bf16 product
+    runs fastest from) or the rows of X gathered ([total, d], read transposed). The same sum as over every
+    patch (the dropped terms are exact zeros), in a blocking of its own: it rounds like the dense product,
+    not bitwise as it. ``visible_patches`` builds it once per step; the variants of a step share it.
+    """
+
+    counts: list[int]  # visible patches per run
+    starts: list[int]  # each run's first row in the compacted buffers
+    rank: torch.Tensor  # [c, N, P] int64: the patch's row in the compacted buffers, -1 where masked
+    A: torch.Tensor  # the visible patches: [d, total] (columns) or [total, d] (rows)
+    columns: bool  # A's layout
+
+    @property
+    def total(self) -> int:
+        return self.starts[-1] + self.counts[-1]
+
+    def buffer(self, width: int) -> torch.Tensor:
+        """A compacted dZ [total, width] in the matmul's dtype, for the grad pass to fill: the first rows of one
+        sized for every patch, so that every step allocates the same sizes (the allocator then reuses its blocks
+        instead of faulting in fresh pages)."""
+        rows = self.rank.numel()
+        return torch.empty(rows, width, dtype=self.A.dtype, device=self.A.device)[:self.total]
+
+    def rows(self, width: int) -> torch.Tensor:
+        """Element offsets [c, N, P] of each visible patch's row in a compacted buffer ``width`` wide, -1 where
+        masked: the grad pass's ``rows``."""
+        return torch.where(self.rank >= 0, self.rank * width, -1)
+
+    def weight_grad(self, dZ: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dW [c, d, C] in ``dtype`` from the compacted dZ [total, C]: per run, its visible patches' rows only
+        (the matmul runs in dZ's dtype, as net.weight_grad)."""
+        d = self.A.shape[0] if self.columns else self.A.shape[1]
+        dW = torch.empty(len(self.counts), d, dZ.shape[1], dtype=dZ.dtype, device=dZ.device)
+        for r, (start, count) in enumerate(zip(self.starts, self.counts)):
+            A = self.A[:, start:start + count] if self.columns else self.A[start:start + count].t()
+            torch.mm(A, dZ[start:start + count], out=dW[r])
+            # the product that runs, filed under its rows to two significant digits (the count varies by step)
+            net.matmul_flops.add(count, d, dZ.shape[1], rows_key=max(1, int(float(f"{count:.2g}"))))
+        return dW.to(dtype)
+
+
+def pays_visible(X: torch.Tensor, keep: torch.Tensor) -> bool:
+    """Whether a step's weight gradient runs over the visible patches only (``Visible``): with data shared by
+    the chunk's several runs, where every run packs the same patches (hot in cache). Measured on a 2-core AMD
+    EPYC (benchmarks/README.md): shared data, R = 8, an MRP step with its controls 79 vs 86 ms; per-run data,
+    where each run packs patches of its own from memory, no faster (R = 3: 30.7 vs 31.3 ms; R = 1: 12.1 vs
+    11.8 ms), so those keep the product over every patch."""
+    return X.shape[0] == 1 and keep.shape[0] > 1
+
+
+def visible_patches(X: torch.Tensor, Xt: torch.Tensor | None, keep: torch.Tensor, pack: Callable | None = None
+                    ) -> Visible:
+    """``Visible`` of patches X [Rd, N, P, d] (Rd = 1: shared by the runs, or c) with keep [c, N, P] (True =
+    visible). ``pack(Xt, keep [c, N*P], starts, total)``: packs the columns of the transposed patches
+    (native.compact16: [d, total]), or returns None; else the rows of X are gathered."""
+    c, N, P = keep.shape
+    kf = keep.reshape(c, N * P)
+    ranks = kf.cumsum(1)
+    counts = ranks[:, -1].tolist()
+    starts = [0]
+    for n in counts[:-1]:
+        starts.append(starts[-1] + n)
+    total = starts[-1] + counts[-1]
+    first = torch.tensor(starts, dtype=ranks.dtype, device=ranks.device).unsqueeze(1)
+    rank = torch.where(kf, ranks - 1 + first, -1).view(c, N, P)
+    A = None if pack is None or Xt is None else pack(Xt, kf, starts, total)
+    if A is not None:
+        return Visible(counts, starts, rank, A, columns=True)
+    d = X.shape[-1]
+    A = torch.empty(c * N * P, d, dtype=X.dtype, device=X.device)[:total]  # the same size every step (Visible.buffer)
+    for r in range(c):
+        rows = X[0 if X.shape[0] == 1 else r].reshape(N * P, d)
+        torch.index_select(rows, 0, kf[r].nonzero().squeeze(1), out=A[starts[r]:starts[r] + counts[r]])
+    return Visible(counts, starts, rank, A, columns=False)
 
 
 def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float, fit: bool = False):
@@ -90,7 +185,9 @@ class PatchOps:
     fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power, fit)``: the default mask-reconstruction
     loss on the pooled codes (~15 small ops eagerly, ~0.7 ms per step at the default shape; one
     C++ call fused). ``noise_max(Z, coef, Cf)``: the noise-memorisation probe's max over Z less its
-    feature part (probes.noise_max; one pass over Z fused). ``EAGER``, or fused into one kernel each: ``ops(True)``.
+    feature part (probes.noise_max; one pass over Z fused). ``visible(X, Xt, keep)``: the step's ``Visible``
+    patches (the fused kernels pack the transposed patches' columns). ``EAGER``, or fused into one kernel each:
+    ``ops(True)``.
     """
 
     pool: Callable
@@ -98,6 +195,7 @@ class PatchOps:
     diag_loss: Callable = diag_loss
     sl: Callable | None = None  # sl_patch_step in one pass over Z; None: composed from pool and grad
     noise_max: Callable = probes.noise_max  # the noise-memorisation probe's pass over Z
+    visible: Callable = visible_patches  # MRP's visible patches, for its weight gradient
 
 
 class _EagerOps(PatchOps):
@@ -119,16 +217,16 @@ class _EagerOps(PatchOps):
             return h_all, h_all
         return a.mul_(keep.unsqueeze(-1)).sum(2), h_all
 
-    def _grad(self, Z, keep, dh, q, thr, out=None):
+    def _grad(self, Z, keep, dh, q, thr, out=None, rows=None):
         kept, self._kept = self._kept, None
         if kept is not None and kept[0] is Z and kept[1:3] == (q, thr):
             g = kept[3]
         else:
             g = _wide(Z).clamp(0.0, thr).mul_(1.0 / thr).pow_(q - 1)
         g.mul_(dh.unsqueeze(2))
-        if keep is not None:
+        if keep is not None and rows is None:
             g.mul_(keep.unsqueeze(-1))
-        return _into(g, Z, out)
+        return _into(g, Z, out, rows)
 
 
 EAGER = _EagerOps()
@@ -159,7 +257,7 @@ def _fused_fn(backend: str, name: str) -> Callable:
             return eager
         if name == "pool":
             return lambda *args: _compiled_fns()[0](*args)
-        return lambda *args, out=None: _into(_compiled_fns()[1](*args), args[0], out)
+        return lambda *args, out=None, rows=None: _into(_compiled_fns()[1](*args), args[0], out, rows)
     fn = getattr(native, name)
 
     def call(*args, **kwargs):
@@ -193,8 +291,11 @@ def _with_fallback(fused: Callable, eager: Callable) -> Callable:
 def fused(backend: str) -> PatchOps:
     """The kernels of one implementation ("native" or "inductor"), each falling back to eager on its own."""
     kernels = [_with_fallback(_fused_fn(backend, name), getattr(EAGER, name)) for name in ("pool", "grad", "diag_loss")]
-    return PatchOps(*kernels, _with_fallback(_fused_fn(backend, "sl"), sl_patch_step) if backend == "native" else None,
-                    _with_fallback(_fused_fn(backend, "noise_max"), EAGER.noise_max))
+    native_ = backend == "native"
+    pack = _with_fallback(native.compact16, lambda *args: None) if native_ else None
+    return PatchOps(*kernels, _with_fallback(_fused_fn(backend, "sl"), sl_patch_step) if native_ else None,
+                    _with_fallback(_fused_fn(backend, "noise_max"), EAGER.noise_max),
+                    functools.partial(visible_patches, pack=pack))
 
 
 @functools.cache
@@ -208,7 +309,8 @@ def ops(compiled: bool) -> PatchOps:
                     lambda Z, *a, **kw: fused(backend_for(Z.device)).grad(Z, *a, **kw),
                     lambda h, *a: fused(backend_for(h.device)).diag_loss(h, *a),
                     lambda Z, *a: _sl_of(fused(backend_for(Z.device)))(Z, *a),
-                    lambda Z, *a: fused(backend_for(Z.device)).noise_max(Z, *a))
+                    lambda Z, *a: fused(backend_for(Z.device)).noise_max(Z, *a),
+                    lambda X, *a: fused(backend_for(X.device)).visible(X, *a))
 
 
 class FirstCallTimer(PatchOps):
@@ -218,7 +320,7 @@ class FirstCallTimer(PatchOps):
         self.first_call_s: float | None = None
         self._first: dict[str, float] = {}
         super().__init__(self._timed("pool", inner.pool), self._timed("grad", inner.grad), inner.diag_loss,
-                         inner.sl and self._timed("sl", inner.sl), inner.noise_max)
+                         inner.sl and self._timed("sl", inner.sl), inner.noise_max, inner.visible)
 
     def _timed(self, name: str, fn: Callable) -> Callable:
         def call(*args, **kwargs):
@@ -436,14 +538,16 @@ def _sq_error_grad(pred: torch.Tensor, target: torch.Tensor, power: float, per_c
 def mrp(
     X: torch.Tensor, W: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, q: int, thr: float,
     spec: MRPSpec, W_teacher: torch.Tensor | None = None, ops: PatchOps = EAGER, Xt: torch.Tensor | None = None,
+    vis: list[Visible] | None = None,
 ) -> MRPGrads:
     """Mask reconstruction: student on the visible patches, teacher (or pixels) as the target.
 
-    mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
+    mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student. ``vis``: the visible
+    patches of each run chunk (``chunks(X, W)``), where the caller has them already.
     """
     parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec,
-                  None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s))
-             for s in chunks(X, W)]
+                  None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s), vis and vis[i])
+             for i, s in enumerate(chunks(X, W))]
     return _joined(parts)
 
 
@@ -456,7 +560,7 @@ def _joined(parts: list[MRPGrads]) -> MRPGrads:
                     codes=[c for p in parts for c in p.codes])
 
 
-def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
+def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt, vis: Visible | None = None) -> MRPGrads:
     keep = ~mask  # [R, N, P]
     Z = net.preact(X, W, native=True)  # [R, N, P, K]
     h_s, h_all = ops.pool(Z, keep, q, thr)  # [R, N, K]: the student sees the visible patches only
@@ -464,8 +568,14 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
     if spec.target == "teacher" and W_teacher is not None:  # the EMA teacher on the full input
         h_vis_t, h_all = ops.pool(net.preact(X, W_teacher, native=True), keep, q, thr)
     loss, dD, dh, D, target = _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec, ops)
-    dZ = ops.grad(Z, keep, dh, q, thr)  # only visible patches reach the student's output
-    return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, codes=[(h_s, D, target)])
+    # only visible patches reach the student's output (shared data: dZ of those alone, compacted)
+    vis = vis or (ops.visible(X, Xt, keep) if pays_visible(X, keep) else None)
+    if vis is None:
+        dZ = ops.grad(Z, keep, dh, q, thr)
+        return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, codes=[(h_s, D, target)])
+    K = Z.shape[-1]
+    dZ = ops.grad(Z, keep, dh, q, thr, out=vis.buffer(K), rows=vis.rows(K))
+    return MRPGrads(loss=loss, dW=vis.weight_grad(dZ, W.dtype), dD=dD, D=D, codes=[(h_s, D, target)])
 
 
 def _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec: MRPSpec, ops):
@@ -522,8 +632,9 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     """
     V = len(Ws)
     R, _, K = Ws[0].shape
-    if V == 1 or (X.shape[0] == 1 and R > 1):
-        return [mrp(X, W, D, mask, q, thr, spec, None, ops, Xt) for W, D, spec in zip(Ws, Ds, specs)]
+    if V == 1 or (X.shape[0] == 1 and R > 1):  # the variants share each chunk's visible patches
+        vis = [ops.visible(X, Xt, ~mask[s]) if pays_visible(X, mask[s]) else None for s in chunks(X, Ws[0])]
+        return [mrp(X, W, D, mask, q, thr, spec, None, ops, Xt, vis) for W, D, spec in zip(Ws, Ds, specs)]
     parts = [_mrp_variants(run_rows(X, s), [W[s] for W in Ws], [D[s] for D in Ds], mask[s], q, thr, specs, ops,
                            rows_or_none(Xt, s))
              for s in run_chunks(R, X.shape[1] * X.shape[2] * K * V)]
