@@ -628,7 +628,8 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     computes a column the same way at either width (so on an AMD EPYC at the default shapes, fp32 and bf16; not
     at some small fp32 shapes), else to rounding (tests/theory/test_steps.py and test_train.py check both).
     Shared data (one data set for R > 1 runs) already multiplies R*K columns at once; batching the variants
-    too measured no faster there (benchmarks/README.md), so each variant runs on its own.
+    too measured no faster there (benchmarks/README.md), so each variant runs on its own, the variants sharing
+    each chunk's ``Visible`` patches for their weight gradients.
     """
     V = len(Ws)
     R, _, K = Ws[0].shape
