@@ -574,12 +574,8 @@ class FlopCounter:
     def total(self) -> int:
         return sum(self.by_shape.values())
 
-    def add(self, m: int, k: int, n: int, times: int = 1, rows_key: int | None = None) -> None:
-        """FLOPs of ``times`` products [m, k] @ [k, n]; ``rows_key``: file them under that m instead (products
-        whose m varies from step to step, such as the visible patches of a mask: one shape of about that size,
-        whose rate stands for theirs)."""
-        key = (m if rows_key is None else rows_key, k, n)
-        self.by_shape[key] = self.by_shape.get(key, 0) + 2 * m * k * n * times
+    def add(self, m: int, k: int, n: int, times: int = 1) -> None:
+        self.by_shape[m, k, n] = self.by_shape.get((m, k, n), 0) + 2 * m * k * n * times
 
     def since(self, before: dict[tuple[int, int, int], int]) -> dict[tuple[int, int, int], int]:
         """FLOPs by shape counted after ``before`` (a copy of ``by_shape`` taken then)."""

@@ -217,9 +217,10 @@ def test_compact16_packs_the_kept_columns_run_after_run(simd, shared):
     keep[2] = True
     counts = keep.sum(1).tolist()
     starts = [sum(counts[:r]) for r in range(c)]
-    out = native.compact16(A, keep, starts, sum(counts), simd=simd)
-    assert out is not None and out.shape == (d, sum(counts))
+    out = torch.full((d, sum(counts) + 1), 5.0, dtype=torch.bfloat16)
+    assert native.compact16(A, keep, starts, out, simd=simd)
     for r in range(c):
         want = A[0 if shared else r][:, keep[r]]
         assert torch.equal(out[:, starts[r]:starts[r] + counts[r]], want), r
-    assert native.compact16(A.float(), keep, starts, sum(counts)) is None  # bf16 only: fp32 gathers rows
+    assert not native.compact16(A.float(), keep, starts, out.float())  # bf16 only: fp32 gathers rows
+    assert not native.compact16(A, keep, starts, out[:, :-1].contiguous())  # no spare column: declined

@@ -510,11 +510,12 @@ def test_mrp_variants_equal_each_variant_alone(kind, data, dtype, target, decode
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_visible_weight_grad_is_the_product_over_every_patch(kind, dtype):
+def test_visible_weight_grad_is_the_product_over_every_patch(kind, dtype, monkeypatch):
     """Shared data: the grad pass writes exactly the visible patches' rows of dZ, run after run, into the
     compacted buffer (and nothing for the masked ones), and the weight gradient from it is X^T dZ over every
     patch, to the rounding of its own blocking. Run 0 sees no patch, run 1 every patch."""
     c, N_, P_, d_, K_, q, thr = 3, 9, 7, 11, 6, 4, 1.0
+    monkeypatch.setattr(steps, "VISIBLE_ROWS_STEP", 8)  # rows rounded up to a multiple of 8: padding inside N * P
     g = torch.Generator().manual_seed(5)
     X = torch.randn(1, N_, P_, d_, generator=g).to(dtype)
     keep = torch.rand(c, N_, P_, generator=g) < 0.5
@@ -525,11 +526,14 @@ def test_visible_weight_grad_is_the_product_over_every_patch(kind, dtype):
     vis = ops.visible(X, net.transposed_patches(X), keep)
     assert vis.columns == (kind == "compiled" and dtype == torch.bfloat16)  # the packed layout where it is built
     assert vis.counts == keep.flatten(1).sum(1).tolist() and vis.counts[:2] == [0, N_ * P_]
+    step = steps.VISIBLE_ROWS_STEP
+    assert vis.widths == [min(-(-n // step) * step, N_ * P_) for n in vis.counts]
     dense = ops.grad(Z, keep, dh, q, thr)
-    buf = vis.buffer(K_).fill_(7.0)
+    buf = vis.buffer(K_)
     got = ops.grad(Z, keep, dh, q, thr, out=buf, rows=vis.rows(K_))
     assert got.data_ptr() == buf.data_ptr()
-    assert torch.equal(buf, torch.cat([dense[r][keep[r]] for r in range(c)]))  # every row written, in order
+    for r, (start, n, w) in enumerate(zip(vis.starts, vis.counts, vis.widths)):  # every row written, in order
+        assert torch.equal(buf[start:start + n], dense[r][keep[r]]) and (buf[start + n:start + w] == 0).all()
     dW = vis.weight_grad(buf, torch.float32)
     want = net.weight_grad(X, dense, torch.float32)
     assert (dW[0] == 0).all()
@@ -537,10 +541,12 @@ def test_visible_weight_grad_is_the_product_over_every_patch(kind, dtype):
 
 
 @pytest.mark.parametrize("kind", ["eager", "compiled"])
-def test_mrp_counts_the_products_it_runs(kind):
+def test_mrp_counts_the_products_it_runs(kind, monkeypatch):
     """The FLOP count of one MRP step (benchmarks' efficiency): per-run data multiplies every patch in both
-    products; shared data by several runs multiplies the visible patches only in the weight gradient."""
+    products; shared data by several runs multiplies the visible patches only (rounded up to the rows step)
+    in the weight gradient."""
     from mrplab.runtime import matmul_flops
+    monkeypatch.setattr(steps, "VISIBLE_ROWS_STEP", 4)
     X1, W, _, mask = _setup(1)
     X1, W = X1.to(torch.bfloat16), W.float()
     D = _decoder("diag").float()
@@ -550,6 +556,24 @@ def test_mrp_counts_the_products_it_runs(kind):
         steps.mrp(X, W, D, mask, Q, THR, steps.MRPSpec(), None, _kernels(kind), net.transposed_patches(X))
         counted = sum(matmul_flops.since(before).values())
         forward = 2 * N * P * d * K * R
-        wgrad = forward if X.shape[0] == R else sum(2 * n * d * K for n in keep_counts)
+        wgrad = forward if X.shape[0] == R else sum(2 * (-(-n // 4) * 4) * d * K for n in keep_counts)
         assert counted == forward + wgrad, (X.shape[0], counted, forward + wgrad)
-    assert sum(keep_counts) < N * P * R  # the masks hide some patches: the two counts differ
+    assert sum(-(-n // 4) * 4 for n in keep_counts) < N * P * R  # the masks hide patches: the two counts differ
+
+
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+def test_shared_data_chunks_of_one_shape_keep_their_own_visible_patches(kind, monkeypatch):
+    """MRP and its controls on data shared by 4 runs in two chunks of the same shape (each chunk's packed patches
+    in a buffer of its own, shared by the three variants): the same step as in one chunk, run by run."""
+    R_ = 4
+    X, Ws, Ds, mask, specs = _variant_case("teacher", "diag", 1, R_, torch.bfloat16)
+    ops = _kernels(kind)
+    Xt = net.transposed_patches(X)
+    whole = steps.mrp_variants(X, Ws, Ds, mask, Q, THR, specs, ops, Xt)
+    monkeypatch.setattr(steps, "CHUNK_ELEMS", N * P * K * 2)  # two runs per chunk
+    assert len(steps.chunks(X, Ws[0])) == 2
+    halves = steps.mrp_variants(X, Ws, Ds, mask, Q, THR, specs, ops, Xt)
+    for a, b in zip(halves, whole):
+        torch.testing.assert_close(a.dW, b.dW, rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=0)
+    assert not torch.allclose(whole[0].dW[0], whole[0].dW[2])  # the runs differ: a mix-up would show

@@ -224,23 +224,23 @@ def _fits_rows(out: torch.Tensor, Z: torch.Tensor, rows: torch.Tensor) -> bool:
             and rows.is_contiguous() and rows.shape == Z.shape[:3])
 
 
-def compact16(A: torch.Tensor, keep: torch.Tensor, starts: list[int], total: int, simd: bool = True
-              ) -> torch.Tensor | None:
-    """The columns of A [Ra, d, M] (bf16, contiguous; Ra = 1: shared by the runs, or c) where keep [c, M] (bool)
-    is True, run after run: [d, total], the columns of run r from starts[r] on, a view of a buffer with room for
-    every column and one more (the same size at every step: steps.Visible.buffer); None where the kernels do not
-    take A (not bf16 on the CPU). ``simd``: AVX-512 VBMI2's compress where the CPU has it and the kernels are
-    built for AVX-512, else a portable loop (False: always that loop); the same result either way."""
-    if A.dtype != torch.bfloat16 or A.device.type != "cpu" or not A.is_contiguous():
-        return None
+def compact16(A: torch.Tensor, keep: torch.Tensor, starts: list[int], out: torch.Tensor, simd: bool = True) -> bool:
+    """Packs the columns of A [Ra, d, M] (bf16, contiguous; Ra = 1: shared by the runs, or c) where keep [c, M]
+    (bool) is True, run after run, into out [d, >= total + 1] (contiguous; one spare column): the columns of run r
+    from out[:, starts[r]] on. False where the kernels do not take A or out (not bf16 on the CPU). ``simd``: AVX-512
+    VBMI2's compress where the CPU has it and the kernels are built for AVX-512, else a portable loop (False:
+    always that loop); the same result either way."""
     c, M = keep.shape
     d = A.shape[1]
-    out = torch.empty(d, c * M + 1, dtype=A.dtype)
+    if (A.dtype != torch.bfloat16 or A.device.type != "cpu" or not A.is_contiguous() or out.dtype != A.dtype
+            or out.device.type != "cpu" or not out.is_contiguous() or out.shape[0] != d
+            or out.shape[1] < sum(keep.sum(1).tolist()) + 1):
+        return False
     k = keep.contiguous().view(torch.uint8)
     s = torch.tensor(starts, dtype=torch.int64)
     library().mrplab_compact16(A.data_ptr(), 0 if A.shape[0] == 1 else d * M, c, d, M, k.data_ptr(), s.data_ptr(),
-                               out.data_ptr(), c * M + 1, int(simd), torch.get_num_threads())
-    return out[:, :total]
+                               out.data_ptr(), out.shape[1], int(simd), torch.get_num_threads())
+    return True
 
 
 def sl(Z: torch.Tensor, y: torch.Tensor, q: int, thr: float, k: int, m: int):

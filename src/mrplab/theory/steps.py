@@ -80,21 +80,29 @@ def _into_rows(g: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.
     return out
 
 
+VISIBLE_ROWS_STEP = 256  # a run's visible patches, rounded up to a multiple of this: its product's rows
+
+
 @dataclass
 class Visible:
     """The visible patches of a chunk of c runs, for mask reconstruction's weight gradient over them only.
 
     A masked patch's dZ is 0 (only visible patches reach the student's output), so X^T dZ over every patch
     multiplies zeros in a fraction mask_ratio of its rows. Instead, the grad pass writes only the visible
-    patches' rows of dZ, run after run, into one compacted [total, C] buffer (``rows``), and each run's
-    weight gradient is A_r^T-times-its-rows, where A holds the run's visible patches: the columns of the
-    transposed patches packed by the fused kernels (native.compact16: [d, total], the layout the bf16 product
-    runs fastest from) or the rows of X gathered ([total, d], read transposed). The same sum as over every
-    patch (the dropped terms are exact zeros), in a blocking of its own: it rounds like the dense product,
-    not bitwise as it. ``visible_patches`` builds it once per step; the variants of a step share it.
+    patches' rows of dZ, run after run, into one compacted buffer (``rows``), and each run's weight gradient
+    is A_r^T-times-its-rows, where A holds the run's visible patches: the columns of the transposed patches
+    packed by the fused kernels (native.compact16: [d, total], the layout the bf16 product runs fastest from)
+    or the rows of X gathered ([total, d], read transposed). A run's rows are its visible patches rounded up
+    to VISIBLE_ROWS_STEP with zero rows (and zero patches): a product whose inner size changed at every step
+    with the mask's draw made the BLAS's scratch buffers change size too, which fragmented the heap (200
+    shared R = 8 steps: resident memory 0.69 -> 1.43 GB, 19.1 s vs 16.4 s for the product over every patch;
+    with the size fixed 0.77 GB, 14.0 s). The same sum as over every patch (the dropped and added terms are
+    exact zeros), in a blocking of its own: it rounds like the dense product, not bitwise as it.
+    ``visible_patches`` builds it once per step; the variants of a step share it.
     """
 
     counts: list[int]  # visible patches per run
+    widths: list[int]  # rows of each run's product: its count rounded up to VISIBLE_ROWS_STEP, at most N * P
     starts: list[int]  # each run's first row in the compacted buffers
     rank: torch.Tensor  # [c, N, P] int64: the patch's row in the compacted buffers, -1 where masked
     A: torch.Tensor  # the visible patches: [d, total] (columns) or [total, d] (rows)
@@ -102,14 +110,16 @@ class Visible:
 
     @property
     def total(self) -> int:
-        return self.starts[-1] + self.counts[-1]
+        return self.starts[-1] + self.widths[-1]
 
     def buffer(self, width: int) -> torch.Tensor:
-        """A compacted dZ [total, width] in the matmul's dtype, for the grad pass to fill: the first rows of one
-        sized for every patch, so that every step allocates the same sizes (the allocator then reuses its blocks
-        instead of faulting in fresh pages)."""
-        rows = self.rank.numel()
-        return torch.empty(rows, width, dtype=self.A.dtype, device=self.A.device)[:self.total]
+        """A compacted dZ [total, width] in the matmul's dtype for the grad pass to fill, its padding rows 0: the
+        first rows of a buffer of this module sized for every patch, which the next call hands out again (use it
+        before asking for another)."""
+        dZ = _workspace("dZ", (_capacity(*self.rank.shape), width), self.A.dtype, self.A.device)
+        for start, count, rows in zip(self.starts, self.counts, self.widths):
+            dZ[start + count:start + rows].zero_()
+        return dZ[:self.total]
 
     def rows(self, width: int) -> torch.Tensor:
         """Element offsets [c, N, P] of each visible patch's row in a compacted buffer ``width`` wide, -1 where
@@ -120,13 +130,32 @@ class Visible:
         """dW [c, d, C] in ``dtype`` from the compacted dZ [total, C]: per run, its visible patches' rows only
         (the matmul runs in dZ's dtype, as net.weight_grad)."""
         d = self.A.shape[0] if self.columns else self.A.shape[1]
-        dW = torch.empty(len(self.counts), d, dZ.shape[1], dtype=dZ.dtype, device=dZ.device)
-        for r, (start, count) in enumerate(zip(self.starts, self.counts)):
-            A = self.A[:, start:start + count] if self.columns else self.A[start:start + count].t()
-            torch.mm(A, dZ[start:start + count], out=dW[r])
-            # the product that runs, filed under its rows to two significant digits (the count varies by step)
-            net.matmul_flops.add(count, d, dZ.shape[1], rows_key=max(1, int(float(f"{count:.2g}"))))
+        dW = torch.empty(len(self.widths), d, dZ.shape[1], dtype=dZ.dtype, device=dZ.device)
+        for r, (start, rows) in enumerate(zip(self.starts, self.widths)):
+            A = self.A[:, start:start + rows] if self.columns else self.A[start:start + rows].t()
+            torch.mm(A, dZ[start:start + rows], out=dW[r])
+            net.matmul_flops.add(rows, d, dZ.shape[1])  # the product that runs
         return dW.to(dtype)
+
+
+_WORKSPACE: dict[str, torch.Tensor] = {}
+
+
+def _workspace(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One buffer per tag, handed out again at the next call while its shape, dtype and device stay (the process
+    keeps it). The packed patches (77 MB for shared data, R = 8) and the compacted dZ allocated afresh at every
+    step measured 16.3-16.5 s per 200 shared R = 8 steps against 12.2-13.2 s from these buffers (the product
+    over every patch: 13.8-15.7 s)."""
+    buf = _WORKSPACE.get(tag)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+        _WORKSPACE.pop(tag, None)
+        buf = _WORKSPACE[tag] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def _capacity(c: int, N: int, P: int) -> int:
+    """Rows of the compacted buffers for c runs of N x P patches: room for every patch of every run."""
+    return c * N * P
 
 
 def pays_visible(X: torch.Tensor, keep: torch.Tensor) -> bool:
@@ -138,30 +167,37 @@ def pays_visible(X: torch.Tensor, keep: torch.Tensor) -> bool:
     return X.shape[0] == 1 and keep.shape[0] > 1
 
 
-def visible_patches(X: torch.Tensor, Xt: torch.Tensor | None, keep: torch.Tensor, pack: Callable | None = None
-                    ) -> Visible:
+def visible_patches(X: torch.Tensor, Xt: torch.Tensor | None, keep: torch.Tensor, slot: int = 0,
+                    pack: Callable | None = None) -> Visible:
     """``Visible`` of patches X [Rd, N, P, d] (Rd = 1: shared by the runs, or c) with keep [c, N, P] (True =
-    visible). ``pack(Xt, keep [c, N*P], starts, total)``: packs the columns of the transposed patches
-    (native.compact16: [d, total]), or returns None; else the rows of X are gathered."""
+    visible). ``pack(Xt, keep [c, N*P], starts, out)``: packs the columns of the transposed patches into out
+    [d, rows + 1] (native.compact16) and returns True, or returns False; else the rows of X are gathered.
+    The patches are held in a buffer of this module, one per ``slot``, which the next call for that slot
+    overwrites: the chunks of a step take a slot each."""
     c, N, P = keep.shape
     kf = keep.reshape(c, N * P)
     ranks = kf.cumsum(1)
     counts = ranks[:, -1].tolist()
+    widths = [min(-(-n // VISIBLE_ROWS_STEP) * VISIBLE_ROWS_STEP, N * P) for n in counts]
     starts = [0]
-    for n in counts[:-1]:
+    for n in widths[:-1]:
         starts.append(starts[-1] + n)
-    total = starts[-1] + counts[-1]
+    total = starts[-1] + widths[-1]
     first = torch.tensor(starts, dtype=ranks.dtype, device=ranks.device).unsqueeze(1)
     rank = torch.where(kf, ranks - 1 + first, -1).view(c, N, P)
-    A = None if pack is None or Xt is None else pack(Xt, kf, starts, total)
-    if A is not None:
-        return Visible(counts, starts, rank, A, columns=True)
-    d = X.shape[-1]
-    A = torch.empty(c * N * P, d, dtype=X.dtype, device=X.device)[:total]  # the same size every step (Visible.buffer)
-    for r in range(c):
-        rows = X[0 if X.shape[0] == 1 else r].reshape(N * P, d)
-        torch.index_select(rows, 0, kf[r].nonzero().squeeze(1), out=A[starts[r]:starts[r] + counts[r]])
-    return Visible(counts, starts, rank, A, columns=False)
+    d, cap = X.shape[-1], _capacity(c, N, P)
+    if pack is not None and Xt is not None:
+        A = _workspace(f"A{slot}", (d, cap + 1), Xt.dtype, Xt.device)
+        if pack(Xt, kf, starts, A):
+            for start, count, rows in zip(starts, counts, widths):
+                A[:, start + count:start + rows].zero_()
+            return Visible(counts, widths, starts, rank, A[:, :total], columns=True)
+    A = _workspace(f"A{slot}", (cap, d), X.dtype, X.device)[:total]
+    for r, (start, count, rows) in enumerate(zip(starts, counts, widths)):
+        src = X[0 if X.shape[0] == 1 else r].reshape(N * P, d)
+        torch.index_select(src, 0, kf[r].nonzero().squeeze(1), out=A[start:start + count])
+        A[start + count:start + rows].zero_()
+    return Visible(counts, widths, starts, rank, A, columns=False)
 
 
 def diag_loss(h: torch.Tensor, t: torch.Tensor, D: torch.Tensor, power: float, fit: bool = False):
@@ -185,7 +221,7 @@ class PatchOps:
     fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power, fit)``: the default mask-reconstruction
     loss on the pooled codes (~15 small ops eagerly, ~0.7 ms per step at the default shape; one
     C++ call fused). ``noise_max(Z, coef, Cf)``: the noise-memorisation probe's max over Z less its
-    feature part (probes.noise_max; one pass over Z fused). ``visible(X, Xt, keep)``: the step's ``Visible``
+    feature part (probes.noise_max; one pass over Z fused). ``visible(X, Xt, keep, slot)``: the step's ``Visible``
     patches (the fused kernels pack the transposed patches' columns). ``EAGER``, or fused into one kernel each:
     ``ops(True)``.
     """
@@ -292,7 +328,7 @@ def fused(backend: str) -> PatchOps:
     """The kernels of one implementation ("native" or "inductor"), each falling back to eager on its own."""
     kernels = [_with_fallback(_fused_fn(backend, name), getattr(EAGER, name)) for name in ("pool", "grad", "diag_loss")]
     native_ = backend == "native"
-    pack = _with_fallback(native.compact16, lambda *args: None) if native_ else None
+    pack = _with_fallback(native.compact16, lambda *args: False) if native_ else None
     return PatchOps(*kernels, _with_fallback(_fused_fn(backend, "sl"), sl_patch_step) if native_ else None,
                     _with_fallback(_fused_fn(backend, "noise_max"), EAGER.noise_max),
                     functools.partial(visible_patches, pack=pack))
@@ -545,10 +581,18 @@ def mrp(
     mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student. ``vis``: the visible
     patches of each run chunk (``chunks(X, W)``), where the caller has them already.
     """
+    vis = vis or _visible_chunks(X, Xt, mask, W, ops)
     parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec,
-                  None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s), vis and vis[i])
+                  None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s), vis[i])
              for i, s in enumerate(chunks(X, W))]
     return _joined(parts)
+
+
+def _visible_chunks(X, Xt, mask, W, ops: PatchOps) -> list[Visible | None]:
+    """Each run chunk's ``Visible`` patches where its weight gradient runs over them only (``pays_visible``),
+    else None."""
+    return [ops.visible(X, Xt, ~mask[s], i) if pays_visible(X, mask[s]) else None
+            for i, s in enumerate(chunks(X, W))]
 
 
 def _joined(parts: list[MRPGrads]) -> MRPGrads:
@@ -569,7 +613,6 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt, vis: Visible 
         h_vis_t, h_all = ops.pool(net.preact(X, W_teacher, native=True), keep, q, thr)
     loss, dD, dh, D, target = _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec, ops)
     # only visible patches reach the student's output (shared data: dZ of those alone, compacted)
-    vis = vis or (ops.visible(X, Xt, keep) if pays_visible(X, keep) else None)
     if vis is None:
         dZ = ops.grad(Z, keep, dh, q, thr)
         return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, codes=[(h_s, D, target)])
@@ -634,7 +677,7 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     V = len(Ws)
     R, _, K = Ws[0].shape
     if V == 1 or (X.shape[0] == 1 and R > 1):  # the variants share each chunk's visible patches
-        vis = [ops.visible(X, Xt, ~mask[s]) if pays_visible(X, mask[s]) else None for s in chunks(X, Ws[0])]
+        vis = _visible_chunks(X, Xt, mask, Ws[0], ops)
         return [mrp(X, W, D, mask, q, thr, spec, None, ops, Xt, vis) for W, D, spec in zip(Ws, Ds, specs)]
     parts = [_mrp_variants(run_rows(X, s), [W[s] for W in Ws], [D[s] for D in Ds], mask[s], q, thr, specs, ops,
                            rows_or_none(Xt, s))
