@@ -11,7 +11,11 @@ default config's shapes, the two steps a run spends its time in:
 
 once with R runs on shared data and once with a single run, each in a fresh
 process (in-process interleaving of different allocation patterns distorts
-the timings), alternating ``--pairs`` times. Each process reports the median
+the timings), alternating ``--pairs`` times. For mrp a third process per pair
+runs the shared step with the weight gradient over every patch
+(``steps.pays_visible`` off) beside the shipped one over the visible patches
+only (``steps.Visible``): ``mrp_visible_over_dense_median``. Each MRP step
+draws fresh masks, as training does. Each process reports the median
 step time and how much of it the matmuls took (net.preact and
 net.weight_grad, timed around the call) and the rest (the fused passes over
 Z, the loss). Per run, shared / single below 1 means sharing pays at the
@@ -35,7 +39,7 @@ import time
 from _common import machine, write
 
 
-def child(step: str, R: int, shared: bool, n_steps: int, precision: str) -> dict:
+def child(step: str, R: int, shared: bool, n_steps: int, precision: str, dense: bool = False) -> dict:
     from mrplab.cli import _request_huge_pages
 
     _request_huge_pages()
@@ -59,6 +63,8 @@ def child(step: str, R: int, shared: bool, n_steps: int, precision: str) -> dict
     N, P, d = X.shape[1:]
     W0 = net.init_kernels([generator(s, "init") for s in seeds], d, K, cfg.net.sigma_0)
     ops = steps.ops(True)
+    if dense:  # the weight gradient over every patch, masked ones included
+        steps.pays_visible = lambda X, keep: False
     if step == "sl":
         def run():
             steps.sl(X, y, W0, q, thr, dc.k, cfg.net.m, ops, Xt)
@@ -66,9 +72,10 @@ def child(step: str, R: int, shared: bool, n_steps: int, precision: str) -> dict
         specs = [steps.MRPSpec.of(cfg.mrp, q)] + [steps.MRPSpec.of(cfg.mrp, q, **CONTROLS[c]) for c in cfg.mrp.controls]
         Ws = [W0.clone() for _ in specs]
         Ds = [net.init_decoder(R, K, cfg.net.decoder) for _ in specs]
-        mask = make_run_masks([generator(s, "mask") for s in seeds], N, P, cfg.mrp.mask_ratio, W0.device)
+        gens = [generator(s, "mask") for s in seeds]
 
         def run():
+            mask = make_run_masks(gens, N, P, cfg.mrp.mask_ratio, W0.device)
             steps.mrp_variants(X, Ws, Ds, mask, q, thr, specs, ops, Xt)
 
     spent = {"matmul": 0.0}
@@ -82,6 +89,7 @@ def child(step: str, R: int, shared: bool, n_steps: int, precision: str) -> dict
         return call
 
     net.preact, net.weight_grad = timed(net.preact), timed(net.weight_grad)
+    steps.Visible.weight_grad = timed(steps.Visible.weight_grad)
     for _ in range(5):
         run()
     before = runtime.matmul_flops.total
@@ -116,8 +124,8 @@ def main() -> int:
         args.precision = "bf16" if runtime.native_bf16(torch.device("cpu"))[0] else "fp32"
     if args.child:
         step, side = args.child
-        R = args.runs if side == "shared" else 1
-        print(json.dumps(child(step, R, side == "shared", args.steps, args.precision)))
+        R = args.runs if side != "single" else 1
+        print(json.dumps(child(step, R, side != "single", args.steps, args.precision, side == "shared_dense")))
         return 0
 
     def one(step: str, side: str) -> dict:
@@ -138,6 +146,12 @@ def main() -> int:
             s, o = one(step, "shared"), one(step, "single")
             ratio = s["step_s"] / (R * o["step_s"])
             pairs.append({"shared": s, "single": o, "shared_over_single_per_run": ratio})
+            if step == "mrp":
+                dense = one(step, "shared_dense")
+                pairs[-1].update(shared_dense=dense, visible_over_dense=s["step_s"] / dense["step_s"])
+                print(f"mrp: shared R={R} with the weight gradient over every patch {dense['step_s'] * 1e3:.1f} ms "
+                      f"(matmul {dense['matmul_s'] * 1e3:.1f}); over the visible patches {s['step_s'] * 1e3:.1f} ms "
+                      f"(matmul {s['matmul_s'] * 1e3:.1f}): {s['step_s'] / dense['step_s']:.2f}", flush=True)
             print(f"{step}: shared R={R} {s['step_s'] * 1e3:.1f} ms ({s['step_s'] / R * 1e3:.2f} per run: matmul "
                   f"{s['matmul_s'] / R * 1e3:.2f} at {s['matmul_gflops']:.0f} GFLOP/s, other "
                   f"{s['other_s'] / R * 1e3:.2f}); single {o['step_s'] * 1e3:.2f} ms (matmul {o['matmul_s'] * 1e3:.2f}"
@@ -145,9 +159,11 @@ def main() -> int:
                   f"{ratio:.2f}", flush=True)
         result["pairs"][step] = pairs
         result[f"{step}_ratio_median"] = statistics.median(p["shared_over_single_per_run"] for p in pairs)
+    result["mrp_visible_over_dense_median"] = statistics.median(p["visible_over_dense"] for p in result["pairs"]["mrp"])
     path = write("sharing", result)
     print(f"per run, shared / single: sl {result['sl_ratio_median']:.2f}, mrp {result['mrp_ratio_median']:.2f} "
-          f"(medians of {args.pairs} pairs)")
+          f"(medians of {args.pairs} pairs); shared mrp, visible patches / every patch "
+          f"{result['mrp_visible_over_dense_median']:.2f}")
     print(f"written {path}")
     return 0
 
