@@ -563,8 +563,8 @@ def test_mrp_counts_the_products_it_runs(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["eager", "compiled"])
 def test_shared_data_chunks_of_one_shape_keep_their_own_visible_patches(kind, monkeypatch):
-    """MRP and its controls on data shared by 4 runs in two chunks of the same shape (each chunk's packed patches
-    in a buffer of its own, shared by the three variants): the same step as in one chunk, run by run."""
+    """MRP and its controls on data shared by 4 runs in two chunks of the same shape (one buffer of packed patches,
+    filled chunk by chunk and shared by the three variants of each): the same step as in one chunk, run by run."""
     R_ = 4
     X, Ws, Ds, mask, specs = _variant_case("teacher", "diag", 1, R_, torch.bfloat16)
     ops = _kernels(kind)

@@ -8,8 +8,9 @@ Cost per step: one matmul Z = X W (teacher and student share it when the
 teacher is the stop-gradient student), one pass over Z that pools the smoothed
 ReLU over the (visible and all) patches, a few [R, N, K] ops for the loss, one
 pass over Z that writes dZ = act'(Z) * keep * dh in the matmul's dtype, and one
-matmul dW = X^T dZ (mask reconstruction: over the visible patches only, ``Visible``). The two passes are ``PatchOps`` (fused where it pays: C++
-kernels on the CPU, native.py; torch.compile on CUDA); the activation is
+matmul dW = X^T dZ (mask reconstruction on data shared by several runs: over
+the visible patches only, ``Visible``). The two passes are ``PatchOps`` (fused
+where it pays: C++ kernels on the CPU, native.py; torch.compile on CUDA); the activation is
 recomputed from Z rather than stored, so a step holds Z and dZ only.
 """
 
@@ -98,7 +99,9 @@ class Visible:
     shared R = 8 steps: resident memory 0.69 -> 1.43 GB, 19.1 s vs 16.4 s for the product over every patch;
     with the size fixed 0.77 GB, 14.0 s). The same sum as over every patch (the dropped and added terms are
     exact zeros), in a blocking of its own: it rounds like the dense product, not bitwise as it.
-    ``visible_patches`` builds it once per step; the variants of a step share it.
+    ``visible_patches`` builds it once per step and run chunk; the variants of a step share it. The packed
+    patches take c * N * P * d elements, held from step to step (``_workspace``): for one chunk at a time,
+    within the step temporaries experiment.memory_parts plans for.
     """
 
     counts: list[int]  # visible patches per run
@@ -145,7 +148,7 @@ def _workspace(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     """One buffer per tag, handed out again at the next call while its shape, dtype and device stay (the process
     keeps it). The packed patches (77 MB for shared data, R = 8) and the compacted dZ allocated afresh at every
     step measured 16.3-16.5 s per 200 shared R = 8 steps against 12.2-13.2 s from these buffers (the product
-    over every patch: 13.8-15.7 s)."""
+    over every patch: 13.8-15.7 s), on the 2-core AMD EPYC."""
     buf = _WORKSPACE.get(tag)
     if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
         _WORKSPACE.pop(tag, None)
@@ -161,19 +164,20 @@ def _capacity(c: int, N: int, P: int) -> int:
 def pays_visible(X: torch.Tensor, keep: torch.Tensor) -> bool:
     """Whether a step's weight gradient runs over the visible patches only (``Visible``): with data shared by
     the chunk's several runs, where every run packs the same patches (hot in cache). Measured on a 2-core AMD
-    EPYC (benchmarks/README.md): shared data, R = 8, an MRP step with its controls 79 vs 86 ms; per-run data,
-    where each run packs patches of its own from memory, no faster (R = 3: 30.7 vs 31.3 ms; R = 1: 12.1 vs
-    11.8 ms), so those keep the product over every patch."""
+    EPYC (benchmarks/sharing.py): shared data, R = 8, an MRP step with its controls 0.84x (median) the step
+    over every patch. Per-run data, where each run packs patches of its own from memory, measured no faster in
+    a first version (R = 3: 30.7 vs 31.3 ms; R = 1: 12.1 vs 11.8 ms), so it keeps the product over every patch
+    and a default run's numbers stay bitwise those of that product."""
     return X.shape[0] == 1 and keep.shape[0] > 1
 
 
-def visible_patches(X: torch.Tensor, Xt: torch.Tensor | None, keep: torch.Tensor, slot: int = 0,
-                    pack: Callable | None = None) -> Visible:
+def visible_patches(X: torch.Tensor, Xt: torch.Tensor | None, keep: torch.Tensor, pack: Callable | None = None
+                    ) -> Visible:
     """``Visible`` of patches X [Rd, N, P, d] (Rd = 1: shared by the runs, or c) with keep [c, N, P] (True =
     visible). ``pack(Xt, keep [c, N*P], starts, out)``: packs the columns of the transposed patches into out
     [d, rows + 1] (native.compact16) and returns True, or returns False; else the rows of X are gathered.
-    The patches are held in a buffer of this module, one per ``slot``, which the next call for that slot
-    overwrites: the chunks of a step take a slot each."""
+    The patches are held in a buffer of this module, which the next call overwrites: a step builds one chunk's,
+    uses it, then builds the next chunk's."""
     c, N, P = keep.shape
     kf = keep.reshape(c, N * P)
     ranks = kf.cumsum(1)
@@ -187,12 +191,12 @@ def visible_patches(X: torch.Tensor, Xt: torch.Tensor | None, keep: torch.Tensor
     rank = torch.where(kf, ranks - 1 + first, -1).view(c, N, P)
     d, cap = X.shape[-1], _capacity(c, N, P)
     if pack is not None and Xt is not None:
-        A = _workspace(f"A{slot}", (d, cap + 1), Xt.dtype, Xt.device)
+        A = _workspace("A", (d, cap + 1), Xt.dtype, Xt.device)
         if pack(Xt, kf, starts, A):
             for start, count, rows in zip(starts, counts, widths):
                 A[:, start + count:start + rows].zero_()
             return Visible(counts, widths, starts, rank, A[:, :total], columns=True)
-    A = _workspace(f"A{slot}", (cap, d), X.dtype, X.device)[:total]
+    A = _workspace("A", (cap, d), X.dtype, X.device)[:total]
     for r, (start, count, rows) in enumerate(zip(starts, counts, widths)):
         src = X[0 if X.shape[0] == 1 else r].reshape(N * P, d)
         torch.index_select(src, 0, kf[r].nonzero().squeeze(1), out=A[start:start + count])
@@ -221,7 +225,7 @@ class PatchOps:
     fused where a row's samples need nothing from others (one read of Z). ``diag_loss(h, t, D, power, fit)``: the default mask-reconstruction
     loss on the pooled codes (~15 small ops eagerly, ~0.7 ms per step at the default shape; one
     C++ call fused). ``noise_max(Z, coef, Cf)``: the noise-memorisation probe's max over Z less its
-    feature part (probes.noise_max; one pass over Z fused). ``visible(X, Xt, keep, slot)``: the step's ``Visible``
+    feature part (probes.noise_max; one pass over Z fused). ``visible(X, Xt, keep)``: the step's ``Visible``
     patches (the fused kernels pack the transposed patches' columns). ``EAGER``, or fused into one kernel each:
     ``ops(True)``.
     """
@@ -574,25 +578,21 @@ def _sq_error_grad(pred: torch.Tensor, target: torch.Tensor, power: float, per_c
 def mrp(
     X: torch.Tensor, W: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, q: int, thr: float,
     spec: MRPSpec, W_teacher: torch.Tensor | None = None, ops: PatchOps = EAGER, Xt: torch.Tensor | None = None,
-    vis: list[Visible] | None = None,
 ) -> MRPGrads:
     """Mask reconstruction: student on the visible patches, teacher (or pixels) as the target.
 
-    mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student. ``vis``: the visible
-    patches of each run chunk (``chunks(X, W)``), where the caller has them already.
+    mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
     """
-    vis = vis or _visible_chunks(X, Xt, mask, W, ops)
     parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec,
-                  None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s), vis[i])
-             for i, s in enumerate(chunks(X, W))]
+                  None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s), _visible(X, Xt, mask[s], ops))
+             for s in chunks(X, W)]
     return _joined(parts)
 
 
-def _visible_chunks(X, Xt, mask, W, ops: PatchOps) -> list[Visible | None]:
-    """Each run chunk's ``Visible`` patches where its weight gradient runs over them only (``pays_visible``),
+def _visible(X, Xt, mask, ops: PatchOps) -> Visible | None:
+    """A run chunk's ``Visible`` patches where its weight gradient runs over them only (``pays_visible``),
     else None."""
-    return [ops.visible(X, Xt, ~mask[s], i) if pays_visible(X, mask[s]) else None
-            for i, s in enumerate(chunks(X, W))]
+    return ops.visible(X, Xt, ~mask) if pays_visible(X, mask) else None
 
 
 def _joined(parts: list[MRPGrads]) -> MRPGrads:
@@ -676,9 +676,14 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     """
     V = len(Ws)
     R, _, K = Ws[0].shape
-    if V == 1 or (X.shape[0] == 1 and R > 1):  # the variants share each chunk's visible patches
-        vis = _visible_chunks(X, Xt, mask, Ws[0], ops)
-        return [mrp(X, W, D, mask, q, thr, spec, None, ops, Xt, vis) for W, D, spec in zip(Ws, Ds, specs)]
+    if V == 1 or (X.shape[0] == 1 and R > 1):  # chunk by chunk, the variants sharing its visible patches
+        parts: list[list[MRPGrads]] = [[] for _ in range(V)]
+        for s in chunks(X, Ws[0]):
+            vis = _visible(X, Xt, mask[s], ops)
+            for v in range(V):
+                parts[v].append(_mrp(run_rows(X, s), Ws[v][s], Ds[v][s], mask[s], q, thr, specs[v], None, ops,
+                                     rows_or_none(Xt, s), vis))
+        return [_joined(p) for p in parts]
     parts = [_mrp_variants(run_rows(X, s), [W[s] for W in Ws], [D[s] for D in Ds], mask[s], q, thr, specs, ops,
                            rows_or_none(Xt, s))
              for s in run_chunks(R, X.shape[1] * X.shape[2] * K * V)]
