@@ -234,7 +234,7 @@ def compact16(A: torch.Tensor, keep: torch.Tensor, starts: list[int], out: torch
     d = A.shape[1]
     if (A.dtype != torch.bfloat16 or A.device.type != "cpu" or not A.is_contiguous() or out.dtype != A.dtype
             or out.device.type != "cpu" or not out.is_contiguous() or out.shape[0] != d
-            or out.shape[1] < sum(keep.sum(1).tolist()) + 1):
+            or out.shape[1] < starts[-1] + int(keep[-1].sum()) + 1):  # the last run's columns and the spare one
         return False
     k = keep.contiguous().view(torch.uint8)
     s = torch.tensor(starts, dtype=torch.int64)

@@ -583,16 +583,20 @@ def mrp(
 
     mask [R, N, P] True = masked. W_teacher None = stop-gradient copy of the student.
     """
-    parts = [_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec,
-                  None if W_teacher is None else W_teacher[s], ops, rows_or_none(Xt, s), _visible(X, Xt, mask[s], ops))
-             for s in chunks(X, W)]
-    return _joined(parts)
+    return _mrp_each(X, [W], [D], mask, q, thr, [spec], [W_teacher], ops, Xt)[0]
 
 
-def _visible(X, Xt, mask, ops: PatchOps) -> Visible | None:
-    """A run chunk's ``Visible`` patches where its weight gradient runs over them only (``pays_visible``),
-    else None."""
-    return ops.visible(X, Xt, ~mask) if pays_visible(X, mask) else None
+def _mrp_each(X, Ws, Ds, mask, q, thr, specs, W_teachers, ops: PatchOps, Xt) -> list[MRPGrads]:
+    """``mrp`` of each variant (Ws[v], Ds[v], specs[v], W_teachers[v]) on its own, run chunk by run chunk, the
+    variants of a chunk sharing its ``Visible`` patches where its weight gradient runs over them only
+    (``pays_visible``)."""
+    parts: list[list[MRPGrads]] = [[] for _ in Ws]
+    for s in chunks(X, Ws[0]):
+        vis = ops.visible(X, Xt, ~mask[s]) if pays_visible(X, mask[s]) else None
+        for v, (W, D, spec, W_t) in enumerate(zip(Ws, Ds, specs, W_teachers)):
+            parts[v].append(_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec, None if W_t is None else W_t[s],
+                                 ops, rows_or_none(Xt, s), vis))
+    return [_joined(p) for p in parts]
 
 
 def _joined(parts: list[MRPGrads]) -> MRPGrads:
@@ -614,11 +618,11 @@ def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt, vis: Visible 
     loss, dD, dh, D, target = _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec, ops)
     # only visible patches reach the student's output (shared data: dZ of those alone, compacted)
     if vis is None:
-        dZ = ops.grad(Z, keep, dh, q, thr)
-        return MRPGrads(loss=loss, dW=net.weight_grad(X, dZ, W.dtype, Xt), dD=dD, D=D, codes=[(h_s, D, target)])
-    K = Z.shape[-1]
-    dZ = ops.grad(Z, keep, dh, q, thr, out=vis.buffer(K), rows=vis.rows(K))
-    return MRPGrads(loss=loss, dW=vis.weight_grad(dZ, W.dtype), dD=dD, D=D, codes=[(h_s, D, target)])
+        dW = net.weight_grad(X, ops.grad(Z, keep, dh, q, thr), W.dtype, Xt)
+    else:
+        K = Z.shape[-1]
+        dW = vis.weight_grad(ops.grad(Z, keep, dh, q, thr, out=vis.buffer(K), rows=vis.rows(K)), W.dtype)
+    return MRPGrads(loss=loss, dW=dW, dD=dD, D=D, codes=[(h_s, D, target)])
 
 
 def _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec: MRPSpec, ops):
@@ -677,13 +681,7 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     V = len(Ws)
     R, _, K = Ws[0].shape
     if V == 1 or (X.shape[0] == 1 and R > 1):  # chunk by chunk, the variants sharing its visible patches
-        parts: list[list[MRPGrads]] = [[] for _ in range(V)]
-        for s in chunks(X, Ws[0]):
-            vis = _visible(X, Xt, mask[s], ops)
-            for v in range(V):
-                parts[v].append(_mrp(run_rows(X, s), Ws[v][s], Ds[v][s], mask[s], q, thr, specs[v], None, ops,
-                                     rows_or_none(Xt, s), vis))
-        return [_joined(p) for p in parts]
+        return _mrp_each(X, Ws, Ds, mask, q, thr, specs, [None] * V, ops, Xt)
     parts = [_mrp_variants(run_rows(X, s), [W[s] for W in Ws], [D[s] for D in Ds], mask[s], q, thr, specs, ops,
                            rows_or_none(Xt, s))
              for s in run_chunks(R, X.shape[1] * X.shape[2] * K * V)]
