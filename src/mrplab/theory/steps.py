@@ -124,10 +124,10 @@ class Visible:
             dZ[start + count:start + rows].zero_()
         return dZ[:self.total]
 
-    def rows(self, width: int, column: int = 0) -> torch.Tensor:
-        """Element offsets [c, N, P] of each visible patch's row in a compacted buffer ``width`` wide, from its
-        ``column`` on, -1 where masked: the grad pass's ``rows``."""
-        return torch.where(self.rank >= 0, self.rank * width + column, -1)
+    def rows(self, width: int) -> torch.Tensor:
+        """Element offsets [c, N, P] of each visible patch's row in a compacted buffer ``width`` wide, -1 where
+        masked: the grad pass's ``rows``."""
+        return torch.where(self.rank >= 0, self.rank * width, -1)
 
     def weight_grad(self, dZ: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """dW [c, d, C] in ``dtype`` from the compacted dZ [total, C]: per run, its visible patches' rows only
@@ -612,10 +612,11 @@ def _mrp_visible(X, Ws, Ds, mask, q, thr, specs, W_teachers, ops, vis: Visible) 
     numbers are those it gets alone to the BLAS's rounding of a column at either width."""
     V, (c, d, K) = len(Ws), Ws[0].shape
     dZ = vis.buffer(V * K)
+    flat, rows = dZ.view(-1), vis.rows(V * K)  # variant v's columns: the offsets from flat[v * K] on
     outs = []
     for v, (W, D, spec, W_t) in enumerate(zip(Ws, Ds, specs, W_teachers)):
         Z, keep, dh, out = _mrp_codes(X, W, D, mask, q, thr, spec, W_t, ops)
-        ops.grad(Z, keep, dh, q, thr, out=dZ, rows=vis.rows(V * K, v * K))  # only visible patches reach the output
+        ops.grad(Z, keep, dh, q, thr, out=flat[v * K:], rows=rows)  # only visible patches reach the output
         outs.append(out)
     dW = vis.weight_grad(dZ, Ws[0].dtype).view(c, d, V, K)
     for v, out in enumerate(outs):
