@@ -29,16 +29,3 @@ def wide_matmul_is_exact(X, Ws) -> bool:
     return all(torch.equal(wide[..., v * K:(v + 1) * K], net.preact(X, W, native=True))
                and torch.equal(dW[:, :, v], net.weight_grad(X, parts[..., v, :].contiguous(), torch.float32))
                for v, W in enumerate(Ws))
-
-
-def visible_wide_is_exact(X, Xt, mask, V, K, ops) -> bool:
-    """Whether this BLAS computes each variant's columns of the visible patches' weight gradient over V*K columns
-    (steps._mrp_visible: the variants' dZ rows side by side) bitwise as over a variant's K columns alone.
-    X [1, N, P, d] shared by the runs of mask [R, N, P] (True = masked), Xt as the step gets it; ``ops``'s
-    packing of the patches."""
-    vis = ops.visible(X, Xt, ~mask)
-    dZ = torch.randn(vis.total, V * K, generator=torch.Generator().manual_seed(0)).to(X.dtype)
-    wide = vis.weight_grad(dZ, torch.float32)
-    return all(torch.equal(wide[:, :, v * K:(v + 1) * K], vis.weight_grad(dZ[:, v * K:(v + 1) * K].contiguous(),
-                                                                          torch.float32))
-               for v in range(V))

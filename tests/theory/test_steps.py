@@ -12,7 +12,7 @@ from mrplab.rng import generator
 from mrplab.theory import net, steps
 from mrplab.theory.objectives import (cross_entropy, fit_decoder, mae_pixel_loss, make_run_masks, mrp_teacher_loss,
                                       normalise_target)
-from tests.theory.helpers import reference_patch_ops, visible_wide_is_exact, wide_matmul_is_exact
+from tests.theory.helpers import reference_patch_ops, wide_matmul_is_exact
 
 R, N, P, d, k, m = 2, 12, 6, 10, 3, 2
 K = k * m
@@ -481,8 +481,7 @@ def test_mrp_variants_equal_each_variant_alone(kind, data, dtype, target, decode
     """MRP and its controls in one step (one matmul V*K wide per run, one kernel call per run) give each
     variant's loss, gradients, decoder and logged variances as its own step does: bitwise where this BLAS
     computes a column of the wide product as the narrow one (helpers.wide_matmul_is_exact), else to rounding.
-    Per-run data in three chunks of one run; shared data for R > 1 steps each variant's forward on its own and
-    their weight gradients over the visible patches as one product V*K wide (helpers.visible_wide_is_exact)."""
+    Per-run data in three chunks of one run; shared data for R > 1 steps each variant on its own."""
     R_ = 1 if data == "shared_one_run" else 3
     X, Ws, Ds, mask, specs = _variant_case(target, decoder, R_ if data == "per_run" else 1, R_, dtype)
     ops = _kernels(kind)
@@ -493,7 +492,7 @@ def test_mrp_variants_equal_each_variant_alone(kind, data, dtype, target, decode
     together = steps.mrp_variants(X, Ws, Ds, mask, Q, THR, specs, ops)
     batched = data != "shared"
     assert widths == ([3 * K] * R_ if batched else [K] * 3)
-    exact = wide_matmul_is_exact(X, Ws) if batched else visible_wide_is_exact(X, None, mask, 3, K, ops)
+    exact = not batched or wide_matmul_is_exact(X, Ws)
     if batched:  # each variant alone in the same chunks of one run (a batched bmm or least-squares fit over c
         monkeypatch.setattr(steps, "CHUNK_ELEMS", N * P * K)  # runs can round differently from c = 1: seen under AVX2)
     for W, D, spec, got in zip(Ws, Ds, specs, together):
@@ -560,23 +559,6 @@ def test_mrp_counts_the_products_it_runs(kind, monkeypatch):
         wgrad = forward if X.shape[0] == R else sum(2 * (-(-n // 4) * 4) * d * K for n in keep_counts)
         assert counted == forward + wgrad, (X.shape[0], counted, forward + wgrad)
     assert sum(-(-n // 4) * 4 for n in keep_counts) < N * P * R  # the masks hide patches: the two counts differ
-
-
-@pytest.mark.parametrize("kind", ["eager", "compiled"])
-def test_shared_variants_weight_grads_run_as_one_product_per_run(kind, monkeypatch):
-    """MRP and its controls on shared data: each variant's forward K*R wide, and per run one weight-gradient
-    product over its visible rows V*K wide (the variants' dZ side by side), not V products K wide."""
-    from mrplab.runtime import matmul_flops
-    monkeypatch.setattr(steps, "VISIBLE_ROWS_STEP", 4)
-    X, Ws, Ds, mask, specs = _variant_case("teacher", "diag", 1, 2, torch.bfloat16)
-    before = dict(matmul_flops.by_shape)
-    steps.mrp_variants(X, Ws, Ds, mask, Q, THR, specs, _kernels(kind), net.transposed_patches(X))
-    counted = matmul_flops.since(before)
-    widths = [-(-n // 4) * 4 for n in (~mask).flatten(1).sum(1).tolist()]
-    want = {(N * P, d, 2 * K): 3 * 2 * N * P * d * 2 * K}  # three forwards, each over the two runs' kernels
-    for w in widths:
-        want[w, d, 3 * K] = want.get((w, d, 3 * K), 0) + 2 * w * d * 3 * K
-    assert counted == want
 
 
 @pytest.mark.parametrize("kind", ["eager", "compiled"])

@@ -535,7 +535,7 @@ class MRPSpec:
 @dataclass
 class MRPGrads:
     loss: torch.Tensor  # [R]
-    dW: torch.Tensor | None  # [R, d, K] (None only while a step computes it)
+    dW: torch.Tensor  # [R, d, K]
     dD: torch.Tensor  # like D
     D: torch.Tensor  # the decoder this step used (the fitted one under the control)
     codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # per run chunk, for the logged diagnostics:
@@ -587,41 +587,16 @@ def mrp(
 
 
 def _mrp_each(X, Ws, Ds, mask, q, thr, specs, W_teachers, ops: PatchOps, Xt) -> list[MRPGrads]:
-    """``mrp`` of each variant (Ws[v], Ds[v], specs[v], W_teachers[v]) on its own, run chunk by run chunk; where a
-    chunk's weight gradient runs over the visible patches only (``pays_visible``), its variants share them
-    (``_mrp_visible``)."""
+    """``mrp`` of each variant (Ws[v], Ds[v], specs[v], W_teachers[v]) on its own, run chunk by run chunk, the
+    variants of a chunk sharing its ``Visible`` patches where its weight gradient runs over them only
+    (``pays_visible``)."""
     parts: list[list[MRPGrads]] = [[] for _ in Ws]
     for s in chunks(X, Ws[0]):
-        X_s, Ws_s, Ds_s = run_rows(X, s), [W[s] for W in Ws], [D[s] for D in Ds]
-        Wt_s = [None if W_t is None else W_t[s] for W_t in W_teachers]
-        if pays_visible(X, mask[s]):
-            outs = _mrp_visible(X_s, Ws_s, Ds_s, mask[s], q, thr, specs, Wt_s, ops, ops.visible(X, Xt, ~mask[s]))
-        else:
-            outs = [_mrp(X_s, W, D, mask[s], q, thr, spec, W_t, ops, rows_or_none(Xt, s))
-                    for W, D, spec, W_t in zip(Ws_s, Ds_s, specs, Wt_s)]
-        for part, out in zip(parts, outs):
-            part.append(out)
+        vis = ops.visible(X, Xt, ~mask[s]) if pays_visible(X, mask[s]) else None
+        for v, (W, D, spec, W_t) in enumerate(zip(Ws, Ds, specs, W_teachers)):
+            parts[v].append(_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec, None if W_t is None else W_t[s],
+                                 ops, rows_or_none(Xt, s), vis))
     return [_joined(p) for p in parts]
-
-
-def _mrp_visible(X, Ws, Ds, mask, q, thr, specs, W_teachers, ops, vis: Visible) -> list[MRPGrads]:
-    """The variants' steps on a chunk whose weight gradients run over its ``Visible`` patches: the variants share
-    the mask, so each writes its dZ's visible rows beside the others' (V*K columns) and a run's V weight gradients
-    are one product [d, rows] @ [rows, V*K]. Shared data, R = 8, the default shape: 18 vs 27 ms for the 24
-    products K wide (bf16, 2-core AMD EPYC). Each column is the dot product of the narrow product, so a variant's
-    numbers are those it gets alone to the BLAS's rounding of a column at either width."""
-    V, (c, d, K) = len(Ws), Ws[0].shape
-    dZ = vis.buffer(V * K)
-    flat, rows = dZ.view(-1), vis.rows(V * K)  # variant v's columns: the offsets from flat[v * K] on
-    outs = []
-    for v, (W, D, spec, W_t) in enumerate(zip(Ws, Ds, specs, W_teachers)):
-        Z, keep, dh, out = _mrp_codes(X, W, D, mask, q, thr, spec, W_t, ops)
-        ops.grad(Z, keep, dh, q, thr, out=flat[v * K:], rows=rows)  # only visible patches reach the output
-        outs.append(out)
-    dW = vis.weight_grad(dZ, Ws[0].dtype).view(c, d, V, K)
-    for v, out in enumerate(outs):
-        out.dW = dW[:, :, v]
-    return outs
 
 
 def _joined(parts: list[MRPGrads]) -> MRPGrads:
@@ -633,15 +608,7 @@ def _joined(parts: list[MRPGrads]) -> MRPGrads:
                     codes=[c for p in parts for c in p.codes])
 
 
-def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt) -> MRPGrads:
-    Z, keep, dh, out = _mrp_codes(X, W, D, mask, q, thr, spec, W_teacher, ops)
-    out.dW = net.weight_grad(X, ops.grad(Z, keep, dh, q, thr), W.dtype, Xt)  # only visible patches reach the output
-    return out
-
-
-def _mrp_codes(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops):
-    """A step up to its weight gradient: (Z [R, N, P, K], keep, dh [R, N, K], MRPGrads whose dW is still to be
-    set)."""
+def _mrp(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops, Xt, vis: Visible | None = None) -> MRPGrads:
     keep = ~mask  # [R, N, P]
     Z = net.preact(X, W, native=True)  # [R, N, P, K]
     h_s, h_all = ops.pool(Z, keep, q, thr)  # [R, N, K]: the student sees the visible patches only
@@ -649,7 +616,13 @@ def _mrp_codes(X, W, D, mask, q, thr, spec: MRPSpec, W_teacher, ops):
     if spec.target == "teacher" and W_teacher is not None:  # the EMA teacher on the full input
         h_vis_t, h_all = ops.pool(net.preact(X, W_teacher, native=True), keep, q, thr)
     loss, dD, dh, D, target = _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec, ops)
-    return Z, keep, dh, MRPGrads(loss=loss, dW=None, dD=dD, D=D, codes=[(h_s, D, target)])
+    # only visible patches reach the student's output (shared data: dZ of those alone, compacted)
+    if vis is None:
+        dW = net.weight_grad(X, ops.grad(Z, keep, dh, q, thr), W.dtype, Xt)
+    else:
+        K = Z.shape[-1]
+        dW = vis.weight_grad(ops.grad(Z, keep, dh, q, thr, out=vis.buffer(K), rows=vis.rows(K)), W.dtype)
+    return MRPGrads(loss=loss, dW=dW, dD=dD, D=D, codes=[(h_s, D, target)])
 
 
 def _mrp_loss(X, mask, h_s, h_vis_t, h_all, D, spec: MRPSpec, ops):
@@ -701,10 +674,9 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     product as in the narrow one, so a variant's numbers are those it gets alone, bitwise where the BLAS
     computes a column the same way at either width (so on an AMD EPYC at the default shapes, fp32 and bf16; not
     at some small fp32 shapes), else to rounding (tests/theory/test_steps.py and test_train.py check both).
-    Shared data (one data set for R > 1 runs) already multiplies R*K columns at once in the forward; batching the
-    variants there too measured no faster (benchmarks/README.md), so each variant's forward runs on its own, and
-    their weight gradients run over each chunk's ``Visible`` patches as one product V*K wide per run
-    (``_mrp_visible``).
+    Shared data (one data set for R > 1 runs) already multiplies R*K columns at once; batching the variants
+    too measured no faster there (benchmarks/README.md), so each variant runs on its own, the variants sharing
+    each chunk's ``Visible`` patches for their weight gradients.
     """
     V = len(Ws)
     R, _, K = Ws[0].shape
