@@ -131,8 +131,8 @@ def main() -> int:
     effs = [r["efficiency"] for r in runs]
     # each run also held to the highest limit at each shape measured around any run of this invocation: a run
     # whose own limits were measured in a slow moment (both before and after it) is otherwise held to that moment
-    session = {s: max(r["limit_by_shape_gflops"][s] for r in runs if s in r["limit_by_shape_gflops"])
-               for r0 in runs for s in r0["limit_by_shape_gflops"]}
+    shapes = dict.fromkeys(s for r in runs for s in r["limit_by_shape_gflops"])
+    session = {s: max(r["limit_by_shape_gflops"].get(s, 0.0) for r in runs) for s in shapes}
     for r in runs:
         r["efficiency_at_session_limits"] = _ideal_s(r["flops_by_shape"], session) / r["wall_s"]
     env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
