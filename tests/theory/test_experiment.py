@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mrplab import config
-from mrplab.theory import experiment
+from mrplab.theory import experiment, steps
 from mrplab.runtime import native_bf16
 
 _NATIVE_BF16, _BF16_WHY = native_bf16(torch.device("cpu"))
@@ -122,13 +122,20 @@ def test_a_seed_gives_the_same_run_alone_or_batched():
 
 def test_the_run_records_its_matmul_flops_by_shape(small_result):
     """What the efficiency benchmark holds each FLOP to: MRP with its two controls multiplies [N*P, d] @ [d, 3K]
-    per run, SL and fine-tuning [N*P, d] @ [d, K]; the shapes add up to the total."""
+    per run forward and, on the CPU, its weight gradient over the run's visible patches only ([rows, d] with rows
+    the visible count rounded up to steps.VISIBLE_ROWS_STEP: about half of N*P at mask ratio 0.5); SL and
+    fine-tuning [N*P, d] @ [d, K]; the shapes add up to the total."""
     rt = small_result.runtime
     by_shape = rt["matmul_flops_by_shape"]
     assert sum(by_shape.values()) == rt["matmul_flops"] > 0
     K, P = 5 * 6, 16
     mrp_steps, R = 1000 + 1, 2
-    assert by_shape[f"{800 * P}x300x{3 * K}"] == mrp_steps * R * 2 * (2 * 800 * P * 300 * 3 * K)
+    dense = mrp_steps * R * (2 * 800 * P * 300 * 3 * K)  # one product of every patch per run and step
+    assert by_shape[f"{800 * P}x300x{3 * K}"] == dense  # the forward alone
+    visible = {k: f for k, f in by_shape.items() if k.endswith(f"x300x{3 * K}") and k != f"{800 * P}x300x{3 * K}"}
+    rows = [int(k.split("x")[0]) for k in visible]
+    assert visible and all(m % steps.VISIBLE_ROWS_STEP == 0 and m < 800 * P for m in rows)
+    assert 0.45 < sum(visible.values()) / dense < 0.55  # half the patches visible, rounded up to the row step
     assert f"{500 * P}x300x{K}" in by_shape and not any(k.endswith(f"x{2 * K}") for k in by_shape)
 
 

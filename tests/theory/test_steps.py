@@ -542,22 +542,24 @@ def test_visible_weight_grad_is_the_product_over_every_patch(kind, dtype, monkey
 
 @pytest.mark.parametrize("kind", ["eager", "compiled"])
 def test_mrp_counts_the_products_it_runs(kind, monkeypatch):
-    """The FLOP count of one MRP step (benchmarks' efficiency): per-run data multiplies every patch in both
-    products; shared data by several runs multiplies the visible patches only (rounded up to the rows step)
-    in the weight gradient."""
+    """The FLOP count of one MRP step (benchmarks' efficiency): on the CPU, per-run data and data shared by
+    several runs alike multiply every patch in the forward and the visible patches only (rounded up to the rows
+    step) in the weight gradient; where ``pays_visible`` says no, every patch in both."""
     from mrplab.runtime import matmul_flops
     monkeypatch.setattr(steps, "VISIBLE_ROWS_STEP", 4)
     X1, W, _, mask = _setup(1)
     X1, W = X1.to(torch.bfloat16), W.float()
     D = _decoder("diag").float()
     keep_counts = (~mask).flatten(1).sum(1).tolist()
-    for X in (X1.expand(R, -1, -1, -1).contiguous(), X1):
+    forward = 2 * N * P * d * K * R
+    visible = sum(2 * (-(-n // 4) * 4) * d * K for n in keep_counts)
+    for X, pays in [(X1.expand(R, -1, -1, -1).contiguous(), True), (X1, True), (X1.expand(R, -1, -1, -1), False)]:
+        if not pays:
+            monkeypatch.setattr(steps, "pays_visible", lambda X, keep: False)
         before = dict(matmul_flops.by_shape)
         steps.mrp(X, W, D, mask, Q, THR, steps.MRPSpec(), None, _kernels(kind), net.transposed_patches(X))
         counted = sum(matmul_flops.since(before).values())
-        forward = 2 * N * P * d * K * R
-        wgrad = forward if X.shape[0] == R else sum(2 * (-(-n // 4) * 4) * d * K for n in keep_counts)
-        assert counted == forward + wgrad, (X.shape[0], counted, forward + wgrad)
+        assert counted == forward + (visible if pays else forward), (X.shape[0], pays, counted)
     assert sum(-(-n // 4) * 4 for n in keep_counts) < N * P * R  # the masks hide patches: the two counts differ
 
 

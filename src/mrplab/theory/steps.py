@@ -8,8 +8,8 @@ Cost per step: one matmul Z = X W (teacher and student share it when the
 teacher is the stop-gradient student), one pass over Z that pools the smoothed
 ReLU over the (visible and all) patches, a few [R, N, K] ops for the loss, one
 pass over Z that writes dZ = act'(Z) * keep * dh in the matmul's dtype, and one
-matmul dW = X^T dZ (mask reconstruction on data shared by several runs: over
-the visible patches only, ``Visible``). The two passes are ``PatchOps`` (fused
+matmul dW = X^T dZ (mask reconstruction on the CPU, or on data shared by several
+runs: over the visible patches only, ``Visible``). The two passes are ``PatchOps`` (fused
 where it pays: C++ kernels on the CPU, native.py; torch.compile on CUDA); the activation is
 recomputed from Z rather than stored, so a step holds Z and dZ only.
 """
@@ -99,7 +99,8 @@ class Visible:
     shared R = 8 steps: resident memory 0.69 -> 1.43 GB, 19.1 s vs 16.4 s for the product over every patch;
     with the size fixed 0.77 GB, 14.0 s). The same sum as over every patch (the dropped and added terms are
     exact zeros), in a blocking of its own: it rounds like the dense product, not bitwise as it.
-    ``visible_patches`` builds it once per step and run chunk; the variants of a step share it. The packed
+    ``visible_patches`` builds it once per step and run chunk; the variants of a step share it (with per-run
+    data, ``mrp_variants`` writes a run's variants side by side in one row: ``rows(width, parts)``). The packed
     patches take c * N * P * d elements, held from step to step (``_workspace``): for one chunk at a time,
     within the step temporaries experiment.memory_parts plans for.
     """
@@ -110,7 +111,7 @@ class Visible:
     rank: torch.Tensor  # [c, N, P] int64: the patch's row in the compacted buffers, -1 where masked
     A: torch.Tensor  # the visible patches: [d, total] (columns) or [total, d] (rows)
     columns: bool  # A's layout
-    _rows: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # ``rows`` by width, for the variants
+    _rows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)  # ``rows`` by (width, parts)
 
     @property
     def total(self) -> int:
@@ -125,13 +126,18 @@ class Visible:
             dZ[start + count:start + rows].zero_()
         return dZ[:self.total]
 
-    def rows(self, width: int) -> torch.Tensor:
+    def rows(self, width: int, parts: int = 1) -> torch.Tensor:
         """Element offsets [c, N, P] of each visible patch's row in a compacted buffer ``width`` wide, -1 where
-        masked: the grad pass's ``rows``; computed once per width, as the variants of a step share them (three
-        calls measured 1.4 ms of a shared R = 8 step)."""
-        if width not in self._rows:
-            self._rows[width] = torch.where(self.rank >= 0, self.rank * width, -1)
-        return self._rows[width]
+        masked: the grad pass's ``rows``; with ``parts`` > 1, [c, parts, N, P]: the offsets of the row's parts
+        of width / parts columns each (the variants side by side, as ``mrp_variants`` multiplies them).
+        Computed once per (width, parts), as the variants of a step share them (three calls measured 1.4 ms
+        of a shared R = 8 step)."""
+        key = (width, parts)
+        if key not in self._rows:
+            at = torch.arange(parts, device=self.rank.device).view(parts, 1, 1) * (width // parts)
+            rows = torch.where(self.rank.unsqueeze(1) >= 0, self.rank.unsqueeze(1) * width + at, -1)
+            self._rows[key] = rows.squeeze(1) if parts == 1 else rows
+        return self._rows[key]
 
     def weight_grad(self, dZ: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """dW [c, d, C] in ``dtype`` from the compacted dZ [total, C]: per run, its visible patches' rows only
@@ -166,13 +172,13 @@ def _capacity(c: int, N: int, P: int) -> int:
 
 
 def pays_visible(X: torch.Tensor, keep: torch.Tensor) -> bool:
-    """Whether a step's weight gradient runs over the visible patches only (``Visible``): with data shared by
-    the chunk's several runs, where every run packs the same patches (hot in cache). Measured on a 2-core AMD
-    EPYC (benchmarks/sharing.py): shared data, R = 8, an MRP step with its controls 0.84x (median) the step
-    over every patch. Per-run data, where each run packs patches of its own from memory, measured no faster in
-    a first version (R = 3: 30.7 vs 31.3 ms; R = 1: 12.1 vs 11.8 ms), so it keeps the product over every patch
-    and a default run's numbers stay bitwise those of that product."""
-    return X.shape[0] == 1 and keep.shape[0] > 1
+    """Whether a step's weight gradient runs over the visible patches only (``Visible``): on the CPU always,
+    elsewhere with data shared by the chunk's several runs. Measured on a 2-core AMD EPYC, fresh processes
+    alternating (benchmarks/sharing.py, benchmarks/README.md): shared data, R = 8, an MRP step with its
+    controls 0.84x (median) the step over every patch; per-run data (each run packs patches of its own from
+    memory), the default run's step R = 3 0.86x in bf16 (43.6-44.6 vs 49.3-52.0 ms, 4 pairs) and 0.71-0.89x
+    in fp32, R = 1 0.90x. On CUDA per-run data keeps the product over every patch (not measured there)."""
+    return X.device.type == "cpu" or (X.shape[0] == 1 and keep.shape[0] > 1)
 
 
 def visible_patches(X: torch.Tensor, Xt: torch.Tensor | None, keep: torch.Tensor, pack: Callable | None = None
@@ -596,7 +602,7 @@ def _mrp_each(X, Ws, Ds, mask, q, thr, specs, W_teachers, ops: PatchOps, Xt) -> 
     (``pays_visible``)."""
     parts: list[list[MRPGrads]] = [[] for _ in Ws]
     for s in chunks(X, Ws[0]):
-        vis = ops.visible(X, Xt, ~mask[s]) if pays_visible(X, mask[s]) else None
+        vis = ops.visible(run_rows(X, s), rows_or_none(Xt, s), ~mask[s]) if pays_visible(X, mask[s]) else None
         for v, (W, D, spec, W_t) in enumerate(zip(Ws, Ds, specs, W_teachers)):
             parts[v].append(_mrp(run_rows(X, s), W[s], D[s], mask[s], q, thr, spec, None if W_t is None else W_t[s],
                                  ops, rows_or_none(Xt, s), vis))
@@ -678,6 +684,8 @@ def mrp_variants(X: torch.Tensor, Ws: list[torch.Tensor], Ds: list[torch.Tensor]
     product as in the narrow one, so a variant's numbers are those it gets alone, bitwise where the BLAS
     computes a column the same way at either width (so on an AMD EPYC at the default shapes, fp32 and bf16; not
     at some small fp32 shapes), else to rounding (tests/theory/test_steps.py and test_train.py check both).
+    Where ``pays_visible`` (the CPU), the grad pass writes only the visible patches' rows, the variants side by
+    side (V*K wide), and each run's weight gradient is one product over its visible patches (``Visible``).
     Shared data (one data set for R > 1 runs) already multiplies R*K columns at once; batching the variants
     too measured no faster there (benchmarks/README.md), so each variant runs on its own, the variants sharing
     each chunk's ``Visible`` patches for their weight gradients.
@@ -696,17 +704,28 @@ def _mrp_variants(X, Ws, Ds, mask, q, thr, specs, ops, Xt) -> list[MRPGrads]:
     V, (R, d, K), (_, N, P, _) = len(Ws), Ws[0].shape, X.shape
     keep = ~mask  # [R, N, P]
     Zw = net.preact(X, torch.stack(Ws, 2).view(R, d, V * K), native=True)  # [R, N, P, V*K]: variants side by side
-    dZw = torch.empty(Zw.shape, dtype=Zw.dtype, device=Zw.device)
-    Z, dZ = (z.view(R, N, P, V, K).permute(0, 3, 1, 2, 4) for z in (Zw, dZw))  # [R, V, N, P, K]
+    Z = Zw.view(R, N, P, V, K).permute(0, 3, 1, 2, 4)  # [R, V, N, P, K]
     keeps = [keep[r].expand(V, N, P) for r in range(R)]  # a run's variants share its mask
     pooled = [ops.pool(Z[r], keeps[r], q, thr) for r in range(R)]  # each ([V, N, K], same)
     # each variant's codes [R, N, K] in a contiguous buffer of their own, as its own step has them
     h_vis, h_all = ([torch.stack([h[v] for h in hs]) for v in range(V)] for hs in zip(*pooled))
     losses = [_mrp_loss(X, mask, h_vis[v], h_vis[v], h_all[v], Ds[v], specs[v], ops) for v in range(V)]
     dh = torch.stack([dh_v for _, _, dh_v, _, _ in losses], 1)  # [R, V, N, K]
-    for r in range(R):
-        ops.grad(Z[r], keeps[r], dh[r], q, thr, out=dZ[r])  # only visible patches reach the student's output
-    dW = net.weight_grad(X, dZw, Ws[0].dtype, Xt).view(R, d, V, K)
+    # only visible patches reach the student's output: dZ of those alone, compacted (``Visible``), or over every
+    # patch, 0 on the masked ones
+    if pays_visible(X, keep):
+        vis = ops.visible(X, Xt, keep)
+        dZc, rows = vis.buffer(V * K), vis.rows(V * K, V)  # rows [R, V, N, P]: a run's variants side by side
+        for r in range(R):
+            ops.grad(Z[r], keeps[r], dh[r], q, thr, out=dZc, rows=rows[r])
+        dW = vis.weight_grad(dZc, Ws[0].dtype)
+    else:
+        dZw = torch.empty(Zw.shape, dtype=Zw.dtype, device=Zw.device)
+        dZ = dZw.view(R, N, P, V, K).permute(0, 3, 1, 2, 4)
+        for r in range(R):
+            ops.grad(Z[r], keeps[r], dh[r], q, thr, out=dZ[r])
+        dW = net.weight_grad(X, dZw, Ws[0].dtype, Xt)
+    dW = dW.view(R, d, V, K)
     return [MRPGrads(loss=loss, dW=dW[:, :, v], dD=dD, D=D, codes=[(h_vis[v], D, t)])
             for v, (loss, dD, _, D, t) in enumerate(losses)]
 
