@@ -6,9 +6,11 @@ One process, one table, written to benchmarks/results/engine.json:
   X[N*P, d] @ W[d, K] per run, and the weight gradient X^T dZ);
 - naive: benchmarks/naive_reference.py (nn.Module + autograd, one run at a time);
 - engine: mrplab's steps (theory/steps.py) with all R runs batched, fp32 and bf16:
-  steps/s, achieved GFLOP/s (4 N P d K R flops a step: the forward and the
-  weight-gradient matmuls; the stop-gradient teacher shares the forward),
-  fraction of the limit, and the peak resident memory during the steps
+  steps/s, achieved GFLOP/s (SL and the naive baseline: 4 N P d K R flops a
+  step, the forward and the weight-gradient matmuls; the stop-gradient teacher
+  shares the forward; the engine's MRP: the products its step runs, as a run
+  counts them, runtime.matmul_flops: on the CPU its weight gradient multiplies
+  the visible patches only), fraction of the limit, and the peak resident memory during the steps
   against the size of the data tensors;
 - batching: R = 8 seeds in one batched step vs 8 sequential single-run steps.
 
@@ -128,7 +130,9 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
         Xt = net.transposed_patches(Xp)  # as training passes it (full-batch steps): bf16's weight gradient reads it
         # compile (once per shape) outside the timed and memory-watched region
         steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, ops=act, Xt=Xt)
+        counted = runtime.matmul_flops.total
         steps.mrp(Xp, W, D, masks, q, thr, steps.MRPSpec(), ops=act, Xt=Xt)
+        mrp_flops = runtime.matmul_flops.total - counted  # the same masks at every step: the same products
         base = _rss()
         with PeakRSS() as mem:
             t_sl = timeit(lambda: steps.sl(Xp, y, W, q, thr, dc.k, cfg.net.m, ops=act, Xt=Xt), reps)
@@ -136,8 +140,9 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
         limit = out["limit_bf16_gflops" if "bf16" in path else "limit_fp32_gflops"]
         out[path] = {
             "sl_steps_per_s": 1 / t_sl, "mrp_steps_per_s": 1 / t_mrp,
-            "sl_gflops": flops / t_sl / 1e9, "mrp_gflops": flops / t_mrp / 1e9,
-            "sl_fraction_of_limit": flops / t_sl / 1e9 / limit, "mrp_fraction_of_limit": flops / t_mrp / 1e9 / limit,
+            "sl_gflops": flops / t_sl / 1e9, "mrp_gflops": mrp_flops / t_mrp / 1e9, "mrp_flops_per_step": mrp_flops,
+            "sl_fraction_of_limit": flops / t_sl / 1e9 / limit,
+            "mrp_fraction_of_limit": mrp_flops / t_mrp / 1e9 / limit,
             "peak_rss_bytes": mem.peak, "rss_before_steps_bytes": base,
             "step_extra_bytes": mem.peak - base,
         }
