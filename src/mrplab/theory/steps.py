@@ -177,7 +177,7 @@ def pays_visible(X: torch.Tensor, keep: torch.Tensor) -> bool:
     alternating (benchmarks/sharing.py, benchmarks/README.md): shared data, R = 8, an MRP step with its
     controls 0.84x (median) the step over every patch; per-run data (each run packs patches of its own from
     memory), the default run's step R = 3 0.86x in bf16 (43.6-44.6 vs 49.3-52.0 ms, 4 pairs) and 0.71-0.89x
-    in fp32, R = 1 0.90x. On CUDA per-run data keeps the product over every patch (not measured there)."""
+    in fp32 (0.78-0.88x with torch held to AVX2), R = 1 0.90x. On CUDA per-run data keeps the product over every patch (not measured there)."""
     return X.device.type == "cpu" or (X.shape[0] == 1 and keep.shape[0] > 1)
 
 
