@@ -39,6 +39,35 @@ def efficiency(wall: float, summary: dict) -> float | None:
     return rt["matmul_flops"] / (wall * rt["matmul_limit_gflops"] * 1e9)
 
 
+LIMIT_BUDGET_S = 1.0  # per shape, precision and measurement: the best time of many pairs
+MIN_SHARE = 0.01  # shapes with less of a run's FLOPs are held to the highest limit measured
+
+
+def _shape(key: str) -> tuple[int, int, int]:
+    m, k, n = (int(x) for x in key.split("x"))
+    return m, k, n
+
+
+def limits_by_shape(shapes, precision: str) -> dict[str, float]:
+    """GFLOP/s of the training pair (runtime.matmul_gflops) at each shape ("m x k x n" keys) in ``precision``."""
+    from mrplab import runtime
+
+    dtype, cpu = runtime.dtype_of(precision), torch.device("cpu")
+    return {s: runtime.matmul_gflops([_shape(s)], dtype, cpu, LIMIT_BUDGET_S) for s in shapes}
+
+
+def main_shapes(by_shape: dict[str, int]) -> list[str]:
+    """The shapes ("m x k x n") that carry at least MIN_SHARE of a run's counted FLOPs."""
+    total = sum(by_shape.values())
+    return [s for s, f in by_shape.items() if f >= MIN_SHARE * total]
+
+
+def ideal_s(by_shape: dict[str, int], limits: dict[str, float]) -> float:
+    """Seconds the FLOPs by shape take at these limits (GFLOP/s by shape; shapes without one: the highest)."""
+    top = max(limits.values())
+    return sum(f / (limits.get(s, top) * 1e9) for s, f in by_shape.items())
+
+
 def machine() -> dict:
     from mrplab import runtime
 

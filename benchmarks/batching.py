@@ -9,6 +9,15 @@ gives the same run alone or batched): the script checks every verdict's
 per-seed numbers. With ``--shared`` the batched run's seeds share one data set
 (``data.share_across_runs``); the sequential runs are the same single-seed runs.
 
+How low a ratio can go: after the runs the training pair's limit is measured
+at each shape the runs multiplied at (as theory_walltime.py does), and each
+side's counted matmul FLOPs at those limits give its ideal time and its
+efficiency (ideal / wall). ``*_ratio_floor`` = a batched run's ideal time /
+the sequential runs' wall: the ratio it would reach with every counted FLOP at
+the limit against the sequential runs as measured; a target below the floor
+cannot be reached on the machine, and floor / target is the efficiency the
+batched run would need to reach the target.
+
     .venv/bin/python benchmarks/batching.py                 # R = 8, default config
     .venv/bin/python benchmarks/batching.py --shared        # and the batched run on shared data
     .venv/bin/python benchmarks/batching.py --runs 4 --set sl.steps=300   # shrink it
@@ -22,7 +31,11 @@ import argparse
 import sys
 import tempfile
 
-from _common import machine, run_theory, write
+from mrplab.cli import _request_huge_pages  # imports no torch
+
+_request_huge_pages()  # the limits are measured under the allocator setting the CLI gives the runs
+
+from _common import ideal_s, limits_by_shape, machine, main_shapes, run_theory, write  # noqa: E402
 
 
 def mismatches(batched: dict, seq: list[dict]) -> list[dict]:
@@ -32,6 +45,23 @@ def mismatches(batched: dict, seq: list[dict]) -> list[dict]:
             a, b = v["per_seed"][s], summ["verdicts"][i]["per_seed"][0]
             if not (a == b or (a is not None and b is not None and abs(a - b) <= 1e-6)):
                 out.append({"claim": v["id"], "seed": s, "batched": a, "alone": b})
+    return out
+
+
+def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict:
+    """Each side's (name: its runs as (wall, summary)) counted FLOPs at the training pair's limit measured now at
+    every main shape of any run (all sides held to the same limits): ideal seconds, wall, efficiency."""
+    precision = {s["runtime"]["precision"] for runs in sides.values() for _, s in runs}
+    assert len(precision) == 1, f"the runs chose different precisions: {precision}"
+    by_run = [s["runtime"]["matmul_flops_by_shape"] for runs in sides.values() for _, s in runs]
+    shapes = list(dict.fromkeys(sh for b in by_run for sh in main_shapes(b)))
+    limits = limits_by_shape(shapes, precision.pop())
+    out: dict = {"limits_gflops": limits}
+    for name, runs in sides.items():
+        ideal = sum(ideal_s(s["runtime"]["matmul_flops_by_shape"], limits) for _, s in runs)
+        wall = sum(w for w, _ in runs)
+        out[name] = {"ideal_s": ideal, "wall_s": wall, "efficiency": ideal / wall,
+                     "tflop": sum(s["runtime"]["matmul_flops"] for _, s in runs) / 1e12}
     return out
 
 
@@ -61,6 +91,12 @@ def main() -> int:
         "batched_timings": batched["timings"], "single_timings": [s["timings"] for _, s in seq],
         "batched_runtime": batched.get("runtime"), "single_runtime": seq[0][1].get("runtime"),
     })
+    sides = {"batched": [(t_batched, batched)], "sequential": seq, **({"shared": [(t_shared, shared)]} if args.shared else {})}
+    limit = at_the_limit(sides)
+    result["at_the_limit"] = limit
+    result["ratio_floor"] = limit["batched"]["ideal_s"] / t_seq
+    if args.shared:
+        result["shared_ratio_floor"] = limit["shared"]["ideal_s"] / t_seq
     line = (f"R={args.runs}: one batched run {t_batched:.1f} s; {args.runs} sequential runs {t_seq:.1f} s: "
             f"batched / sequential = {t_batched / t_seq:.2f}")
     if args.shared:
@@ -69,6 +105,11 @@ def main() -> int:
         line += f"; shared data {t_shared:.1f} s = {t_shared / t_seq:.2f}"
     path = write("batching", result)
     print(f"{line}; per-seed verdict numbers that differ: {len(bad)}")
+    print("at the matmul limit measured now (" + ", ".join(f"{s} {g:.0f}" for s, g in limit["limits_gflops"].items())
+          + " GFLOP/s): " + "; ".join(f"{n} {v['tflop']:.1f} TFLOP, ideal {v['ideal_s']:.1f} s, efficiency "
+                                        f"{v['efficiency']:.2f}" for n, v in limit.items() if n != "limits_gflops")
+          + f"; ratio floor {result['ratio_floor']:.2f}"
+          + (f", shared {result['shared_ratio_floor']:.2f}" if args.shared else ""))
     print(f"written {path}")
     return 0 if not bad else 1
 

@@ -42,48 +42,28 @@ from mrplab.cli import _request_huge_pages  # imports no torch
 
 _request_huge_pages()  # the limit is measured under the allocator setting the CLI gives the run
 
-import torch  # noqa: E402
-from _common import machine, run_theory, write
+from _common import ideal_s, limits_by_shape, machine, main_shapes, run_theory, write  # noqa: E402
 
-from mrplab import config, runtime
-from mrplab.theory.experiment import matmul_shapes
-
-LIMIT_BUDGET_S = 1.0  # per shape, precision and measurement: the best time of many pairs
-MIN_SHARE = 0.01  # shapes with less of the run's FLOPs are held to the highest limit measured
-
-
-def _shape(key: str) -> tuple[int, int, int]:
-    m, k, n = (int(x) for x in key.split("x"))
-    return m, k, n
-
-
-def _limits(shapes, precision: str) -> dict[str, float]:
-    """GFLOP/s of the training pair at each shape ("m x k x n" keys) in ``precision``."""
-    dtype, cpu = runtime.dtype_of(precision), torch.device("cpu")
-    return {s: runtime.matmul_gflops([_shape(s)], dtype, cpu, LIMIT_BUDGET_S) for s in shapes}
-
-
-def _main_shapes(by_shape: dict[str, int]) -> list[str]:
-    total = sum(by_shape.values())
-    return [s for s, f in by_shape.items() if f >= MIN_SHARE * total]
+from mrplab import config  # noqa: E402
+from mrplab.theory.experiment import matmul_shapes  # noqa: E402
 
 
 def one_run(sets: list[str], cold: bool, probe_shapes, before_shapes: list[str] | None, precision: str | None) -> dict:
     keep = os.environ.get("MRPLAB_BENCH_KEEP")  # a folder to keep the run folder in, for inspection
-    before = _limits(before_shapes, precision) if before_shapes and precision else {}
+    before = limits_by_shape(before_shapes, precision) if before_shapes and precision else {}
     with tempfile.TemporaryDirectory(prefix="mrplab-bench-") as tmp:
         env = {"MRPLAB_CACHE_DIR": f"{tmp}/cache"} if cold else {}
         wall, summary = run_theory(keep or tmp, sets, env=env)
     rt = summary["runtime"]
     p, by_shape = rt["precision"], rt["matmul_flops_by_shape"]
-    shapes = _main_shapes(by_shape)
-    after = _limits(shapes, p)
+    shapes = main_shapes(by_shape)
+    after = limits_by_shape(shapes, p)
     probe = {"x".join(map(str, s)) for s in probe_shapes}
     limits = {s: {"after": after[s], **({"before": before[s]} if s in before else {}),
                   **({"run": rt["matmul_limit_gflops"]} if s in probe and len(probe) == 1 else {})} for s in shapes}
     best = {s: max(v.values()) for s, v in limits.items()}
     top = max(best.values())
-    ideal = _ideal_s(by_shape, best)
+    ideal = ideal_s(by_shape, best)
     return {
         "wall_s": wall, "efficiency": ideal / wall, "ideal_s": ideal,
         "efficiency_at_best_shape": rt["matmul_flops"] / (wall * top * 1e9), "matmul_limit_gflops": top,
@@ -95,12 +75,6 @@ def one_run(sets: list[str], cold: bool, probe_shapes, before_shapes: list[str] 
                      for v in summary["verdicts"]],
         "git_commit": summary.get("git_commit"),
     }
-
-
-def _ideal_s(by_shape: dict[str, int], limits: dict[str, float]) -> float:
-    """Seconds the FLOPs by shape take at these limits (GFLOP/s by shape; shapes without one: the highest)."""
-    top = max(limits.values())
-    return sum(f / (limits.get(s, top) * 1e9) for s, f in by_shape.items())
 
 
 def _measured(r: dict, shape: str) -> str:
@@ -134,7 +108,7 @@ def main() -> int:
     shapes = dict.fromkeys(s for r in runs for s in r["limit_by_shape_gflops"])
     session = {s: max(r["limit_by_shape_gflops"].get(s, 0.0) for r in runs) for s in shapes}
     for r in runs:
-        r["efficiency_at_session_limits"] = _ideal_s(r["flops_by_shape"], session) / r["wall_s"]
+        r["efficiency_at_session_limits"] = ideal_s(r["flops_by_shape"], session) / r["wall_s"]
     env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
     result = {"benchmark": "theory_walltime", "sets": args.sets, "isa_env": env, "cold_cache": args.cold, "repeat": args.repeat,
               "efficiency_median": statistics.median(effs), "efficiency_min": min(effs),
