@@ -48,11 +48,13 @@ def mismatches(batched: dict, seq: list[dict]) -> list[dict]:
     return out
 
 
-def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict:
+def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict | None:
     """Each side's (name: its runs as (wall, summary)) counted FLOPs at the training pair's limit measured now at
-    every main shape of any run (all sides held to the same limits): ideal seconds, wall, efficiency."""
+    every main shape of any run (all sides held to the same limits): ideal seconds, wall, efficiency; None where
+    the runs chose different precisions (no common limit)."""
     precision = {s["runtime"]["precision"] for runs in sides.values() for _, s in runs}
-    assert len(precision) == 1, f"the runs chose different precisions: {precision}"
+    if len(precision) != 1:
+        return None
     by_run = [s["runtime"]["matmul_flops_by_shape"] for runs in sides.values() for _, s in runs]
     shapes = list(dict.fromkeys(sh for b in by_run for sh in main_shapes(b)))
     limits = limits_by_shape(shapes, precision.pop())
@@ -92,11 +94,11 @@ def main() -> int:
         "batched_runtime": batched.get("runtime"), "single_runtime": seq[0][1].get("runtime"),
     })
     sides = {"batched": [(t_batched, batched)], "sequential": seq, **({"shared": [(t_shared, shared)]} if args.shared else {})}
-    limit = at_the_limit(sides)
-    result["at_the_limit"] = limit
-    result["ratio_floor"] = limit["batched"]["ideal_s"] / t_seq
-    if args.shared:
-        result["shared_ratio_floor"] = limit["shared"]["ideal_s"] / t_seq
+    limit = result["at_the_limit"] = at_the_limit(sides)
+    if limit:
+        result["ratio_floor"] = limit["batched"]["ideal_s"] / t_seq
+        if args.shared:
+            result["shared_ratio_floor"] = limit["shared"]["ideal_s"] / t_seq
     line = (f"R={args.runs}: one batched run {t_batched:.1f} s; {args.runs} sequential runs {t_seq:.1f} s: "
             f"batched / sequential = {t_batched / t_seq:.2f}")
     if args.shared:
@@ -105,7 +107,8 @@ def main() -> int:
         line += f"; shared data {t_shared:.1f} s = {t_shared / t_seq:.2f}"
     path = write("batching", result)
     print(f"{line}; per-seed verdict numbers that differ: {len(bad)}")
-    print("at the matmul limit measured now (" + ", ".join(f"{s} {g:.0f}" for s, g in limit["limits_gflops"].items())
+    print("the runs chose different precisions: no common matmul limit" if not limit else
+          "at the matmul limit measured now (" + ", ".join(f"{s} {g:.0f}" for s, g in limit["limits_gflops"].items())
           + " GFLOP/s): " + "; ".join(f"{n} {v['tflop']:.1f} TFLOP, ideal {v['ideal_s']:.1f} s, efficiency "
                                         f"{v['efficiency']:.2f}" for n, v in limit.items() if n != "limits_gflops")
           + f"; ratio floor {result['ratio_floor']:.2f}"
