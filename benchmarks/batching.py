@@ -50,8 +50,8 @@ def mismatches(batched: dict, seq: list[dict]) -> list[dict]:
 
 def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict | None:
     """Each side's (name: its runs as (wall, summary)) counted FLOPs at the training pair's limit measured now at
-    every main shape of any run (all sides held to the same limits): ideal seconds, wall, efficiency; None where
-    the runs chose different precisions (no common limit)."""
+    every main shape of any run (all sides held to the same limits): ideal seconds and efficiency (ideal / the
+    side's summed wall); None where the runs chose different precisions (no common limit)."""
     precision = {s["runtime"]["precision"] for runs in sides.values() for _, s in runs}
     if len(precision) != 1:
         return None
@@ -61,8 +61,7 @@ def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict | None:
     out: dict = {"limits_gflops": limits}
     for name, runs in sides.items():
         ideal = sum(ideal_s(s["runtime"]["matmul_flops_by_shape"], limits) for _, s in runs)
-        wall = sum(w for w, _ in runs)
-        out[name] = {"ideal_s": ideal, "wall_s": wall, "efficiency": ideal / wall,
+        out[name] = {"ideal_s": ideal, "efficiency": ideal / sum(w for w, _ in runs),
                      "tflop": sum(s["runtime"]["matmul_flops"] for _, s in runs) / 1e12}
     return out
 
