@@ -20,6 +20,11 @@ of R = 8 faults ~40 MB back in).
 
     .venv/bin/python benchmarks/engine.py            # default and large configs
     .venv/bin/python benchmarks/engine.py --quick    # default config only
+    .venv/bin/python benchmarks/engine.py --bf16     # the bf16 rows also where the CPU emulates bf16
+
+Where the CPU has no native bf16 (runtime.native_bf16: no avx512_bf16 or amx_bf16 flag) the bf16
+rows are left out and the result says why (`bf16_skipped`): emulated, the large config's bf16
+steps ran for over an hour on an AVX2-only CPU, and precision=auto never picks bf16 there.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ def matmul_limit(NP: int, d: int, K: int, dtype: torch.dtype) -> float:
     return runtime.matmul_gflops([(NP, d, K)], dtype, torch.device("cpu"))
 
 
-def bench_config(name: str, overrides: list[str], reps: int) -> dict:
+def bench_config(name: str, overrides: list[str], reps: int, bf16: bool) -> dict:
     cfg = config.load(None, overrides)
     dc = cfg.data
     R, K = len(cfg.seeds), dc.k * cfg.net.m
@@ -111,7 +116,8 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
                  "flops_per_step": flops, "data_bytes": data_bytes}
 
     out["limit_fp32_gflops"] = matmul_limit(N * P, d, K, torch.float32)
-    out["limit_bf16_gflops"] = matmul_limit(N * P, d, K, torch.bfloat16)
+    if bf16:
+        out["limit_bf16_gflops"] = matmul_limit(N * P, d, K, torch.bfloat16)
 
     # naive baseline: one run at a time, autograd
     g = torch.Generator().manual_seed(0)
@@ -124,7 +130,7 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
     fused = steps.ops(True)
     paths = (("engine_fp32", X, steps.EAGER), ("engine_fp32_compiled", X, fused),
              ("engine_bf16", X.to(torch.bfloat16), steps.EAGER),
-             ("engine_bf16_compiled", X.to(torch.bfloat16), fused))
+             ("engine_bf16_compiled", X.to(torch.bfloat16), fused))[:None if bf16 else 2]
     for path, Xp, act in paths:
         W = W0.clone()
         Xt = net.transposed_patches(Xp)  # as training passes it (full-batch steps): bf16's weight gradient reads it
@@ -151,7 +157,7 @@ def bench_config(name: str, overrides: list[str], reps: int) -> dict:
         e = out[path]
         out[f"speedup_vs_naive_{path[7:]}"] = {"sl": e["sl_steps_per_s"] / n["sl_steps_per_s"],
                                                "mrp": e["mrp_steps_per_s"] / n["mrp_steps_per_s"]}
-    for num, den in (("engine_bf16", "engine_fp32"), ("engine_bf16_compiled", "engine_fp32_compiled")):
+    for num, den in (("engine_bf16", "engine_fp32"), ("engine_bf16_compiled", "engine_fp32_compiled"))[:None if bf16 else 0]:
         out[f"{num[7:]}_over_{den[7:]}"] = {
             k: out[num][f"{k}_steps_per_s"] / out[den][f"{k}_steps_per_s"] for k in ("sl", "mrp")}
     # the run's own memory at its peak (data + weights + step temporaries), against its data tensors;
@@ -199,12 +205,16 @@ def bench_batching(reps: int) -> dict:
 def main(argv: list[str]) -> int:
     torch.set_num_threads(int(os.environ.get("MRPLAB_THREADS", os.cpu_count() or 1)))
     quick = "--quick" in argv
+    native, why = runtime.native_bf16(torch.device("cpu"))
+    bf16 = native or "--bf16" in argv
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
               "cpu": torch.backends.cpu.get_cpu_capability(), "configs": []}
+    if not bf16:
+        result["bf16_skipped"] = f"{why} (--bf16 runs the bf16 rows anyway)"
     for name, ov in CONFIGS.items():
         if quick and name != "default":
             continue
-        result["configs"].append(bench_config(name, ov, reps=3 if name == "large" else 10))
+        result["configs"].append(bench_config(name, ov, reps=3 if name == "large" else 10, bf16=bf16))
     # as experiment.run does (after the configs, whose step-memory figures need freed blocks returned): without
     # it glibc unmaps every buffer over its mmap threshold, and each batched R = 8 step faults ~40 MB back in
     runtime.keep_freed_memory()
@@ -220,16 +230,18 @@ def main(argv: list[str]) -> int:
     print(hdr)
     for c in result["configs"]:
         print(f"{c['config']:8} {'limit fp32':21} {'':8} {'':9} {c['limit_fp32_gflops']:8.1f}")
-        print(f"{c['config']:8} {'limit bf16':21} {'':8} {'':9} {c['limit_bf16_gflops']:8.1f}")
-        for path in ("naive", "engine_fp32", "engine_fp32_compiled", "engine_bf16", "engine_bf16_compiled"):
+        if bf16:
+            print(f"{c['config']:8} {'limit bf16':21} {'':8} {'':9} {c['limit_bf16_gflops']:8.1f}")
+        for path in ("naive", "engine_fp32", "engine_fp32_compiled", "engine_bf16", "engine_bf16_compiled")[:None if bf16 else 3]:
             p = c[path]
             fracs = "" if "sl_fraction_of_limit" not in p else \
                 f"{p['sl_fraction_of_limit']:6.2f} {p['mrp_fraction_of_limit']:5.2f}"
             print(f"{c['config']:8} {path:21} {p['sl_steps_per_s']:8.2f} {p['mrp_steps_per_s']:9.2f} "
                   f"{p['sl_gflops']:8.1f} {p['mrp_gflops']:9.1f} {fracs}")
-        sp, bo = c["speedup_vs_naive_fp32_compiled"], c["bf16_compiled_over_fp32_compiled"]
+        sp, bo = c["speedup_vs_naive_fp32_compiled"], c.get("bf16_compiled_over_fp32_compiled")
+        ratio = f"bf16/fp32 (compiled): SL {bo['sl']:.2f}x, MRP {bo['mrp']:.2f}x" if bo else "bf16 left out"
         print(f"{c['config']:8} compiled fp32 engine vs naive: SL {sp['sl']:.2f}x, MRP {sp['mrp']:.2f}x; "
-              f"bf16/fp32 (compiled): SL {bo['sl']:.2f}x, MRP {bo['mrp']:.2f}x; data {c['data_bytes'] / 2**20:.0f} MiB, "
+              f"{ratio}; data {c['data_bytes'] / 2**20:.0f} MiB, "
               f"run's peak memory {c['peak_rss_over_data']:.2f}x its data")
     for label in ("eager", "compiled"):
         b = result["batching"][label]
@@ -237,6 +249,8 @@ def main(argv: list[str]) -> int:
               f"{b['sequential_s_per_step'] * 1e3:.1f} ms: {b['speedup']:.2f}x; shared data: "
               f"{b['shared_data_batched_s_per_step'] * 1e3:.1f} vs {b['shared_data_sequential_s_per_step'] * 1e3:.1f} ms: "
               f"{b['shared_data_speedup']:.2f}x")
+    if "bf16_skipped" in result:
+        print(f"bf16 rows left out: {result['bf16_skipped']}")
     print(f"written {RESULTS}")
     return 0
 
