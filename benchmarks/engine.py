@@ -130,8 +130,8 @@ def bench_config(name: str, overrides: list[str], reps: int, bf16: bool) -> dict
     fused = steps.ops(True)
     paths = (("engine_fp32", X, steps.EAGER), ("engine_fp32_compiled", X, fused),
              ("engine_bf16", X.to(torch.bfloat16), steps.EAGER),
-             ("engine_bf16_compiled", X.to(torch.bfloat16), fused))[:None if bf16 else 2]
-    for path, Xp, act in paths:
+             ("engine_bf16_compiled", X.to(torch.bfloat16), fused))
+    for path, Xp, act in (p for p in paths if bf16 or "bf16" not in p[0]):
         W = W0.clone()
         Xt = net.transposed_patches(Xp)  # as training passes it (full-batch steps): bf16's weight gradient reads it
         # compile (once per shape) outside the timed and memory-watched region
@@ -157,7 +157,7 @@ def bench_config(name: str, overrides: list[str], reps: int, bf16: bool) -> dict
         e = out[path]
         out[f"speedup_vs_naive_{path[7:]}"] = {"sl": e["sl_steps_per_s"] / n["sl_steps_per_s"],
                                                "mrp": e["mrp_steps_per_s"] / n["mrp_steps_per_s"]}
-    for num, den in (("engine_bf16", "engine_fp32"), ("engine_bf16_compiled", "engine_fp32_compiled"))[:None if bf16 else 0]:
+    for num, den in (("engine_bf16", "engine_fp32"), ("engine_bf16_compiled", "engine_fp32_compiled")) if bf16 else ():
         out[f"{num[7:]}_over_{den[7:]}"] = {
             k: out[num][f"{k}_steps_per_s"] / out[den][f"{k}_steps_per_s"] for k in ("sl", "mrp")}
     # the run's own memory at its peak (data + weights + step temporaries), against its data tensors;
@@ -232,7 +232,8 @@ def main(argv: list[str]) -> int:
         print(f"{c['config']:8} {'limit fp32':21} {'':8} {'':9} {c['limit_fp32_gflops']:8.1f}")
         if bf16:
             print(f"{c['config']:8} {'limit bf16':21} {'':8} {'':9} {c['limit_bf16_gflops']:8.1f}")
-        for path in ("naive", "engine_fp32", "engine_fp32_compiled", "engine_bf16", "engine_bf16_compiled")[:None if bf16 else 3]:
+        for path in (p for p in ("naive", "engine_fp32", "engine_fp32_compiled", "engine_bf16", "engine_bf16_compiled")
+                     if p in c):
             p = c[path]
             fracs = "" if "sl_fraction_of_limit" not in p else \
                 f"{p['sl_fraction_of_limit']:6.2f} {p['mrp_fraction_of_limit']:5.2f}"
