@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -16,18 +17,39 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_theory(out: str | Path, sets: list[str], env: dict[str, str] | None = None) -> tuple[float, dict]:
-    """(wall seconds, summary.json) of `python -m mrplab theory --quiet --out OUT --set ...` in a new process."""
+class Stopped(Exception):
+    """A run stopped at its time limit; ``wall`` is then a lower bound on the time it would have taken."""
+
+    def __init__(self, wall: float):
+        super().__init__(f"stopped after {wall:.1f} s")
+        self.wall = wall
+
+
+def run_theory(out: str | Path, sets: list[str], env: dict[str, str] | None = None,
+               limit_s: float | None = None) -> tuple[float, dict]:
+    """(wall seconds, summary.json) of `python -m mrplab theory --quiet --out OUT --set ...` in a new process.
+
+    With ``limit_s`` the run (and any process it started, e.g. compile workers) is stopped once
+    it has run that long, and ``Stopped`` is raised.
+    """
     cmd = [sys.executable, "-m", "mrplab", "theory", "--quiet", "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        wall = time.perf_counter() - t0
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise Stopped(wall) from None
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
+        sys.stderr.write(stderr[-3000:])
         raise SystemExit(f"mrplab theory {' '.join(sets)} failed with exit status {proc.returncode}")
-    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    run_dir = Path(stdout.strip().splitlines()[-1])
     return wall, json.loads((run_dir / "summary.json").read_text())
 
 

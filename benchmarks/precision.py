@@ -15,9 +15,16 @@ in interleaved pairs (``--pairs``, order alternating) and reports the median
 of the per-pair ratios, ``auto_warm_over_best_paired``: what auto itself costs
 against the best choice, with the drift common to both members of a pair.
 
+A fixed choice still running at ``--stop-at`` (default 2) times the best finished
+fixed choice's wall is stopped there: it cannot be the best of four, and its
+time is recorded as a lower bound (``stopped_after_s``). Where bf16 is emulated
+(an AVX2-only CPU) its rows would otherwise run for an hour or more each. The
+first row (fp32 eager, the reference for verdicts) and auto are never stopped.
+
     .venv/bin/python benchmarks/precision.py
     .venv/bin/python benchmarks/precision.py --pairs 3
     .venv/bin/python benchmarks/precision.py --set sl.steps=300   # extra options for every row
+    .venv/bin/python benchmarks/precision.py --stop-at 0           # never stop a row
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import argparse
 import statistics
 import tempfile
 
-from _common import efficiency, machine, outcome, run_theory, write
+from _common import Stopped, efficiency, machine, outcome, run_theory, write
 
 CHOICES = [("fp32", "false"), ("fp32", "true"), ("bf16", "false"), ("bf16", "true")]
 
@@ -35,6 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--pairs", type=int, default=2, help="interleaved (best fixed, auto) pairs after the table")
+    ap.add_argument("--stop-at", type=float, default=2.0,
+                    help="stop a fixed choice at this multiple of the best finished one's wall (0: never)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="mrplab-prec-") as tmp:
@@ -42,7 +51,18 @@ def main() -> None:
         plan = [(f"precision={p}", f"compile={c}") for p, c in CHOICES] + [("precision=auto", "compile=auto")] * 2
         for i, (p, c) in enumerate(plan):
             label = f"{p} {c}" + (" (cold cache)" if i == 4 else " (warm cache)" if i == 5 else "")
-            wall, s = run_theory(f"{tmp}/runs", [p, c, *args.sets], env={"MRPLAB_CACHE_DIR": cache})
+            finished = [r["wall_s"] for r in rows[:4] if r["wall_s"] is not None]
+            limit = args.stop_at * min(finished) if args.stop_at > 0 and finished and i < 4 else None
+            try:
+                wall, s = run_theory(f"{tmp}/runs", [p, c, *args.sets], env={"MRPLAB_CACHE_DIR": cache}, limit_s=limit)
+            except Stopped as stop:
+                rows.append({"choice": label, "wall_s": None, "stopped_after_s": round(stop.wall, 1),
+                             "stopped_reason": f"still running at {args.stop_at:g} x the best finished fixed "
+                                               f"choice ({min(finished):.1f} s): it cannot be the best of four",
+                             "efficiency": None, "precision": p.split("=")[1], "compile": c.split("=")[1]})
+                print(f"{label:42s} stopped after {stop.wall:.1f} s ({args.stop_at:g} x {min(finished):.1f} s)",
+                      flush=True)
+                continue
             rt = s["runtime"]
             rows.append({"choice": label, "wall_s": round(wall, 1), "efficiency": efficiency(wall, s),
                          "precision": rt["precision"], "compile": rt["compile"], "threads": rt["threads"],
@@ -51,7 +71,7 @@ def main() -> None:
                          "timings": s["timings"], **outcome(s)})
             print(f"{label:42s} {wall:7.1f} s  eff {rows[-1]['efficiency']:.2f}  {rt['precision']} "
                   f"compile={rt['compile']}", flush=True)
-        best_i = min(range(4), key=lambda i: rows[i]["wall_s"])
+        best_i = min((i for i in range(4) if rows[i]["wall_s"] is not None), key=lambda i: rows[i]["wall_s"])
         pairs = []
         for i in range(args.pairs):
             members = [plan[best_i], plan[5]] if i % 2 == 0 else [plan[5], plan[best_i]]
@@ -62,12 +82,15 @@ def main() -> None:
                   f"(ratio {pairs[-1]['ratio']:.3f})", flush=True)
     ref = rows[0]
     for r in rows:
+        if "verdicts" not in r:  # stopped: nothing to compare
+            r["same_verdicts_as_fp32_eager"] = r["max_capture_diff_vs_fp32_eager"] = None
+            continue
         r["same_verdicts_as_fp32_eager"] = r["verdicts"] == ref["verdicts"]
         r["max_capture_diff_vs_fp32_eager"] = max(
             abs(a - b) for k in ref["captured"] for a, b in zip(r["captured"][k], ref["captured"][k]))
-    best = min(r["wall_s"] for r in rows[:4])
+    best = rows[best_i]["wall_s"]
     auto_warm = rows[5]["wall_s"]
-    result = {"benchmark": "precision", "extra": args.sets, "machine": machine(), "rows": rows,
+    result = {"benchmark": "precision", "extra": args.sets, "stop_at": args.stop_at, "machine": machine(), "rows": rows,
               "best_fixed_wall_s": best, "auto_warm_over_best": auto_warm / best,
               "auto_cold_over_best": rows[4]["wall_s"] / best, "pairs": pairs,
               "auto_warm_over_best_paired": statistics.median(p["ratio"] for p in pairs) if pairs else None}
@@ -76,6 +99,9 @@ def main() -> None:
     if pairs:
         print(f"interleaved pairs: auto / best fixed, median of {len(pairs)} = {result['auto_warm_over_best_paired']:.3f}")
     for r in rows:
+        if r["wall_s"] is None:
+            print(f"  {r['choice']}: stopped after {r['stopped_after_s']} s, no verdicts to compare")
+            continue
         print(f"  {r['choice']}: same verdicts {r['same_verdicts_as_fp32_eager']}, "
               f"max capture diff {r['max_capture_diff_vs_fp32_eager']}")
 
