@@ -55,11 +55,13 @@ def main() -> None:
     ap.add_argument("--stop-at", type=float, default=2.0,
                     help="stop a fixed choice at this multiple of the best finished one's wall (0: never)")
     args = ap.parse_args()
+    if args.pairs_only and args.pairs_only not in {f"{p},{c}" for p, c in CHOICES}:
+        ap.error(f"--pairs-only {args.pairs_only!r}: give one of {', '.join(f'{p},{c}' for p, c in CHOICES)}")
     auto = ("precision=auto", "compile=auto")
     with tempfile.TemporaryDirectory(prefix="mrplab-prec-") as tmp:
         cache = f"{tmp}/cache"
         if args.pairs_only:
-            p, c = args.pairs_only.split(",")
+            p, _, c = args.pairs_only.partition(",")
             best_choice, rows = (f"precision={p}", f"compile={c}"), []
             if args.pairs:  # warm pairs need the cache a first run of each leaves
                 for m in (best_choice, auto):
@@ -146,6 +148,7 @@ def paired(tmp: str, best: tuple[str, str], auto: tuple[str, str], n: int, cache
         print(f"{kind} pair {i + 1}: {' '.join(best)} {walls[best]:.1f} s, auto {walls[auto]:.1f} s "
               f"(ratio {out[-1]['ratio']:.3f})", flush=True)
     return out
+
 
 if __name__ == "__main__":
     main()
