@@ -70,6 +70,7 @@ def main() -> None:
             rows = table(tmp, cache, args)
             best_i = min((i for i in range(4) if rows[i]["wall_s"] is not None), key=lambda i: rows[i]["wall_s"])
             best_choice = (f"precision={CHOICES[best_i][0]}", f"compile={CHOICES[best_i][1]}")
+            best = rows[best_i]["wall_s"]
         pairs = paired(tmp, best_choice, auto, args.pairs, cache, args.sets)
         cold_pairs = paired(tmp, best_choice, auto, args.cold_pairs, None, args.sets)
     result = {"benchmark": "precision", "extra": args.sets, "stop_at": args.stop_at, "machine": machine(),
@@ -77,7 +78,6 @@ def main() -> None:
               "auto_warm_over_best_paired": statistics.median(p["ratio"] for p in pairs) if pairs else None,
               "auto_cold_over_best_paired": statistics.median(p["ratio"] for p in cold_pairs) if cold_pairs else None}
     if rows:
-        best = min(r["wall_s"] for r in rows[:4] if r["wall_s"] is not None)
         result.update(best_fixed_wall_s=best, auto_warm_over_best=rows[5]["wall_s"] / best,
                       auto_cold_over_best=rows[4]["wall_s"] / best)
         print(f"auto (warm cache) / best fixed choice = {result['auto_warm_over_best']:.3f}; "
