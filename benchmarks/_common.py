@@ -70,12 +70,13 @@ def _shape(key: str) -> tuple[int, int, int]:
     return m, k, n
 
 
-def limits_by_shape(shapes, precision: str) -> dict[str, float]:
-    """GFLOP/s of the training pair (runtime.matmul_gflops) at each shape ("m x k x n" keys) in ``precision``."""
+def limits_by_shape(shapes, precision: str, device: str = "cpu") -> dict[str, float]:
+    """GFLOP/s of the training pair (runtime.matmul_gflops) at each shape ("m x k x n" keys) in ``precision`` on
+    ``device`` (the runs' own: a summary's "device")."""
     from mrplab import runtime
 
-    dtype, cpu = runtime.dtype_of(precision), torch.device("cpu")
-    return {s: runtime.matmul_gflops([_shape(s)], dtype, cpu, LIMIT_BUDGET_S) for s in shapes}
+    dtype, dev = runtime.dtype_of(precision), torch.device(device)
+    return {s: runtime.matmul_gflops([_shape(s)], dtype, dev, LIMIT_BUDGET_S) for s in shapes}
 
 
 def main_shapes(by_shape: dict[str, int]) -> list[str]:

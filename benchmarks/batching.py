@@ -51,13 +51,14 @@ def mismatches(batched: dict, seq: list[dict]) -> list[dict]:
 def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict | None:
     """Each side's (name: its runs as (wall, summary)) counted FLOPs at the training pair's limit measured now at
     every main shape of any run (all sides held to the same limits): ideal seconds and efficiency (ideal / the
-    side's summed wall); None where the runs chose different precisions (no common limit)."""
+    side's summed wall); None where the runs chose different precisions or devices (no common limit)."""
     precision = {s["runtime"]["precision"] for runs in sides.values() for _, s in runs}
-    if len(precision) != 1:
+    device = {s["device"] for runs in sides.values() for _, s in runs}
+    if len(precision) != 1 or len(device) != 1:
         return None
     by_run = [s["runtime"]["matmul_flops_by_shape"] for runs in sides.values() for _, s in runs]
     shapes = list(dict.fromkeys(sh for b in by_run for sh in main_shapes(b)))
-    limits = limits_by_shape(shapes, precision.pop())
+    limits = limits_by_shape(shapes, precision.pop(), device.pop())
     out: dict = {"limits_gflops": limits}
     for name, runs in sides.items():
         ideal = sum(ideal_s(s["runtime"]["matmul_flops_by_shape"], limits) for _, s in runs)

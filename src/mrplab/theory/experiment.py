@@ -390,7 +390,7 @@ def _run(cfg, emit, advance, on_runtime, share: runtime.CoreShare) -> TheoryResu
 
     def gens(phase: str) -> RunGens:
         return RunGens(
-            mask=[generator(s, f"{phase}:mask", device) for s in seeds],
+            mask=[generator(s, f"{phase}:mask") for s in seeds],  # CPU streams: the same masks on any device
             batch=[generator(s, f"{phase}:batch") for s in seeds],
             head=[generator(s, f"{phase}:head") for s in seeds],
         )

@@ -15,13 +15,24 @@ import torch.nn.functional as F
 
 
 def make_mask(shape: tuple[int, ...], ratio: float, g: torch.Generator, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Bernoulli patch mask: each entry True (masked) with probability ``ratio``."""
-    return torch.rand(shape, generator=g, device=device) < ratio
+    """Bernoulli patch mask: each entry True (masked) with probability ``ratio``, drawn on ``g``'s device and
+    placed on ``device``: a CPU generator gives the same mask whatever the device the run trains on."""
+    return _placed(torch.rand(shape, generator=g, device=g.device) < ratio, device)
 
 
 def make_run_masks(gens: list[torch.Generator], n: int, P: int, ratio: float, device: str | torch.device = "cpu") -> torch.Tensor:
-    """One independent mask per run, each from its run's own generator: [R, N, P]."""
-    return torch.stack([make_mask((n, P), ratio, g, device) for g in gens])
+    """One independent mask per run, each from its run's own generator: [R, N, P] on ``device``."""
+    return _placed(torch.stack([make_mask((n, P), ratio, g, g.device) for g in gens]), device)
+
+
+def _placed(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """t on ``device``; from the CPU to CUDA through pinned memory without waiting for the device's queue."""
+    device = torch.device(device)
+    if t.device.type == device.type and (device.index is None or t.device.index == device.index):
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _normalised_sq_error(pred: torch.Tensor, target: torch.Tensor, power: float, per_channel: bool = False) -> torch.Tensor:
