@@ -16,7 +16,9 @@ efficiency (ideal / wall). ``*_ratio_floor`` = a batched run's ideal time /
 the sequential runs' wall: the ratio it would reach with every counted FLOP at
 the limit against the sequential runs as measured; a target below the floor
 cannot be reached on the machine, and floor / target is the efficiency the
-batched run would need to reach the target.
+batched run would need to reach the target. ``*_ratio_at_square`` holds the
+FLOPs to the pair's rate at a 4096^3 square instead, which the BLAS runs faster
+than the runs' thin shapes: a bound that no engine on this BLAS could beat.
 
     .venv/bin/python benchmarks/batching.py                 # R = 8, default config
     .venv/bin/python benchmarks/batching.py --shared        # and the batched run on shared data
@@ -48,18 +50,24 @@ def mismatches(batched: dict, seq: list[dict]) -> list[dict]:
     return out
 
 
+SQUARE = 4096  # the side of the square pair whose rate bounds every shape's (a BLAS runs fastest at large squares)
+
+
 def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict | None:
     """Each side's (name: its runs as (wall, summary)) counted FLOPs at the training pair's limit measured now at
     every main shape of any run (all sides held to the same limits): ideal seconds and efficiency (ideal / the
-    side's summed wall); None where the runs chose different precisions or devices (no common limit)."""
+    side's summed wall); and the pair's rate at a large square (``square_gflops``), which no product of the runs'
+    thin shapes beats. None where the runs chose different precisions or devices (no common limit)."""
     precision = {s["runtime"]["precision"] for runs in sides.values() for _, s in runs}
     device = {s["device"] for runs in sides.values() for _, s in runs}
     if len(precision) != 1 or len(device) != 1:
         return None
     by_run = [s["runtime"]["matmul_flops_by_shape"] for runs in sides.values() for _, s in runs]
     shapes = list(dict.fromkeys(sh for b in by_run for sh in main_shapes(b)))
-    limits = limits_by_shape(shapes, precision.pop(), device.pop())
-    out: dict = {"limits_gflops": limits}
+    precision, device = precision.pop(), device.pop()
+    limits = limits_by_shape(shapes, precision, device)
+    square = f"{SQUARE}x{SQUARE}x{SQUARE}"
+    out: dict = {"limits_gflops": limits, "square_gflops": limits_by_shape([square], precision, device)[square]}
     for name, runs in sides.items():
         ideal = sum(ideal_s(s["runtime"]["matmul_flops_by_shape"], limits) for _, s in runs)
         out[name] = {"ideal_s": ideal, "efficiency": ideal / sum(w for w, _ in runs),
@@ -97,8 +105,11 @@ def main() -> int:
     limit = result["at_the_limit"] = at_the_limit(sides)
     if limit:
         result["ratio_floor"] = limit["batched"]["ideal_s"] / t_seq
+        # every FLOP at the square's rate: what no engine with this BLAS could beat
+        result["ratio_at_square"] = limit["batched"]["tflop"] * 1e3 / limit["square_gflops"] / t_seq
         if args.shared:
             result["shared_ratio_floor"] = limit["shared"]["ideal_s"] / t_seq
+            result["shared_ratio_at_square"] = limit["shared"]["tflop"] * 1e3 / limit["square_gflops"] / t_seq
     line = (f"R={args.runs}: one batched run {t_batched:.1f} s; {args.runs} sequential runs {t_seq:.1f} s: "
             f"batched / sequential = {t_batched / t_seq:.2f}")
     if args.shared:
@@ -110,9 +121,12 @@ def main() -> int:
     print("the runs chose different precisions: no common matmul limit" if not limit else
           "at the matmul limit measured now (" + ", ".join(f"{s} {g:.0f}" for s, g in limit["limits_gflops"].items())
           + " GFLOP/s): " + "; ".join(f"{n} {v['tflop']:.1f} TFLOP, ideal {v['ideal_s']:.1f} s, efficiency "
-                                        f"{v['efficiency']:.2f}" for n, v in limit.items() if n != "limits_gflops")
+                                        f"{v['efficiency']:.2f}" for n, v in limit.items() if isinstance(v, dict)
+                                        and "tflop" in v)
           + f"; ratio floor {result['ratio_floor']:.2f}"
-          + (f", shared {result['shared_ratio_floor']:.2f}" if args.shared else ""))
+          + (f", shared {result['shared_ratio_floor']:.2f}" if args.shared else "")
+          + f"; every FLOP at the {SQUARE}^3 pair's {limit['square_gflops']:.0f} GFLOP/s: "
+          + f"{result['ratio_at_square']:.2f}" + (f", shared {result['shared_ratio_at_square']:.2f}" if args.shared else ""))
     print(f"written {path}")
     return 0 if not bad else 1
 
