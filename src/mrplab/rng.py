@@ -3,6 +3,9 @@
 Library code never seeds a global generator; it takes a ``torch.Generator``.
 ``generator(seed, "init")`` and ``generator(seed, "mask")`` are independent
 streams, so changing how many numbers one consumer draws never shifts another.
+The theory engine draws every stream on the CPU (``generator``'s default) and moves
+what it drew to the run's device, so a seed is the same run on a GPU as on the CPU,
+to rounding (tests/test_accelerator.py); a CUDA generator would draw other numbers.
 """
 
 from __future__ import annotations
