@@ -17,8 +17,9 @@ the sequential runs' wall: the ratio it would reach with every counted FLOP at
 the limit against the sequential runs as measured; a target below the floor
 cannot be reached on the machine, and floor / target is the efficiency the
 batched run would need to reach the target. ``*_ratio_at_square`` holds the
-FLOPs to the pair's rate at a 4096^3 square instead, which the BLAS runs faster
-than the runs' thin shapes: a bound that no engine on this BLAS could beat.
+FLOPs to the pair's rate at a 4096^3 square instead, the shape a BLAS runs
+fastest (measured at or above the runs' thin shapes on the CPUs tried): the
+ratio even a perfect blocking of the same products could hardly beat.
 
     .venv/bin/python benchmarks/batching.py                 # R = 8, default config
     .venv/bin/python benchmarks/batching.py --shared        # and the batched run on shared data
@@ -50,14 +51,14 @@ def mismatches(batched: dict, seq: list[dict]) -> list[dict]:
     return out
 
 
-SQUARE = 4096  # the side of the square pair whose rate bounds every shape's (a BLAS runs fastest at large squares)
+SQUARE = 4096  # the side of the square pair: the shape a BLAS runs fastest, a rate the runs' thin shapes hardly beat
 
 
 def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict | None:
     """Each side's (name: its runs as (wall, summary)) counted FLOPs at the training pair's limit measured now at
     every main shape of any run (all sides held to the same limits): ideal seconds and efficiency (ideal / the
-    side's summed wall); and the pair's rate at a large square (``square_gflops``), which no product of the runs'
-    thin shapes beats. None where the runs chose different precisions or devices (no common limit)."""
+    side's summed wall); and the pair's rate at a large square (``square_gflops``), which the runs' thin shapes
+    hardly beat. None where the runs chose different precisions or devices (no common limit)."""
     precision = {s["runtime"]["precision"] for runs in sides.values() for _, s in runs}
     device = {s["device"] for runs in sides.values() for _, s in runs}
     if len(precision) != 1 or len(device) != 1:
@@ -105,7 +106,7 @@ def main() -> int:
     limit = result["at_the_limit"] = at_the_limit(sides)
     if limit:
         result["ratio_floor"] = limit["batched"]["ideal_s"] / t_seq
-        # every FLOP at the square's rate: what no engine with this BLAS could beat
+        # every FLOP at the square's rate: what even a perfect blocking of the same products could hardly beat
         result["ratio_at_square"] = limit["batched"]["tflop"] * 1e3 / limit["square_gflops"] / t_seq
         if args.shared:
             result["shared_ratio_floor"] = limit["shared"]["ideal_s"] / t_seq
