@@ -22,6 +22,7 @@ from mrplab.rng import generator
 from mrplab.runtime import matmul_flops, native_bf16
 from mrplab.theory import experiment, net, steps
 from mrplab.theory.objectives import make_run_masks
+from tests.theory.test_experiment import SMALL, TINY  # precision fp32, compile false, threads 2; later keys win
 
 ACCEL = torch.device(os.environ.get("MRPLAB_TEST_ACCEL", "cuda"))
 _HERE = ACCEL.type == "cpu" or (ACCEL.type == "cuda" and torch.cuda.is_available())
@@ -133,14 +134,6 @@ def test_sl_finetune_and_encoder_are_the_cpu_ones(kind, data, dtype):
         _close(a, b, tol, f"fine-tuning {name}")
 
 
-# k=4 classes at d=64, a few dozen steps per phase: seconds on one CPU
-TINY = [
-    "data.k=4", "data.d=64", "data.P=12", "data.n_pretrain=200", "data.n_train=150", "data.n_test=200",
-    "sl.steps=60", "mrp.steps=60", "finetune.lp_steps=30", "finetune.ft_steps=20", "probes.log_every=20",
-    "precision=fp32", "threads=2",
-]
-
-
 @pytest.mark.parametrize("extra", [["seeds=[0,1]"], ["seeds=[0,1,2]", "data.share_across_runs=true"]])
 def test_a_run_on_the_accelerator_is_the_cpu_run(extra):
     """Same config and seeds on both devices (the accelerator with its fused kernels, the CPU eager): the same
@@ -159,14 +152,6 @@ def test_a_run_on_the_accelerator_is_the_cpu_run(extra):
             assert abs(a[key] - b[key]) <= 0.01, (key, a[key], b[key])
 
 
-# the regime's small config (tests/theory/test_experiment.py): k=5 at d=300, where the SL lottery shows
-SMALL = [
-    "data.k=5", "data.d=300", "data.n_pretrain=800", "data.n_train=500", "data.n_test=600",
-    "sl.steps=1000", "mrp.steps=1000", "finetune.lp_steps=200", "finetune.ft_steps=100",
-    "net.m=6", "net.q=4", "seeds=[0,1]", "threads=2",
-]
-
-
 def test_the_default_choices_on_the_accelerator_keep_the_cpu_verdicts(tmp_path, monkeypatch):
     """precision and compile auto on the accelerator, probed afresh: the choice and its reason recorded, bf16 only
     where the device has it natively, and the verdicts and captured counts (within 1 per seed) of the CPU's
@@ -183,3 +168,28 @@ def test_the_default_choices_on_the_accelerator_keep_the_cpu_verdicts(tmp_path, 
     for a, b in zip(acc.per_seed, cpu.per_seed):
         for key in ("mrp_captured", "sl_captured", "ft_captured"):
             assert abs(a[key] - b[key]) <= 1, (key, a[key], b[key])
+
+
+def test_vision_pretraining_on_the_accelerator_starts_as_the_cpu_run(tmp_path, monkeypatch):
+    """The vision track's MAE pretraining on the accelerator in fp32, seed for seed: the same init, batches,
+    augmentation and masks (CPU streams), so the first step's loss is the CPU's to rounding (a GPU may run the
+    patch embedding's convolution in TF32); every loss finite, and the run trains (the loss falls). Then
+    precision auto there: the choice and its reason recorded, bf16 only where the device has it natively."""
+    from mrplab.vision import train
+    from tests.vision.test_train import tiny
+
+    monkeypatch.setenv("MRPLAB_CACHE_DIR", str(tmp_path / "cache"))
+    runs = {}
+    for name, extra in (("cpu", []), ("acc", [f"device={ACCEL.type}"])):
+        seen: list[dict] = []
+        train.run(tiny("pretrain.epochs=2", *extra), "pretrain", tmp_path / name, on_record=seen.append)
+        runs[name] = [r["loss"] for r in seen if "loss" in r]
+    cpu, acc = runs["cpu"], runs["acc"]
+    assert len(acc) == len(cpu) >= 4 and all(torch.isfinite(torch.tensor(acc)))
+    assert abs(acc[0] - cpu[0]) <= 1e-3 * abs(cpu[0]), (acc[0], cpu[0])
+    assert acc[-1] < acc[0]
+    res = train.run(tiny("pretrain.epochs=1", f"device={ACCEL.type}", "precision=auto"), "pretrain",
+                    tmp_path / "auto")
+    assert res.runtime["precision"] in ("fp32", "bf16") and res.runtime["precision_reason"]
+    if res.runtime["precision"] == "bf16":
+        assert native_bf16(ACCEL)[0], res.runtime["precision_reason"]
