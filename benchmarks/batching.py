@@ -2,7 +2,8 @@
 
 Each run is a fresh `python -m mrplab theory --quiet` subprocess with the
 default config, as a user would start it; the batched run trains all R seeds
-at once (weights with a leading run axis), the sequential runs one seed each.
+at once (weights with a leading run axis), the sequential runs one seed each,
+in groups with the batched runs between them (``schedule``).
 Both sides pay their own start-up, data generation, runtime choice, probes,
 checkpoints, figures and report. The per-seed outcomes must agree (a seed
 gives the same run alone or batched): the script checks every verdict's
@@ -76,6 +77,21 @@ def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict | None:
     return out
 
 
+def schedule(seeds: list[int], batched: list[str]) -> list[int | str]:
+    """The order of the runs: the single-seed runs in len(batched) + 1 groups as equal as can be, a batched run
+    between each two, so that a shared machine's drift over the benchmark's half hour reaches both sides alike
+    rather than the batched runs' minutes alone (run first, one batched R = 8 reading was 1.00 where the run
+    before read 0.91)."""
+    g = len(batched) + 1
+    cuts = [round(i * len(seeds) / g) for i in range(g + 1)]
+    order: list[int | str] = []
+    for i in range(g):
+        order += seeds[cuts[i]:cuts[i + 1]]
+        if i < len(batched):
+            order.append(batched[i])
+    return order
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=8, help="R: seeds 0..R-1")
@@ -84,16 +100,23 @@ def main() -> int:
     args = ap.parse_args()
     seeds = list(range(args.runs))
     result: dict = {"benchmark": "batching", "R": args.runs, "overrides": args.extra, "machine": machine()}
+    batches = {"batched": [f"seeds={seeds}"]}
+    if args.shared:
+        batches["shared"] = [f"seeds={seeds}", "data.share_across_runs=true"]
+    order = schedule(seeds, list(batches))
+    result["order"] = [f"seed {x}" if isinstance(x, int) else x for x in order]
+    ran, seq = {}, []
     with tempfile.TemporaryDirectory(prefix="mrplab-batching-") as tmp:
-        t_batched, batched = run_theory(tmp, [f"seeds={seeds}", *args.extra])
-        print(f"batched R={args.runs}: {t_batched:.1f} s", flush=True)
-        seq = []
-        for s in seeds:
-            seq.append(run_theory(tmp, [f"seeds=[{s}]", *args.extra]))
-            print(f"seed {s} alone: {seq[-1][0]:.1f} s", flush=True)
-        if args.shared:
-            t_shared, shared = run_theory(tmp, [f"seeds={seeds}", "data.share_across_runs=true", *args.extra])
-            print(f"batched R={args.runs} on shared data: {t_shared:.1f} s", flush=True)
+        for x in order:
+            if isinstance(x, int):
+                seq.append(run_theory(tmp, [f"seeds=[{x}]", *args.extra]))
+                print(f"seed {x} alone: {seq[-1][0]:.1f} s", flush=True)
+            else:
+                ran[x] = run_theory(tmp, [*batches[x], *args.extra])
+                print(f"batched R={args.runs}{' on shared data' if x == 'shared' else ''}: {ran[x][0]:.1f} s", flush=True)
+    t_batched, batched = ran["batched"]
+    if args.shared:
+        t_shared, shared = ran["shared"]
     t_seq = sum(t for t, _ in seq)
     bad = mismatches(batched, [s for _, s in seq])
     result.update({
