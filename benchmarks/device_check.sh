@@ -10,26 +10,28 @@
 #
 # From the repository root, with a Python whose torch sees the GPU:
 #
-#   bash benchmarks/device_check.sh [OUT]        # logs and batching.json under OUT (default /tmp/device-check)
+#   bash benchmarks/device_check.sh [OUT]        # logs and batching.json under OUT (default runs/device-check)
 #
 # mrplab runs from src/ (PYTHONPATH), nothing is installed. A Python that lacks some of the dependencies these
 # checks import (pydantic with pydantic-core, annotated-types and typing-inspection: images with torch for GPUs
 # often lack them) takes them as wheels in .whl/ at the repository root, installed first to
-# /tmp/site; download them where pip reaches the package index, for the GPU machine's Python, e.g.
+# a temporary folder; download them where pip reaches the package index, for the GPU machine's Python, e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic-core annotated-types typing-inspection
 set -o pipefail
-out="${1:-${OUT:-/tmp/device-check}}"
-mkdir -p "$out"
+out="${1:-${OUT:-runs/device-check}}"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    site="$(mktemp -d)"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || { echo "error: installing the wheels in .whl/ failed" >&2; exit 2; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH="$site"${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export MRPLAB_CACHE_DIR="${MRPLAB_CACHE_DIR:-/tmp/mrplab-device-cache}"
+export MRPLAB_CACHE_DIR="${MRPLAB_CACHE_DIR:-$(mktemp -d)}"  # probes and kernels afresh, as on a new machine
+python3 -c 'import torch' 2>/dev/null || { echo "error: python3 has no torch: run this with a Python whose torch sees the GPU" >&2; exit 2; }
 python3 -c 'import torch, sys; ok = torch.cuda.is_available(); print("torch", torch.__version__, "cuda", ok,
 torch.cuda.get_device_name(0) if ok else ""); sys.exit(0 if ok else 2)' || { echo "error: torch sees no CUDA device" >&2; exit 2; }
+mkdir -p "$out"
 status=0
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_accelerator.py 2>&1 | tee "$out/tests.log" || status=1
 python3 benchmarks/batching.py --shared --set device=cuda 2>&1 | tee "$out/batching.log" || status=1
