@@ -67,6 +67,12 @@ def _kernels(kind: str) -> steps.PatchOps:
 DTYPES = [torch.float32, torch.bfloat16]
 
 
+def _skip_unless_native(dtype: torch.dtype) -> None:
+    native, why = native_bf16(ACCEL)
+    if dtype == torch.bfloat16 and not native:
+        pytest.skip(f"skipped: bf16 is emulated on {ACCEL.type} here ({why})")
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     """fp32: the two devices' sums in their own orders. bf16: Z rounded to bf16 on each, where the two products
     can round an entry to neighbouring values; Z in fp32 against bf16 on the CPU moved these steps' outputs by
@@ -82,8 +88,7 @@ def test_mrp_step_with_its_controls_is_the_cpu_step(kind, data, dtype, monkeypat
     weight and decoder gradients, and the fitted decoder as the CPU's eager step gives them; on CUDA per-run data
     multiplies every patch in the weight gradient and shared data the visible ones only (steps.pays_visible), as
     the FLOP count shows."""
-    if dtype == torch.bfloat16 and not native_bf16(ACCEL)[0]:
-        pytest.skip(f"skipped: bf16 is emulated on {ACCEL.type} here ({native_bf16(ACCEL)[1]})")
+    _skip_unless_native(dtype)
     monkeypatch.setattr(steps, "VISIBLE_ROWS_STEP", 8)  # a run's visible rows rounded to 8, not to all N * P
     X, _, Ws, Ds, specs, mask = _case(R if data == "per_run" else 1, dtype)
     want = steps.mrp_variants(X, Ws, Ds, mask, Q, THR, specs, steps.EAGER)
@@ -113,8 +118,7 @@ def test_mrp_step_with_its_controls_is_the_cpu_step(kind, data, dtype, monkeypat
 @pytest.mark.parametrize("data", ["per_run", "shared"])
 @pytest.mark.parametrize("kind", ["eager", "compiled"])
 def test_sl_finetune_and_encoder_are_the_cpu_ones(kind, data, dtype):
-    if dtype == torch.bfloat16 and not native_bf16(ACCEL)[0]:
-        pytest.skip(f"skipped: bf16 is emulated on {ACCEL.type} here ({native_bf16(ACCEL)[1]})")
+    _skip_unless_native(dtype)
     X, y, Ws, _, _, _ = _case(R if data == "per_run" else 1, dtype)
     W, ops, tol = Ws[0], _kernels(kind), _tolerance(dtype)
     Xa, Wa = _on(X), _on(W)
