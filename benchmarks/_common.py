@@ -45,6 +45,10 @@ def run_theory(out: str | Path, sets: list[str], env: dict[str, str] | None = No
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise Stopped(wall) from None
+    except BaseException:  # interrupted (Ctrl-C, a timeout's SIGINT): the run, in its own session, goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(stderr[-3000:])
