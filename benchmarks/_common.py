@@ -40,14 +40,12 @@ def run_theory(out: str | Path, sets: list[str], env: dict[str, str] | None = No
                             env={**os.environ, **(env or {})}, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=limit_s)
-    except subprocess.TimeoutExpired:
+    except BaseException as err:  # over limit_s, or interrupted (Ctrl-C, a timeout's SIGINT): the run goes too
         wall = time.perf_counter() - t0
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the signal that stopped us did not reach it
         proc.communicate()
-        raise Stopped(wall) from None
-    except BaseException:  # interrupted (Ctrl-C, a timeout's SIGINT): the run, in its own session, goes too
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        if isinstance(err, subprocess.TimeoutExpired):
+            raise Stopped(wall) from None
         raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

@@ -67,9 +67,10 @@ def at_the_limit(sides: dict[str, list[tuple[float, dict]]]) -> dict | None:
     by_run = [s["runtime"]["matmul_flops_by_shape"] for runs in sides.values() for _, s in runs]
     shapes = list(dict.fromkeys(sh for b in by_run for sh in main_shapes(b)))
     precision, device = precision.pop(), device.pop()
-    limits = limits_by_shape(shapes, precision, device)
     square = f"{SQUARE}x{SQUARE}x{SQUARE}"
-    out: dict = {"limits_gflops": limits, "square_gflops": limits_by_shape([square], precision, device)[square]}
+    measured = limits_by_shape(list(dict.fromkeys([*shapes, square])), precision, device)
+    limits = {sh: measured[sh] for sh in shapes}
+    out: dict = {"limits_gflops": limits, "square_gflops": measured[square]}
     for name, runs in sides.items():
         ideal = sum(ideal_s(s["runtime"]["matmul_flops_by_shape"], limits) for _, s in runs)
         out[name] = {"ideal_s": ideal, "efficiency": ideal / sum(w for w, _ in runs),
@@ -127,13 +128,11 @@ def main() -> int:
     })
     sides = {"batched": [(t_batched, batched)], "sequential": seq, **({"shared": [(t_shared, shared)]} if args.shared else {})}
     limit = result["at_the_limit"] = at_the_limit(sides)
-    if limit:
-        result["ratio_floor"] = limit["batched"]["ideal_s"] / t_seq
-        # every FLOP at the square's rate: what even a perfect blocking of the same products could hardly beat
-        result["ratio_at_square"] = limit["batched"]["tflop"] * 1e3 / limit["square_gflops"] / t_seq
-        if args.shared:
-            result["shared_ratio_floor"] = limit["shared"]["ideal_s"] / t_seq
-            result["shared_ratio_at_square"] = limit["shared"]["tflop"] * 1e3 / limit["square_gflops"] / t_seq
+    for name, prefix in (("batched", ""), ("shared", "shared_")):
+        if limit and name in limit:
+            result[f"{prefix}ratio_floor"] = limit[name]["ideal_s"] / t_seq
+            # every FLOP at the square's rate: what even a perfect blocking of the same products could hardly beat
+            result[f"{prefix}ratio_at_square"] = limit[name]["tflop"] * 1e3 / limit["square_gflops"] / t_seq
     line = (f"R={args.runs}: one batched run {t_batched:.1f} s; {args.runs} sequential runs {t_seq:.1f} s: "
             f"batched / sequential = {t_batched / t_seq:.2f}")
     if args.shared:
@@ -145,8 +144,7 @@ def main() -> int:
     print("the runs chose different precisions: no common matmul limit" if not limit else
           "at the matmul limit measured now (" + ", ".join(f"{s} {g:.0f}" for s, g in limit["limits_gflops"].items())
           + " GFLOP/s): " + "; ".join(f"{n} {v['tflop']:.1f} TFLOP, ideal {v['ideal_s']:.1f} s, efficiency "
-                                        f"{v['efficiency']:.2f}" for n, v in limit.items() if isinstance(v, dict)
-                                        and "tflop" in v)
+                                        f"{v['efficiency']:.2f}" for n, v in limit.items() if n in sides)
           + f"; ratio floor {result['ratio_floor']:.2f}"
           + (f", shared {result['shared_ratio_floor']:.2f}" if args.shared else "")
           + f"; every FLOP at the {SQUARE}^3 pair's {limit['square_gflops']:.0f} GFLOP/s: "
